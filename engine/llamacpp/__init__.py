@@ -1,0 +1,32 @@
+"""llama.cpp engines (the only package that imports ``llama_cpp``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from engine.llamacpp.sequential import SequentialEngine
+
+
+def open_engine(
+    path: Path,
+    *,
+    kind: str,
+    slots: int,
+    n_ctx_per_slot: int,
+    n_threads: int,
+    n_batch: int,
+    chat_template: str | None,
+    embeddings: bool,
+) -> SequentialEngine:
+    """Load ``path`` with the engine ``kind`` (``sequential``)."""
+    if kind != "sequential":
+        raise ValueError(f"unknown engine kind {kind!r}")
+    return SequentialEngine(
+        path,
+        slots=slots,
+        n_ctx_per_slot=n_ctx_per_slot,
+        n_threads=n_threads,
+        n_batch=n_batch,
+        chat_template=chat_template,
+        embeddings=embeddings,
+    )

@@ -1,0 +1,189 @@
+"""Admission to a model's slots: a bounded FIFO queue with a wait limit, slot choice with affinity.
+
+The pool lives on the event loop; engines run on their own threads. A request first *reserves*
+(fails at once when the queue is full), then *waits* for a slot (fails after ``max_wait_s``), runs,
+and *releases*. Cancelling a waiting reservation removes it from the queue: it never reaches the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from engine.base import EngineError
+
+
+class QueueFullError(EngineError):
+    """Every slot is busy and the queue is at its bound."""
+
+
+class QueueTimeoutError(EngineError):
+    """The request waited longer than the configured limit for a slot."""
+
+
+class PoolObserver(Protocol):
+    """Hooks for metrics (telemetry implements them; the pool imports nothing from it)."""
+
+    def queue_changed(self, model: str, length: int) -> None:
+        """The number of waiting requests changed."""
+
+    def queue_waited(self, model: str, seconds: float) -> None:
+        """A request left the queue for a slot after ``seconds``."""
+
+    def slots_changed(self, model: str, busy: int) -> None:
+        """The number of busy slots changed."""
+
+
+class _NoObserver:
+    def queue_changed(self, model: str, length: int) -> None:
+        pass
+
+    def queue_waited(self, model: str, seconds: float) -> None:
+        pass
+
+    def slots_changed(self, model: str, busy: int) -> None:
+        pass
+
+
+@dataclass(eq=False)
+class Reservation:
+    """A request's place in the pool: waiting, then holding a slot, then released."""
+
+    pool: SlotPool
+    prompt: Sequence[int]
+    session: str | None
+    created: float = field(default_factory=time.monotonic)
+    slot: int | None = None
+    _future: asyncio.Future[int] | None = None
+    _released: bool = False
+
+    async def wait(self) -> int:
+        """Wait for a slot (at most the pool's ``max_wait_s`` since the reservation was made)."""
+        if self.slot is not None:
+            return self.slot
+        assert self._future is not None
+        remaining = self.pool.max_wait_s - (time.monotonic() - self.created)
+        try:
+            async with asyncio.timeout(max(0.0, remaining)):
+                return await asyncio.shield(self._future)
+        except TimeoutError:
+            self.release()
+            raise QueueTimeoutError(
+                f"the request waited {self.pool.max_wait_s:g}s for a free slot of {self.pool.model}"
+            ) from None
+        except asyncio.CancelledError:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        """Give the slot back, or leave the queue; idempotent."""
+        if self._released:
+            return
+        self._released = True
+        self.pool._release(self)  # noqa: SLF001 - the pool's own bookkeeping
+
+
+class SlotPool:
+    """First come, first served admission to ``slots`` slots with a bounded queue."""
+
+    def __init__(
+        self,
+        model: str,
+        slots: int,
+        *,
+        max_queue: int,
+        max_wait_s: float,
+        prefix_match: Callable[[int, Sequence[int]], int] | None = None,
+        observer: PoolObserver | None = None,
+    ) -> None:
+        self.model = model
+        self.max_queue = max_queue
+        self.max_wait_s = max_wait_s
+        self._free: list[int] = list(range(slots))
+        self._slots = slots
+        self._waiting: deque[Reservation] = deque()
+        self._prefix_match = prefix_match
+        self._observer: PoolObserver = observer or _NoObserver()
+        self._last_session: dict[int, str] = {}
+        self._last_used: dict[int, float] = dict.fromkeys(range(slots), 0.0)
+
+    @property
+    def busy(self) -> int:
+        """Slots running a request."""
+        return self._slots - len(self._free)
+
+    @property
+    def waiting(self) -> int:
+        """Requests in the queue."""
+        return len(self._waiting)
+
+    @property
+    def slots(self) -> int:
+        """Total slots."""
+        return self._slots
+
+    def reserve(self, prompt: Sequence[int] = (), session: str | None = None) -> Reservation:
+        """Take a slot now or a place in the queue; raises ``QueueFullError`` when neither is possible."""
+        reservation = Reservation(self, prompt, session)
+        if self._free and not self._waiting:
+            self._assign(reservation)
+            return reservation
+        if len(self._waiting) >= self.max_queue:
+            raise QueueFullError(f"all {self._slots} slots of {self.model} are busy and the queue is full")
+        reservation._future = asyncio.get_running_loop().create_future()  # noqa: SLF001
+        self._waiting.append(reservation)
+        self._observer.queue_changed(self.model, len(self._waiting))
+        return reservation
+
+    def retry_after(self) -> int:
+        """A sensible Retry-After (seconds) for a refused request."""
+        return max(1, min(30, int(self.max_wait_s / 4)))
+
+    def _choose(self, reservation: Reservation) -> int:
+        """Prefer the slot that last ran the same session, then the longest cached prefix, then the LRU slot."""
+        if reservation.session is not None:
+            for slot in self._free:
+                if self._last_session.get(slot) == reservation.session:
+                    return slot
+        best, best_score = self._free[0], -1
+        for slot in self._free:
+            score = self._prefix_match(slot, reservation.prompt) if self._prefix_match and reservation.prompt else 0
+            if score > best_score or (score == best_score and self._last_used[slot] < self._last_used[best]):
+                best, best_score = slot, score
+        return best
+
+    def _assign(self, reservation: Reservation) -> None:
+        slot = self._choose(reservation)
+        self._free.remove(slot)
+        reservation.slot = slot
+        if reservation.session is not None:
+            self._last_session[slot] = reservation.session
+        self._observer.slots_changed(self.model, self.busy)
+
+    def _release(self, reservation: Reservation) -> None:
+        if reservation.slot is None:  # still queued, timed out or cancelled before a slot came
+            if reservation in self._waiting:
+                self._waiting.remove(reservation)
+                self._observer.queue_changed(self.model, len(self._waiting))
+            return
+        self._last_used[reservation.slot] = time.monotonic()
+        self._free.append(reservation.slot)
+        reservation.slot = None
+        self._observer.slots_changed(self.model, self.busy)
+        self._hand_over()
+
+    def _hand_over(self) -> None:
+        while self._free and self._waiting:
+            waiter = self._waiting.popleft()
+            future = waiter._future  # noqa: SLF001
+            if future is None or future.done():
+                continue
+            self._assign(waiter)
+            assert waiter.slot is not None
+            future.set_result(waiter.slot)
+            self._observer.queue_waited(self.model, time.monotonic() - waiter.created)
+        self._observer.queue_changed(self.model, len(self._waiting))

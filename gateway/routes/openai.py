@@ -1,0 +1,325 @@
+"""The OpenAI API: thin controllers over ``gateway.generation``."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
+
+import numpy as np
+from litestar import Controller, Request, get, post
+from litestar.datastructures import State
+
+from engine.base import EngineError, TokenEvent
+from gateway.errors import GatewayError, InternalError, InvalidRequestError, NotFoundError, from_engine_error, sse_frame
+from gateway.generation import (
+    ChoiceFinished,
+    ChoiceToken,
+    Job,
+    JobOutput,
+    check_token_ids,
+    prepare_chat,
+    prepare_completion,
+    reserve,
+    run_choices,
+    run_to_completion,
+    split_inputs,
+)
+from gateway.protocol.chat import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChoiceDelta,
+    ChoiceLogprobs,
+    ChunkChoice,
+    LogprobEntry,
+    TopLogprobEntry,
+)
+from gateway.protocol.common import PromptTokensDetails, Usage
+from gateway.protocol.completions import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest
+from gateway.protocol.embeddings import Embedding, EmbeddingList, EmbeddingRequest, EmbeddingUsage
+from gateway.protocol.models import ModelList, ModelObject
+from gateway.runtime import ModelManager
+from gateway.settings import Settings
+from gateway.streaming import DONE, EventStream, frame, wait_for_slot
+
+T = TypeVar("T")
+logger = logging.getLogger("pocketllm.api")
+
+
+def _usage(prompt: int, completion: int, cached: int) -> Usage:
+    return Usage(prompt, completion, prompt + completion, PromptTokensDetails(cached))
+
+
+def _fingerprint(job: Job) -> str:
+    return f"fp_{job.runtime.digest[:10]}"
+
+
+def _chat_logprobs(events: list[TokenEvent]) -> ChoiceLogprobs:
+    return ChoiceLogprobs([
+        LogprobEntry(
+            token=e.piece.decode("utf-8", errors="replace"),
+            logprob=e.logprob if e.logprob is not None else 0.0,
+            bytes=list(e.piece),
+            top_logprobs=[TopLogprobEntry(t.token, t.logprob, t.bytes) for t in e.top_logprobs],
+        )
+        for e in events
+    ])
+
+
+def _completion_logprobs(events: list[TokenEvent], offset: int) -> CompletionLogprobs:
+    tokens, logprobs, tops, offsets = [], [], [], []
+    for e in events:
+        text = e.piece.decode("utf-8", errors="replace")
+        tokens.append(text)
+        logprobs.append(e.logprob)
+        tops.append({t.token: t.logprob for t in e.top_logprobs} if e.top_logprobs else None)
+        offsets.append(offset)
+        offset += len(text)
+    return CompletionLogprobs(tokens, logprobs, tops, offsets)
+
+
+async def _until_disconnect(request: Request[Any, Any, Any], work: Awaitable[T]) -> T:
+    """Run ``work`` but cancel it (freeing its slot) if the client goes away first."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    return task.result()
+
+
+class OpenAIController(Controller):
+    """``/v1`` routes."""
+
+    path = "/v1"
+    tags = ["OpenAI"]  # noqa: RUF012
+
+    @get("/models", summary="List models")
+    async def list_models(self, models: ModelManager) -> ModelList:
+        """Every served model (ids and aliases), answered at once even while every slot is busy."""
+        data = []
+        for runtime in models.runtimes:
+            for name in (runtime.id, *runtime.settings.aliases):
+                data.append(ModelObject(name, runtime.created, "pocketllm"))
+        return ModelList(data)
+
+    @get("/models/{model_id:path}", summary="Retrieve a model")
+    async def get_model(self, models: ModelManager, model_id: str) -> ModelObject:
+        """One model by id or alias."""
+        name = model_id.lstrip("/")
+        runtime = models.resolve(name)
+        return ModelObject(name, runtime.created, "pocketllm")
+
+    @post("/chat/completions", summary="Create a chat completion", status_code=200)
+    async def chat_completions(
+        self, request: Request[Any, Any, State], data: ChatCompletionRequest, models: ModelManager,
+        settings: Settings,
+    ) -> ChatCompletion | EventStream:
+        """OpenAI chat completions, JSON or SSE (``stream: true``)."""
+        runtime = models.resolve(data.model)
+        job = await prepare_chat(data, runtime, settings.limits, request.headers.get("x-session-id"))
+        reservation = _reserve(job)
+        created = int(time.time())
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        if data.stream:
+            include_usage = bool(data.stream_options and data.stream_options.include_usage)
+            return EventStream(
+                _chat_stream(job, reservation, settings, completion_id, created, data.model, include_usage)
+            )
+        output: JobOutput = await _until_disconnect(request, run_to_completion(job, reservation))
+        return ChatCompletion(
+            id=completion_id,
+            created=created,
+            model=data.model,
+            system_fingerprint=_fingerprint(job),
+            choices=[
+                ChatChoice(
+                    index=c.index,
+                    message=AssistantMessage("assistant", c.text),
+                    logprobs=_chat_logprobs(c.tokens) if job.params.logprobs else None,
+                    finish_reason=c.finish_reason,  # type: ignore[arg-type]
+                )
+                for c in output.choices
+            ],
+            usage=_usage(output.prompt_tokens, output.completion_tokens, output.cached_tokens),
+        )
+
+    @post("/completions", summary="Create a text completion", status_code=200)
+    async def completions(
+        self, request: Request[Any, Any, State], data: CompletionRequest, models: ModelManager, settings: Settings
+    ) -> Completion | EventStream:
+        """OpenAI (legacy) text completions, JSON or SSE."""
+        runtime = models.resolve(data.model)
+        job = await prepare_completion(data, runtime, settings.limits)
+        reservation = _reserve(job)
+        created = int(time.time())
+        completion_id = f"cmpl-{uuid.uuid4().hex}"
+        if data.stream:
+            include_usage = bool(data.stream_options and data.stream_options.include_usage)
+            return EventStream(
+                _completion_stream(job, reservation, settings, completion_id, created, data.model, include_usage)
+            )
+        output: JobOutput = await _until_disconnect(request, run_to_completion(job, reservation))
+        choices = []
+        for c in output.choices:
+            echo = job.echo_texts[c.index // job.n] if job.echo_texts else ""
+            logprobs = _completion_logprobs(c.tokens, len(echo)) if job.params.logprobs else None
+            choices.append(CompletionChoice(c.index, c.text, logprobs, c.finish_reason))  # type: ignore[arg-type]
+        return Completion(
+            id=completion_id, created=created, model=data.model, choices=choices,
+            system_fingerprint=_fingerprint(job),
+            usage=_usage(output.prompt_tokens, output.completion_tokens, output.cached_tokens),
+        )
+
+    @post("/embeddings", summary="Create embeddings", status_code=200)
+    async def embeddings(self, data: EmbeddingRequest, models: ModelManager, settings: Settings) -> EmbeddingList:
+        """Mean-pooled, normalised embeddings; ``encoding_format`` float or base64."""
+        runtime = models.resolve(data.model)
+        engine, _ = runtime.ready()
+        if not engine.embeddings_enabled:
+            raise NotFoundError(f"the model `{data.model}` does not serve embeddings", param="model",
+                                code="model_not_found")
+        if data.dimensions is not None and data.dimensions != int(engine.info.metadata.get(
+                f"{engine.info.metadata.get('general.architecture', '')}.embedding_length", 0)):
+            raise InvalidRequestError("`dimensions` cannot be changed for this model", param="dimensions")
+        texts = [
+            item if isinstance(item, str) else engine.detokenize(check_token_ids(item, engine.info.n_vocab, "input"))
+            for item in split_inputs(data.input, "input")
+        ]
+        if any(not text for text in texts):
+            raise InvalidRequestError("`input` must not contain empty strings", param="input")
+        if len(texts) > settings.limits.max_embedding_inputs:
+            raise InvalidRequestError(
+                f"`input` may hold at most {settings.limits.max_embedding_inputs} items", param="input"
+            )
+        for text in texts:
+            if len(engine.tokenize(text)) > runtime.n_ctx_per_slot:
+                raise InvalidRequestError(
+                    f"an input is longer than the model's context of {runtime.n_ctx_per_slot} tokens",
+                    param="input", code="context_length_exceeded",
+                )
+        try:
+            vectors, used = await engine.embed(texts)
+        except EngineError as exc:
+            raise from_engine_error(exc) from None
+        items = []
+        for index, vector in enumerate(vectors):
+            if data.encoding_format == "base64":
+                encoded: list[float] | str = base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
+            else:
+                encoded = vector
+            items.append(Embedding(index, encoded))
+        return EmbeddingList(items, data.model, EmbeddingUsage(used, used))
+
+
+def _reserve(job: Job) -> Any:
+    try:
+        return reserve(job)
+    except EngineError as exc:
+        raise from_engine_error(exc, job.pool.retry_after()) from None
+
+
+async def _chat_stream(
+    job: Job, reservation: Any, settings: Settings, completion_id: str, created: int, model: str,
+    include_usage: bool,
+) -> AsyncIterator[bytes]:
+    fingerprint = _fingerprint(job)
+
+    def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> bytes:
+        return frame(ChatCompletionChunk(completion_id, created, model, fingerprint, choices, usage))
+
+    try:
+        slot = None
+        async for item in wait_for_slot(reservation, settings.queue.ping_interval_s):
+            if isinstance(item, int):
+                slot = item
+            else:
+                yield item
+        assert slot is not None
+        for index in range(job.choices):
+            yield chunk([ChunkChoice(index, ChoiceDelta(role="assistant", content=""))])
+        completion_tokens = cached = 0
+        async for item in run_choices(job, slot):
+            if isinstance(item, ChoiceToken):
+                event = item.event
+                logprobs = _chat_logprobs([event]) if job.params.logprobs and event.token_id >= 0 else None
+                if event.text or logprobs is not None:
+                    yield chunk([ChunkChoice(item.index, ChoiceDelta(content=event.text), logprobs)])
+            elif isinstance(item, ChoiceFinished):
+                completion_tokens += item.event.completion_tokens
+                cached = max(cached, item.event.cached_tokens)
+                yield chunk([ChunkChoice(item.index, ChoiceDelta(), None, item.event.finish_reason)])
+        if include_usage:
+            yield chunk([], _usage(job.prompt_tokens, completion_tokens, cached))
+        yield DONE
+    except GatewayError as exc:
+        yield sse_frame(exc)
+    except Exception:
+        logger.exception("stream %s failed", completion_id)
+        yield sse_frame(InternalError("internal server error"))
+    finally:
+        reservation.release()
+
+
+async def _completion_stream(
+    job: Job, reservation: Any, settings: Settings, completion_id: str, created: int, model: str,
+    include_usage: bool,
+) -> AsyncIterator[bytes]:
+    fingerprint = _fingerprint(job)
+
+    def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> bytes:
+        return frame(Completion(completion_id, created, model, choices, fingerprint, usage))
+
+    try:
+        slot = None
+        async for item in wait_for_slot(reservation, settings.queue.ping_interval_s):
+            if isinstance(item, int):
+                slot = item
+            else:
+                yield item
+        assert slot is not None
+        completion_tokens = cached = 0
+        offsets = {i: len(job.echo_texts[i // job.n]) if job.echo_texts else 0 for i in range(job.choices)}
+        for index in range(job.choices):
+            if job.echo_texts:
+                yield chunk([CompletionChoice(index, job.echo_texts[index // job.n])])
+        async for item in run_choices(job, slot):
+            if isinstance(item, ChoiceToken):
+                event = item.event
+                logprobs = None
+                if job.params.logprobs and event.token_id >= 0:
+                    logprobs = _completion_logprobs([event], offsets[item.index])
+                offsets[item.index] += len(event.text)
+                if event.text or logprobs is not None:
+                    yield chunk([CompletionChoice(item.index, event.text, logprobs)])
+            elif isinstance(item, ChoiceFinished):
+                completion_tokens += item.event.completion_tokens
+                cached = max(cached, item.event.cached_tokens)
+                yield chunk([CompletionChoice(item.index, "", None, item.event.finish_reason)])
+        if include_usage:
+            yield chunk([], _usage(job.prompt_tokens, completion_tokens, cached))
+        yield DONE
+    except GatewayError as exc:
+        yield sse_frame(exc)
+    except Exception:
+        logger.exception("stream %s failed", completion_id)
+        yield sse_frame(InternalError("internal server error"))
+    finally:
+        reservation.release()

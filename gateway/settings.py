@@ -1,0 +1,254 @@
+"""Settings: one msgspec Struct tree, loaded from a TOML file and overridden by environment variables.
+
+Settings are built once (``load_settings``) and passed into ``create_app``; nothing here is global.
+
+Environment overrides:
+- ``POCKETLLM_<SECTION>__<FIELD>`` for any scalar field of a section, e.g. ``POCKETLLM_SERVER__PORT=9000``,
+  ``POCKETLLM_QUEUE__MAX_WAIT_S=30``; ``POCKETLLM_ENV`` for ``env``; ``POCKETLLM_DATA_DIR``, ``POCKETLLM_MODELS_DIR``.
+- The PocketLLM seed's names, which apply to the first (default) model or their section:
+  ``MODEL_PATH``, ``MODEL_N_THREADS``, ``MODEL_N_CTX``, ``MODEL_SLOTS``, ``SECRET_KEY``, ``REDIS_HOST``,
+  ``ENABLE_CACHE``.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta, Struct, field
+
+from engine.registry import REGISTRY_FILE
+
+DEFAULT_MODEL_ID = "smollm2-135m-instruct"
+DEFAULT_SECRET_KEY = "change-me-in-production"  # noqa: S105 - the documented development default
+
+PositiveInt = Annotated[int, Meta(ge=1)]
+Port = Annotated[int, Meta(ge=0, le=65535)]
+Seconds = Annotated[float, Meta(gt=0)]
+
+
+class SettingsError(Exception):
+    """A setting is missing or invalid; the message names it."""
+
+
+class ModelSettings(Struct, forbid_unknown_fields=True, kw_only=True):
+    """One served model."""
+
+    id: Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")]
+    path: str | None = None
+    """Local GGUF file. Relative paths are relative to ``models_dir``."""
+    source: str | None = None
+    """Registry name (see ``pocketllm models list``) to pull when ``path`` is absent."""
+    n_ctx: PositiveInt = 8192
+    """Total context across all slots; each slot gets ``n_ctx // slots`` tokens."""
+    n_threads: PositiveInt = max(1, min(os.cpu_count() or 1, 8))
+    n_batch: PositiveInt = 512
+    slots: Annotated[int, Meta(ge=1, le=64)] = 4
+    chat_template: str | None = None
+    """Jinja chat template overriding the GGUF's own."""
+    aliases: list[str] = []
+    embeddings: bool = True
+    """Also serve ``/v1/embeddings`` from this model (a second, embedding-mode context)."""
+    engine: Literal["sequential"] = "sequential"
+    """``sequential``: one llama.cpp context per slot."""
+
+
+class ServerSettings(Struct, forbid_unknown_fields=True, kw_only=True):
+    """HTTP server."""
+
+    host: str = "127.0.0.1"
+    port: Port = 8000
+    max_body_bytes: PositiveInt = 2 * 1024 * 1024
+    cors_origins: list[str] = field(default_factory=lambda: ["*"])
+    drain_timeout_s: Seconds = 30.0
+
+
+class QueueSettings(Struct, forbid_unknown_fields=True, kw_only=True):
+    """Admission to a model's slots."""
+
+    max_queue: Annotated[int, Meta(ge=0)] = 64
+    """Requests that may wait for a slot per model; beyond it a request gets 503."""
+    max_wait_s: Seconds = 120.0
+    """How long a request may wait for a slot before it gets 503."""
+    ping_interval_s: Seconds = 5.0
+    """SSE comment pings while a streaming request waits for a slot."""
+
+
+class LimitsSettings(Struct, forbid_unknown_fields=True, kw_only=True):
+    """Request validation bounds."""
+
+    max_tokens_default: PositiveInt = 512
+    max_stop: PositiveInt = 16
+    max_n: PositiveInt = 8
+    max_embedding_inputs: PositiveInt = 256
+
+
+class RedisSettings(Struct, forbid_unknown_fields=True, kw_only=True):
+    """Redis connection (cache, rate limits)."""
+
+    host: str | None = None
+    port: Port = 6379
+    db: Annotated[int, Meta(ge=0)] = 0
+    password: str | None = None
+
+
+class CacheSettings(Struct, forbid_unknown_fields=True, kw_only=True):
+    """Response cache."""
+
+    enabled: bool = True
+    ttl_s: Seconds = 3600.0
+    shared_scope: bool = False
+
+
+class AuthSettings(Struct, forbid_unknown_fields=True, kw_only=True):
+    """Identity."""
+
+    secret_key: str = DEFAULT_SECRET_KEY
+    required: bool = False
+    """Whether ``/v1/*`` requires credentials (identity issue)."""
+
+
+class TelemetrySettings(Struct, forbid_unknown_fields=True, kw_only=True):
+    """Logs, metrics, traces."""
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_json: bool = False
+    log_content: bool = False
+    """Log prompts and completions (off: they never reach a log)."""
+
+
+class Settings(Struct, forbid_unknown_fields=True, kw_only=True):
+    """The whole configuration tree."""
+
+    env: Literal["development", "production"] = "development"
+    data_dir: str = "data"
+    models_dir: str = ""
+    """Where GGUF files are kept; empty means the ``models/`` folder of this project."""
+    models: list[ModelSettings] = field(default_factory=lambda: [ModelSettings(id=DEFAULT_MODEL_ID)])
+    server: ServerSettings = field(default_factory=ServerSettings)
+    queue: QueueSettings = field(default_factory=QueueSettings)
+    limits: LimitsSettings = field(default_factory=LimitsSettings)
+    redis: RedisSettings = field(default_factory=RedisSettings)
+    cache: CacheSettings = field(default_factory=CacheSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
+
+    @property
+    def models_path(self) -> Path:
+        """The models folder."""
+        return Path(self.models_dir).expanduser() if self.models_dir else REGISTRY_FILE.parent
+
+    def model_path(self, model: ModelSettings) -> Path:
+        """Where the model's GGUF lives (it may not exist yet when it is pulled on first use)."""
+        if model.path:
+            path = Path(model.path).expanduser()
+            return path if path.is_absolute() else Path.cwd() / path
+        return self.models_path / f"{model.source or model.id}.gguf"
+
+
+# Seed variable -> (section or "model", field)
+_SEED_VARIABLES: dict[str, tuple[str, str]] = {
+    "MODEL_PATH": ("model", "path"),
+    "MODEL_N_THREADS": ("model", "n_threads"),
+    "MODEL_N_CTX": ("model", "n_ctx"),
+    "MODEL_SLOTS": ("model", "slots"),
+    "SECRET_KEY": ("auth", "secret_key"),
+    "REDIS_HOST": ("redis", "host"),
+    "ENABLE_CACHE": ("cache", "enabled"),
+}
+_TOP_LEVEL = {"env", "data_dir", "models_dir"}
+
+
+def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
+    for name, value in env.items():
+        if name.startswith("POCKETLLM_"):
+            rest = name.removeprefix("POCKETLLM_").lower()
+            if rest in _TOP_LEVEL:
+                raw[rest] = value
+            elif "__" in rest:
+                section, key = rest.split("__", 1)
+                if section == "model":
+                    _default_model(raw)[key] = value
+                else:
+                    raw.setdefault(section, {})[key] = value
+        elif name in _SEED_VARIABLES:
+            section, key = _SEED_VARIABLES[name]
+            target = _default_model(raw) if section == "model" else raw.setdefault(section, {})
+            target[key] = _coerce_bool(value) if key == "enabled" else value
+
+
+def _default_model(raw: dict[str, Any]) -> dict[str, Any]:
+    models = raw.setdefault("models", [])
+    if not models:
+        models.append({"id": DEFAULT_MODEL_ID})
+    first: dict[str, Any] = models[0]
+    return first
+
+
+def _coerce_bool(value: str) -> bool | str:
+    lowered = value.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    return value
+
+
+def load_settings(
+    config_file: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None
+) -> Settings:
+    """Build settings from an optional TOML file and the environment.
+
+    Args:
+        config_file: TOML file; ``POCKETLLM_CONFIG`` from ``env`` when ``None``.
+        env: environment mapping (``os.environ`` when ``None``).
+
+    Raises:
+        SettingsError: naming the file or the setting that is wrong.
+    """
+    env = os.environ if env is None else env
+    config_file = config_file or env.get("POCKETLLM_CONFIG")
+    raw: dict[str, Any] = {}
+    if config_file:
+        path = Path(config_file)
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise SettingsError(f"config file {path} does not exist") from None
+        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise SettingsError(f"config file {path} is not valid TOML: {exc}") from None
+    _apply_env(raw, env)
+    return settings_from_mapping(raw)
+
+
+def settings_from_mapping(raw: Mapping[str, Any]) -> Settings:
+    """Validate a plain mapping (as read from TOML) into ``Settings``; raises ``SettingsError``."""
+    try:
+        settings = msgspec.convert(raw, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        message = str(exc).replace("`$.", "`").replace("`$`", "the top level")
+        raise SettingsError(f"invalid setting: {message}") from None
+    _check(settings)
+    return settings
+
+
+def _check(settings: Settings) -> None:
+    if not settings.models:
+        raise SettingsError("invalid setting: `models` must list at least one model")
+    names: set[str] = set()
+    for index, model in enumerate(settings.models):
+        for name in (model.id, *model.aliases):
+            if name in names:
+                raise SettingsError(f"invalid setting: `models[{index}]` reuses the model name {name!r}")
+            names.add(name)
+        if model.n_ctx // model.slots < 64:
+            raise SettingsError(
+                f"invalid setting: `models[{index}].n_ctx` ({model.n_ctx}) leaves under 64 tokens for each "
+                f"of its {model.slots} slots"
+            )
+        if not model.path and not model.source and model.id != DEFAULT_MODEL_ID:
+            raise SettingsError(f"invalid setting: `models[{index}]` ({model.id}) needs `path` or `source`")
