@@ -36,6 +36,9 @@ from engine.text import IncrementalDetokenizer, StopMatcher
 
 logger = logging.getLogger("pocketllm.engine")
 
+MIN_PROMPT_SUFFIX = 2
+"""Prompt tokens always decoded, however much of the prompt the KV cache holds."""
+
 _Emit = Callable[[GenerationEvent | BaseException], None]
 
 
@@ -168,6 +171,11 @@ class SequentialEngine:
         if len(prompt) + params.max_tokens > n_ctx:
             raise ContextOverflowError(len(prompt), params.max_tokens, n_ctx)
         cached = self.prefix_match(slot, prompt)
+        if cached > len(prompt) - MIN_PROMPT_SUFFIX:
+            # llama.cpp's kernels for a one-token batch round differently from larger batches, so a
+            # fully cached prompt re-decodes its last few tokens: greedy output then equals a cold run.
+            cached = max(0, len(prompt) - MIN_PROMPT_SUFFIX)
+            llm.n_tokens = min(llm.n_tokens, cached)
         llm.set_seed(params.seed if params.seed is not None else random.getrandbits(32))
         processors: list[LogitsProcessor] = []
         if params.logit_bias:

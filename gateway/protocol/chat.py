@@ -158,7 +158,7 @@ class ChunkChoice(Struct):
     finish_reason: FinishReason | None = None
 
 
-class ChatCompletionChunk(Struct, omit_defaults=True):
+class ChatCompletionChunk(Struct):
     """One SSE ``data:`` payload of a streaming chat completion."""
 
     id: str

@@ -68,7 +68,7 @@ class CompletionChoice(Struct):
     finish_reason: FinishReason | None = None
 
 
-class Completion(Struct, omit_defaults=True):
+class Completion(Struct):
     """Response body (or one streamed chunk) of a text completion."""
 
     id: str

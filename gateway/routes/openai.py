@@ -13,9 +13,18 @@ from typing import Any, TypeVar
 import numpy as np
 from litestar import Controller, Request, get, post
 from litestar.datastructures import State
+from litestar.params import FromPath, JSONBody
+from litestar.di import NamedDependency
 
 from engine.base import EngineError, TokenEvent
-from gateway.errors import GatewayError, InternalError, InvalidRequestError, NotFoundError, from_engine_error, sse_frame
+from gateway.errors import (
+    GatewayError,
+    InternalError,
+    InvalidRequestError,
+    NotFoundError,
+    from_engine_error,
+    sse_frame,
+)
 from gateway.generation import (
     ChoiceFinished,
     ChoiceToken,
@@ -62,15 +71,17 @@ def _fingerprint(job: Job) -> str:
 
 
 def _chat_logprobs(events: list[TokenEvent]) -> ChoiceLogprobs:
-    return ChoiceLogprobs([
-        LogprobEntry(
-            token=e.piece.decode("utf-8", errors="replace"),
-            logprob=e.logprob if e.logprob is not None else 0.0,
-            bytes=list(e.piece),
-            top_logprobs=[TopLogprobEntry(t.token, t.logprob, t.bytes) for t in e.top_logprobs],
-        )
-        for e in events
-    ])
+    return ChoiceLogprobs(
+        [
+            LogprobEntry(
+                token=e.piece.decode("utf-8", errors="replace"),
+                logprob=e.logprob if e.logprob is not None else 0.0,
+                bytes=list(e.piece),
+                top_logprobs=[TopLogprobEntry(t.token, t.logprob, t.bytes) for t in e.top_logprobs],
+            )
+            for e in events
+        ]
+    )
 
 
 def _completion_logprobs(events: list[TokenEvent], offset: int) -> CompletionLogprobs:
@@ -109,10 +120,10 @@ class OpenAIController(Controller):
     """``/v1`` routes."""
 
     path = "/v1"
-    tags = ["OpenAI"]  # noqa: RUF012
+    tags = ["OpenAI"]
 
     @get("/models", summary="List models")
-    async def list_models(self, models: ModelManager) -> ModelList:
+    async def list_models(self, models: NamedDependency[ModelManager]) -> ModelList:
         """Every served model (ids and aliases), answered at once even while every slot is busy."""
         data = []
         for runtime in models.runtimes:
@@ -121,7 +132,7 @@ class OpenAIController(Controller):
         return ModelList(data)
 
     @get("/models/{model_id:path}", summary="Retrieve a model")
-    async def get_model(self, models: ModelManager, model_id: str) -> ModelObject:
+    async def get_model(self, models: NamedDependency[ModelManager], model_id: FromPath[str]) -> ModelObject:
         """One model by id or alias."""
         name = model_id.lstrip("/")
         runtime = models.resolve(name)
@@ -129,8 +140,11 @@ class OpenAIController(Controller):
 
     @post("/chat/completions", summary="Create a chat completion", status_code=200)
     async def chat_completions(
-        self, request: Request[Any, Any, State], data: ChatCompletionRequest, models: ModelManager,
-        settings: Settings,
+        self,
+        request: Request[Any, Any, State],
+        data: JSONBody[ChatCompletionRequest],
+        models: NamedDependency[ModelManager],
+        settings: NamedDependency[Settings],
     ) -> ChatCompletion | EventStream:
         """OpenAI chat completions, JSON or SSE (``stream: true``)."""
         runtime = models.resolve(data.model)
@@ -163,7 +177,11 @@ class OpenAIController(Controller):
 
     @post("/completions", summary="Create a text completion", status_code=200)
     async def completions(
-        self, request: Request[Any, Any, State], data: CompletionRequest, models: ModelManager, settings: Settings
+        self,
+        request: Request[Any, Any, State],
+        data: JSONBody[CompletionRequest],
+        models: NamedDependency[ModelManager],
+        settings: NamedDependency[Settings],
     ) -> Completion | EventStream:
         """OpenAI (legacy) text completions, JSON or SSE."""
         runtime = models.resolve(data.model)
@@ -174,7 +192,9 @@ class OpenAIController(Controller):
         if data.stream:
             include_usage = bool(data.stream_options and data.stream_options.include_usage)
             return EventStream(
-                _completion_stream(job, reservation, settings, completion_id, created, data.model, include_usage)
+                _completion_stream(
+                    job, reservation, settings, completion_id, created, data.model, include_usage
+                )
             )
         output: JobOutput = await _until_disconnect(request, run_to_completion(job, reservation))
         choices = []
@@ -183,24 +203,38 @@ class OpenAIController(Controller):
             logprobs = _completion_logprobs(c.tokens, len(echo)) if job.params.logprobs else None
             choices.append(CompletionChoice(c.index, c.text, logprobs, c.finish_reason))  # type: ignore[arg-type]
         return Completion(
-            id=completion_id, created=created, model=data.model, choices=choices,
+            id=completion_id,
+            created=created,
+            model=data.model,
+            choices=choices,
             system_fingerprint=_fingerprint(job),
             usage=_usage(output.prompt_tokens, output.completion_tokens, output.cached_tokens),
         )
 
     @post("/embeddings", summary="Create embeddings", status_code=200)
-    async def embeddings(self, data: EmbeddingRequest, models: ModelManager, settings: Settings) -> EmbeddingList:
+    async def embeddings(
+        self,
+        data: JSONBody[EmbeddingRequest],
+        models: NamedDependency[ModelManager],
+        settings: NamedDependency[Settings],
+    ) -> EmbeddingList:
         """Mean-pooled, normalised embeddings; ``encoding_format`` float or base64."""
         runtime = models.resolve(data.model)
         engine, _ = runtime.ready()
         if not engine.embeddings_enabled:
-            raise NotFoundError(f"the model `{data.model}` does not serve embeddings", param="model",
-                                code="model_not_found")
-        if data.dimensions is not None and data.dimensions != int(engine.info.metadata.get(
-                f"{engine.info.metadata.get('general.architecture', '')}.embedding_length", 0)):
+            raise NotFoundError(
+                f"the model `{data.model}` does not serve embeddings", param="model", code="model_not_found"
+            )
+        if data.dimensions is not None and data.dimensions != int(
+            engine.info.metadata.get(
+                f"{engine.info.metadata.get('general.architecture', '')}.embedding_length", 0
+            )
+        ):
             raise InvalidRequestError("`dimensions` cannot be changed for this model", param="dimensions")
         texts = [
-            item if isinstance(item, str) else engine.detokenize(check_token_ids(item, engine.info.n_vocab, "input"))
+            item
+            if isinstance(item, str)
+            else engine.detokenize(check_token_ids(item, engine.info.n_vocab, "input"))
             for item in split_inputs(data.input, "input")
         ]
         if any(not text for text in texts):
@@ -213,7 +247,8 @@ class OpenAIController(Controller):
             if len(engine.tokenize(text)) > runtime.n_ctx_per_slot:
                 raise InvalidRequestError(
                     f"an input is longer than the model's context of {runtime.n_ctx_per_slot} tokens",
-                    param="input", code="context_length_exceeded",
+                    param="input",
+                    code="context_length_exceeded",
                 )
         try:
             vectors, used = await engine.embed(texts)
@@ -222,7 +257,9 @@ class OpenAIController(Controller):
         items = []
         for index, vector in enumerate(vectors):
             if data.encoding_format == "base64":
-                encoded: list[float] | str = base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
+                encoded: list[float] | str = base64.b64encode(
+                    np.asarray(vector, dtype="<f4").tobytes()
+                ).decode()
             else:
                 encoded = vector
             items.append(Embedding(index, encoded))
@@ -237,7 +274,12 @@ def _reserve(job: Job) -> Any:
 
 
 async def _chat_stream(
-    job: Job, reservation: Any, settings: Settings, completion_id: str, created: int, model: str,
+    job: Job,
+    reservation: Any,
+    settings: Settings,
+    completion_id: str,
+    created: int,
+    model: str,
     include_usage: bool,
 ) -> AsyncIterator[bytes]:
     fingerprint = _fingerprint(job)
@@ -279,7 +321,12 @@ async def _chat_stream(
 
 
 async def _completion_stream(
-    job: Job, reservation: Any, settings: Settings, completion_id: str, created: int, model: str,
+    job: Job,
+    reservation: Any,
+    settings: Settings,
+    completion_id: str,
+    created: int,
+    model: str,
     include_usage: bool,
 ) -> AsyncIterator[bytes]:
     fingerprint = _fingerprint(job)
