@@ -66,6 +66,7 @@ def serve(args: argparse.Namespace) -> int:
         return 1
     exit_code = 0
     server: uvicorn.Server | None = None
+    _Server = _server_class()  # noqa: N806
 
     def on_load_failure(models: list[str]) -> None:
         nonlocal exit_code
@@ -79,11 +80,27 @@ def serve(args: argparse.Namespace) -> int:
         app, host=host, port=port, log_level=settings.telemetry.log_level.lower(), lifespan="on",
         timeout_graceful_shutdown=int(settings.server.drain_timeout_s), access_log=False, log_config=None,
     )
-    server = uvicorn.Server(config)
+    server = _Server(config)
     logger.info("PocketLLM Gateway listening on http://%s:%d (models: %s)", host, port,
                 ", ".join(m.id for m in settings.models))
     server.run()
     return exit_code
+
+
+def _server_class() -> type:
+    import uvicorn  # noqa: PLC0415
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, except that SIGTERM/SIGINT end the process with status 0 after draining.
+
+        (uvicorn re-raises a captured signal after shutdown, so the process would die of it.)
+        """
+
+        def handle_exit(self, sig: int, frame: object) -> None:
+            super().handle_exit(sig, frame)  # type: ignore[arg-type]
+            self._captured_signals.clear()
+
+    return Server
 
 
 def _describe(entry: RegistryEntry, settings: Settings) -> dict[str, object]:

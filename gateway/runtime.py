@@ -113,6 +113,10 @@ class ModelManager:
                 runtime.state, runtime.error = "failed", str(exc)
                 logger.error("model %s failed to load: %s", runtime.id, exc)  # noqa: TRY400 - no traceback needed
                 return False
+            except Exception as exc:  # a bug, not a bad file: keep the traceback in the log
+                runtime.state, runtime.error = "failed", f"internal error: {type(exc).__name__}"
+                logger.exception("model %s failed to load", runtime.id)
+                return False
             runtime.engine = engine
             runtime.pool = SlotPool(
                 runtime.id,

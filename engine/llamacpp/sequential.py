@@ -62,6 +62,8 @@ class SequentialEngine:
         self._n_batch = n_batch
         self._contexts: list[Llama] = []
         self._workers: list[ThreadPoolExecutor] = []
+        self._embedder: Llama | None = None
+        self._embed_worker = ThreadPoolExecutor(1, thread_name_prefix=f"llama-{path.stem}-embed")
         try:
             for index in range(slots):
                 self._contexts.append(
@@ -73,8 +75,6 @@ class SequentialEngine:
             raise
         self._text = ModelText(self._contexts[0], path, size, chat_template)
         self._embeddings_enabled = embeddings
-        self._embedder: Llama | None = None
-        self._embed_worker = ThreadPoolExecutor(1, thread_name_prefix=f"llama-{path.stem}-embed")
 
     @property
     def info(self) -> ModelInfo:

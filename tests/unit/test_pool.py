@@ -1,0 +1,116 @@
+"""Slot admission: FIFO, bounds, waits, cancellation and affinity."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import pytest
+
+from engine.pool import QueueFullError, QueueTimeoutError, SlotPool
+
+
+def run(coro: object) -> object:
+    return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def test_first_come_first_served() -> None:
+    async def main() -> list[int]:
+        pool = SlotPool("m", 1, max_queue=5, max_wait_s=5)
+        first = pool.reserve()
+        order: list[int] = []
+
+        async def wait(i: int) -> None:
+            reservation = pool.reserve()
+            await reservation.wait()
+            order.append(i)
+            await asyncio.sleep(0)
+            reservation.release()
+
+        tasks = [asyncio.create_task(wait(i)) for i in range(4)]
+        await asyncio.sleep(0.01)
+        assert pool.waiting == 4
+        first.release()
+        await asyncio.gather(*tasks)
+        assert pool.busy == 0 and pool.waiting == 0
+        return order
+
+    assert run(main()) == [0, 1, 2, 3]
+
+
+def test_queue_bound_and_wait_limit() -> None:
+    async def main() -> None:
+        pool = SlotPool("m", 1, max_queue=1, max_wait_s=0.05)
+        held = pool.reserve()
+        queued = pool.reserve()
+        with pytest.raises(QueueFullError):
+            pool.reserve()
+        with pytest.raises(QueueTimeoutError):
+            await queued.wait()
+        assert pool.waiting == 0
+        held.release()
+        assert pool.busy == 0
+
+    run(main())
+
+
+def test_cancelled_waiter_never_gets_the_slot() -> None:
+    async def main() -> None:
+        pool = SlotPool("m", 1, max_queue=5, max_wait_s=5)
+        held = pool.reserve()
+        cancelled = pool.reserve()
+        task = asyncio.create_task(cancelled.wait())
+        following = pool.reserve()
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert pool.waiting == 1
+        held.release()
+        assert await following.wait() == 0
+        assert cancelled.slot is None
+        following.release()
+        assert pool.busy == 0
+
+    run(main())
+
+
+def test_release_is_idempotent() -> None:
+    async def main() -> None:
+        pool = SlotPool("m", 2, max_queue=0, max_wait_s=1)
+        reservation = pool.reserve()
+        reservation.release()
+        reservation.release()
+        assert pool.busy == 0
+        pool.reserve()
+        pool.reserve()
+        with pytest.raises(QueueFullError):
+            pool.reserve()
+
+    run(main())
+
+
+def test_affinity_prefers_session_then_prefix() -> None:
+    cached = {0: [1, 2, 3], 1: [7, 8, 9, 10], 2: []}
+
+    def prefix(slot: int, prompt: Sequence[int]) -> int:
+        n = 0
+        for a, b in zip(cached[slot], prompt, strict=False):
+            if a != b:
+                break
+            n += 1
+        return n
+
+    async def main() -> None:
+        pool = SlotPool("m", 3, max_queue=0, max_wait_s=1, prefix_match=prefix)
+        by_prefix = pool.reserve([7, 8, 9, 11])
+        assert by_prefix.slot == 1
+        by_prefix.release()
+        session = pool.reserve([5], session="s1")
+        slot = session.slot
+        session.release()
+        again = pool.reserve([1, 2, 3], session="s1")
+        assert again.slot == slot
+        again.release()
+
+    run(main())

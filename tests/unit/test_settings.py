@@ -1,0 +1,73 @@
+"""Settings from TOML and the environment; bad settings are named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.settings import DEFAULT_MODEL_ID, SettingsError, load_settings
+
+
+def test_defaults_serve_the_default_model() -> None:
+    settings = load_settings(env={})
+    assert [m.id for m in settings.models] == [DEFAULT_MODEL_ID]
+    assert settings.model_path(settings.models[0]).name == f"{DEFAULT_MODEL_ID}.gguf"
+    assert settings.server.port == 8000 and settings.cache.enabled
+
+
+def test_seed_variable_names_keep_working(tmp_path: Path) -> None:
+    gguf = tmp_path / "m.gguf"
+    settings = load_settings(env={
+        "MODEL_PATH": str(gguf), "MODEL_N_THREADS": "3", "MODEL_N_CTX": "1024", "MODEL_SLOTS": "2",
+        "SECRET_KEY": "s3cret", "REDIS_HOST": "redis.local", "ENABLE_CACHE": "False",
+    })
+    model = settings.models[0]
+    assert (model.path, model.n_threads, model.n_ctx, model.slots) == (str(gguf), 3, 1024, 2)
+    assert settings.model_path(model) == gguf
+    assert settings.auth.secret_key == "s3cret"
+    assert settings.redis.host == "redis.local"
+    assert settings.cache.enabled is False
+
+
+def test_toml_file_and_pocketllm_variables(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(
+        '[server]\nport = 9000\n[[models]]\nid = "a"\npath = "/x/a.gguf"\naliases = ["gpt-3.5-turbo"]\n'
+        '[[models]]\nid = "b"\npath = "/x/b.gguf"\nslots = 1\n'
+    )
+    settings = load_settings(config, env={"POCKETLLM_SERVER__HOST": "0.0.0.0", "POCKETLLM_QUEUE__MAX_QUEUE": "3"})
+    assert settings.server.port == 9000 and settings.server.host == "0.0.0.0"
+    assert settings.queue.max_queue == 3
+    assert [m.id for m in settings.models] == ["a", "b"]
+    assert settings.models[0].aliases == ["gpt-3.5-turbo"]
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"MODEL_SLOTS": "many"}, "models[0].slots"),
+        ({"MODEL_SLOTS": "0"}, "models[0].slots"),
+        ({"POCKETLLM_SERVER__PORT": "70000"}, "server.port"),
+        ({"POCKETLLM_SERVER__PORTS": "1"}, "ports"),
+        ({"POCKETLLM_ENV": "staging"}, "env"),
+        ({"MODEL_N_CTX": "100", "MODEL_SLOTS": "4"}, "models[0].n_ctx"),
+    ],
+)
+def test_bad_settings_are_named(env: dict[str, str], named: str) -> None:
+    with pytest.raises(SettingsError) as err:
+        load_settings(env=env)
+    assert named in str(err.value)
+
+
+def test_bad_config_files(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match="does not exist"):
+        load_settings(tmp_path / "missing.toml", env={})
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[server\n")
+    with pytest.raises(SettingsError, match="not valid TOML"):
+        load_settings(broken, env={})
+    dup = tmp_path / "dup.toml"
+    dup.write_text('[[models]]\nid = "a"\npath = "a.gguf"\n[[models]]\nid = "b"\npath = "b.gguf"\naliases = ["a"]\n')
+    with pytest.raises(SettingsError, match="reuses the model name"):
+        load_settings(dup, env={})
