@@ -192,7 +192,7 @@ class Engine(Protocol):
         ...
 
     def grammar_for(self, kind: str, schema: dict[str, Any] | None) -> str | None:
-        """GBNF text enforcing a ``response_format`` kind (``json_object``/``json_schema``); raises ``GrammarError``."""
+        """GBNF enforcing a ``response_format`` kind (``json_object``/``json_schema``); ``GrammarError``."""
         ...
 
     def prefix_match(self, slot: int, prompt: Sequence[int]) -> int:

@@ -84,7 +84,7 @@ class Reservation:
         if self._released:
             return
         self._released = True
-        self.pool._release(self)  # noqa: SLF001 - the pool's own bookkeeping
+        self.pool._release(self)
 
 
 class SlotPool:
@@ -110,6 +110,8 @@ class SlotPool:
         self._observer: PoolObserver = observer or _NoObserver()
         self._last_session: dict[int, str] = {}
         self._last_used: dict[int, float] = dict.fromkeys(range(slots), 0.0)
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     @property
     def busy(self) -> int:
@@ -126,6 +128,10 @@ class SlotPool:
         """Total slots."""
         return self._slots
 
+    async def drained(self) -> None:
+        """Return once no slot is busy and nobody waits."""
+        await self._idle.wait()
+
     def reserve(self, prompt: Sequence[int] = (), session: str | None = None) -> Reservation:
         """Take a slot now or a place in the queue; raises ``QueueFullError`` when neither is possible."""
         reservation = Reservation(self, prompt, session)
@@ -134,7 +140,7 @@ class SlotPool:
             return reservation
         if len(self._waiting) >= self.max_queue:
             raise QueueFullError(f"all {self._slots} slots of {self.model} are busy and the queue is full")
-        reservation._future = asyncio.get_running_loop().create_future()  # noqa: SLF001
+        reservation._future = asyncio.get_running_loop().create_future()
         self._waiting.append(reservation)
         self._observer.queue_changed(self.model, len(self._waiting))
         return reservation
@@ -144,14 +150,18 @@ class SlotPool:
         return max(1, min(30, int(self.max_wait_s / 4)))
 
     def _choose(self, reservation: Reservation) -> int:
-        """Prefer the slot that last ran the same session, then the longest cached prefix, then the LRU slot."""
+        """Prefer the slot that last ran this session, then the longest cached prefix, then the LRU slot."""
         if reservation.session is not None:
             for slot in self._free:
                 if self._last_session.get(slot) == reservation.session:
                     return slot
         best, best_score = self._free[0], -1
         for slot in self._free:
-            score = self._prefix_match(slot, reservation.prompt) if self._prefix_match and reservation.prompt else 0
+            score = (
+                self._prefix_match(slot, reservation.prompt)
+                if self._prefix_match and reservation.prompt
+                else 0
+            )
             if score > best_score or (score == best_score and self._last_used[slot] < self._last_used[best]):
                 best, best_score = slot, score
         return best
@@ -159,6 +169,7 @@ class SlotPool:
     def _assign(self, reservation: Reservation) -> None:
         slot = self._choose(reservation)
         self._free.remove(slot)
+        self._idle.clear()
         reservation.slot = slot
         if reservation.session is not None:
             self._last_session[slot] = reservation.session
@@ -175,11 +186,13 @@ class SlotPool:
         reservation.slot = None
         self._observer.slots_changed(self.model, self.busy)
         self._hand_over()
+        if not self.busy and not self._waiting:
+            self._idle.set()
 
     def _hand_over(self) -> None:
         while self._free and self._waiting:
             waiter = self._waiting.popleft()
-            future = waiter._future  # noqa: SLF001
+            future = waiter._future
             if future is None or future.done():
                 continue
             self._assign(waiter)

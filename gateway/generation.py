@@ -112,9 +112,13 @@ def _logit_bias(bias: dict[str, float] | None, n_vocab: int) -> dict[int, float]
         try:
             token = int(key)
         except ValueError:
-            raise InvalidRequestError(f"`logit_bias` key {key[:32]!r} is not a token id", param="logit_bias") from None
+            raise InvalidRequestError(
+                f"`logit_bias` key {key[:32]!r} is not a token id", param="logit_bias"
+            ) from None
         if not 0 <= token < n_vocab:
-            raise InvalidRequestError(f"`logit_bias` token {token} is outside the vocabulary", param="logit_bias")
+            raise InvalidRequestError(
+                f"`logit_bias` token {token} is outside the vocabulary", param="logit_bias"
+            )
         result[token] = value
     return result
 
@@ -131,7 +135,8 @@ def split_inputs(raw: str | list[str | int | list[int]], param: str) -> list[str
         return [list(item) for item in raw]  # type: ignore[arg-type]
     raise InvalidRequestError(
         f"`{param}` must be a string, a list of strings, a list of token ids or a list of non-empty "
-        "token-id lists (not a mix)", param=param,
+        "token-id lists (not a mix)",
+        param=param,
     )
 
 
@@ -149,7 +154,9 @@ def _check_n(n: int | None, limits: LimitsSettings) -> int:
     return n
 
 
-def _budget(runtime: ModelRuntime, prompt_tokens: int, requested: int | None, default: int, param: str) -> int:
+def _budget(
+    runtime: ModelRuntime, prompt_tokens: int, requested: int | None, default: int, param: str
+) -> int:
     n_ctx = runtime.n_ctx_per_slot
     if requested is not None:
         if prompt_tokens + requested > n_ctx:
@@ -177,16 +184,19 @@ async def prepare_chat(
     n = _check_n(request.n, limits)
     if request.top_logprobs and not request.logprobs:
         raise InvalidRequestError("`top_logprobs` requires `logprobs` to be true", param="top_logprobs")
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                for m in request.messages]
+    messages = [
+        {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in request.messages
+    ]
     try:
         prompt_text = engine.render_chat(messages)
         grammar = None
         if request.response_format is not None and request.response_format.type != "text":
             schema_spec = request.response_format.json_schema
             if request.response_format.type == "json_schema" and not schema_spec:
-                raise InvalidRequestError("`response_format.json_schema` is required for type json_schema",
-                                          param="response_format.json_schema")
+                raise InvalidRequestError(
+                    "`response_format.json_schema` is required for type json_schema",
+                    param="response_format.json_schema",
+                )
             schema = schema_spec.schema if schema_spec and isinstance(schema_spec.schema, dict) else None
             grammar = await asyncio.to_thread(engine.grammar_for, request.response_format.type, schema)
     except EngineError as exc:
@@ -213,7 +223,9 @@ async def prepare_chat(
     return Job(runtime, engine, pool, [prompt], params, n, session=session)
 
 
-async def prepare_completion(request: CompletionRequest, runtime: ModelRuntime, limits: LimitsSettings) -> Job:
+async def prepare_completion(
+    request: CompletionRequest, runtime: ModelRuntime, limits: LimitsSettings
+) -> Job:
     """Validate a text-completion request against the model and build its job."""
     engine, pool = runtime.ready()
     n = _check_n(request.n, limits)
@@ -233,8 +245,13 @@ async def prepare_completion(request: CompletionRequest, runtime: ModelRuntime, 
         raise InvalidRequestError("`prompt` must not be empty", param="prompt")
     requested = request.max_tokens if request.max_tokens is not None else None
     longest = max(len(p) for p in prompts)
-    max_tokens = _budget(runtime, longest, requested if requested is not None else None,
-                         COMPLETIONS_DEFAULT_MAX_TOKENS, "prompt")
+    max_tokens = _budget(
+        runtime,
+        longest,
+        requested if requested is not None else None,
+        COMPLETIONS_DEFAULT_MAX_TOKENS,
+        "prompt",
+    )
     params = GenerationParams(
         max_tokens=max_tokens,
         temperature=request.temperature if request.temperature is not None else DEFAULT_TEMPERATURE,
@@ -312,8 +329,14 @@ async def run_to_completion(job: Job, reservation: Reservation) -> JobOutput:
     choices = []
     for index in range(job.choices):
         prefix = job.echo_texts[index // job.n] if job.echo_texts else ""
-        choices.append(ChoiceOutput(index, prefix + "".join(texts.get(index, [])),
-                                    finishes[index].finish_reason, tokens.get(index, [])))
+        choices.append(
+            ChoiceOutput(
+                index,
+                prefix + "".join(texts.get(index, [])),
+                finishes[index].finish_reason,
+                tokens.get(index, []),
+            )
+        )
     return JobOutput(
         choices,
         prompt_tokens=job.prompt_tokens,

@@ -111,7 +111,7 @@ class ModelManager:
                 engine = await asyncio.to_thread(self._open, runtime)
             except EngineError as exc:
                 runtime.state, runtime.error = "failed", str(exc)
-                logger.error("model %s failed to load: %s", runtime.id, exc)  # noqa: TRY400 - no traceback needed
+                logger.error("model %s failed to load: %s", runtime.id, exc)
                 return False
             except Exception as exc:  # a bug, not a bad file: keep the traceback in the log
                 runtime.state, runtime.error = "failed", f"internal error: {type(exc).__name__}"
@@ -129,8 +129,13 @@ class ModelManager:
             runtime.state = "ready"
             logger.info(
                 "model %s loaded from %s in %.1fs (%d slots x %d tokens, %d threads, engine %s)",
-                runtime.id, runtime.path, time.perf_counter() - started, engine.slots,
-                runtime.n_ctx_per_slot, runtime.settings.n_threads, runtime.settings.engine,
+                runtime.id,
+                runtime.path,
+                time.perf_counter() - started,
+                engine.slots,
+                runtime.n_ctx_per_slot,
+                runtime.settings.n_threads,
+                runtime.settings.engine,
             )
             return True
 
@@ -162,9 +167,11 @@ class ModelManager:
                 return
             runtime.state = "unloading"
             pool, engine = runtime.pool, runtime.engine
-            deadline = time.monotonic() + drain_timeout_s
-            while (pool.busy or pool.waiting) and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
+            try:
+                async with asyncio.timeout(drain_timeout_s):
+                    await pool.drained()
+            except TimeoutError:
+                logger.warning("model %s: unloading with requests still in flight", runtime.id)
             await asyncio.to_thread(engine.close)
             runtime.engine = runtime.pool = None
             runtime.state = "unloaded"

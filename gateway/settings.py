@@ -4,7 +4,7 @@ Settings are built once (``load_settings``) and passed into ``create_app``; noth
 
 Environment overrides:
 - ``POCKETLLM_<SECTION>__<FIELD>`` for any scalar field of a section, e.g. ``POCKETLLM_SERVER__PORT=9000``,
-  ``POCKETLLM_QUEUE__MAX_WAIT_S=30``; ``POCKETLLM_ENV`` for ``env``; ``POCKETLLM_DATA_DIR``, ``POCKETLLM_MODELS_DIR``.
+  ``POCKETLLM_QUEUE__MAX_WAIT_S=30``; ``POCKETLLM_ENV``, ``POCKETLLM_DATA_DIR``, ``POCKETLLM_MODELS_DIR``.
 - The PocketLLM seed's names, which apply to the first (default) model or their section:
   ``MODEL_PATH``, ``MODEL_N_THREADS``, ``MODEL_N_CTX``, ``MODEL_SLOTS``, ``SECRET_KEY``, ``REDIS_HOST``,
   ``ENABLE_CACHE``.

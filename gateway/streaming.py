@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import msgspec
@@ -12,7 +13,7 @@ from litestar.response.base import ASGIResponse
 
 from engine.base import EngineError
 from engine.pool import Reservation
-from gateway.errors import from_engine_error
+from gateway.errors import GatewayError, InternalError, from_engine_error, sse_frame
 
 PING = b": ping\n\n"
 DONE = b"data: [DONE]\n\n"
@@ -23,6 +24,7 @@ SSE_HEADERS = {
 }
 
 _encoder = msgspec.json.Encoder()
+logger = logging.getLogger("pocketllm.api")
 
 
 class EventStream(Stream):
@@ -34,7 +36,7 @@ class EventStream(Stream):
     def __init__(self, frames: AsyncIterator[bytes]) -> None:
         super().__init__(frames, media_type="text/event-stream", headers=SSE_HEADERS)
 
-    def to_asgi_response(self, *args: Any, **kwargs: Any) -> ASGIResponse:  # type: ignore[override]
+    def to_asgi_response(self, *args: Any, **kwargs: Any) -> ASGIResponse:
         """Build the ASGI response with the event-stream media type."""
         kwargs["media_type"] = "text/event-stream"
         return super().to_asgi_response(*args, **kwargs)
@@ -45,23 +47,31 @@ def frame(payload: Any) -> bytes:
     return b"data: " + _encoder.encode(payload) + b"\n\n"
 
 
-async def wait_for_slot(reservation: Reservation, ping_interval_s: float) -> AsyncIterator[bytes | int]:
-    """Wait for the reservation's slot, yielding ``PING`` every ``ping_interval_s``; the slot comes last.
+async def event_stream(
+    reservation: Reservation, ping_interval_s: float, produce: Callable[[int], AsyncIterator[bytes]]
+) -> AsyncIterator[bytes]:
+    """The whole SSE body: pings while waiting for a slot, the frames ``produce(slot)`` makes, ``[DONE]``.
 
-    Raises the mapped ``GatewayError`` when the wait times out; cancelling the iteration leaves the queue.
+    A failure becomes a ``data: {"error": ...}`` frame that ends the stream; the slot (or the place in
+    the queue) is always given back, also when the client goes away.
     """
     waiter = asyncio.ensure_future(reservation.wait())
     try:
-        while True:
-            done, _ = await asyncio.wait({waiter}, timeout=ping_interval_s)
-            if done:
-                break
+        while not (await asyncio.wait({waiter}, timeout=ping_interval_s))[0]:
             yield PING
         try:
             slot = waiter.result()
         except EngineError as exc:
             raise from_engine_error(exc, reservation.pool.retry_after()) from None
-        yield slot
+        async for chunk in produce(slot):
+            yield chunk
+        yield DONE
+    except GatewayError as exc:
+        yield sse_frame(exc)
+    except Exception:
+        logger.exception("a stream failed")
+        yield sse_frame(InternalError("internal server error"))
     finally:
         if not waiter.done():
             waiter.cancel()
+        reservation.release()

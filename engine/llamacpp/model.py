@@ -28,7 +28,8 @@ GGUF_MAGIC = b"GGUF"
 # A ChatML template for GGUFs that carry none.
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
-    "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    "'<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
 
@@ -62,7 +63,9 @@ def open_llama(path: Path, *, n_ctx: int, n_threads: int, n_batch: int, embeddin
             verbose=os.environ.get("POCKETLLM_LLAMA_VERBOSE") == "1",
         )
     except (ValueError, RuntimeError, OSError) as exc:
-        raise ModelLoadError(f"model file {path} could not be loaded (corrupt or unsupported): {exc}") from None
+        raise ModelLoadError(
+            f"model file {path} could not be loaded (corrupt or unsupported): {exc}"
+        ) from None
 
 
 class ModelText:
@@ -70,7 +73,7 @@ class ModelText:
 
     def __init__(self, llama: Llama, path: Path, size_bytes: int, chat_template: str | None) -> None:
         self._llama = llama
-        self._vocab = llama._model.vocab  # noqa: SLF001 - llama-cpp-python exposes no public handle
+        self._vocab = llama._model.vocab
         self._pieces: dict[int, bytes] = {}
         metadata: dict[str, str] = dict(llama.metadata)
         self.eos_id = llama.token_eos()
@@ -87,10 +90,12 @@ class ModelText:
             add_generation_prompt=True,
         )
         self._formatter_no_prompt = Jinja2ChatFormatter(
-            template=template, eos_token=self._piece_text(self.eos_id),
-            bos_token=self._piece_text(self.bos_id), add_generation_prompt=False,
+            template=template,
+            eos_token=self._piece_text(self.eos_id),
+            bos_token=self._piece_text(self.bos_id),
+            add_generation_prompt=False,
         )
-        model = llama._model  # noqa: SLF001
+        model = llama._model
         self.info = ModelInfo(
             n_ctx=llama.n_ctx(),
             n_ctx_train=model.n_ctx_train(),
@@ -106,7 +111,7 @@ class ModelText:
     def _piece_text(self, token: int) -> str:
         if token < 0:
             return ""
-        return self._llama._model.token_get_text(token)  # noqa: SLF001
+        return self._llama._model.token_get_text(token)
 
     def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
         """Tokenize; special tokens in ``text`` (``<|im_start|>``) are parsed when ``add_special``."""
@@ -154,7 +159,8 @@ def grammar_for_response_format(kind: str, schema: dict[str, Any] | None) -> str
         if not schema:
             return JSON_GBNF
         try:
-            return json_schema_to_gbnf(json.dumps(schema))
+            grammar: str = json_schema_to_gbnf(json.dumps(schema))
+            return grammar
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError, NotImplementedError) as exc:
             raise GrammarError(f"the JSON schema cannot be turned into a grammar: {exc}") from None
     return None

@@ -39,7 +39,9 @@ class LogprobCapture:
         self._logprobs = shifted - np.log(np.exp(shifted).sum())
         return scores
 
-    def lookup(self, token: int, piece: Callable[[int], bytes]) -> tuple[float | None, tuple[TopLogprob, ...]]:
+    def lookup(
+        self, token: int, piece: Callable[[int], bytes]
+    ) -> tuple[float | None, tuple[TopLogprob, ...]]:
         """Logprob of ``token`` and the ``top_n`` alternatives at the step that sampled it."""
         if self._logprobs is None:
             return None, ()

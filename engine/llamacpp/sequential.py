@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import llama_cpp
-from llama_cpp import Llama, LlamaGrammar, LogitsProcessorList
+from llama_cpp import Llama, LogitsProcessorList
+from llama_cpp.llama_grammar import LlamaGrammar
 
 from engine.base import (
     Cancellation,
@@ -116,7 +117,7 @@ class SequentialEngine:
 
     def prefix_match(self, slot: int, prompt: Sequence[int]) -> int:
         """Leading prompt tokens already in the slot's KV cache (read without locking: a hint only)."""
-        cached = self._contexts[slot]._input_ids  # noqa: SLF001 - llama-cpp-python's record of the KV cache
+        cached = self._contexts[slot]._input_ids
         limit = min(len(cached), len(prompt))
         matched = 0
         while matched < limit and cached[matched] == prompt[matched]:

@@ -10,7 +10,6 @@ from gateway.protocol.common import (
     Bias,
     CacheControl,
     FinishReason,
-    MaxTokens,
     ModelName,
     Penalty,
     Seed,
@@ -21,7 +20,7 @@ from gateway.protocol.common import (
 )
 
 Prompt = str | Annotated[list[str | int | list[int]], Meta(min_length=1, max_length=4096)]
-"""A string, a list of strings, a list of token ids, or a list of token-id lists (checked in ``generation``)."""
+"""A string, strings, token ids, or token-id lists (the shapes are checked in ``generation``)."""
 
 
 class CompletionRequest(Struct, forbid_unknown_fields=True, kw_only=True):

@@ -13,17 +13,14 @@ from typing import Any, TypeVar
 import numpy as np
 from litestar import Controller, Request, get, post
 from litestar.datastructures import State
-from litestar.params import FromPath, JSONBody
 from litestar.di import NamedDependency
+from litestar.params import FromPath, JSONBody
 
 from engine.base import EngineError, TokenEvent
 from gateway.errors import (
-    GatewayError,
-    InternalError,
     InvalidRequestError,
     NotFoundError,
     from_engine_error,
-    sse_frame,
 )
 from gateway.generation import (
     ChoiceFinished,
@@ -56,7 +53,7 @@ from gateway.protocol.embeddings import Embedding, EmbeddingList, EmbeddingReque
 from gateway.protocol.models import ModelList, ModelObject
 from gateway.runtime import ModelManager
 from gateway.settings import Settings
-from gateway.streaming import DONE, EventStream, frame, wait_for_slot
+from gateway.streaming import EventStream, event_stream, frame
 
 T = TypeVar("T")
 logger = logging.getLogger("pocketllm.api")
@@ -154,8 +151,13 @@ class OpenAIController(Controller):
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         if data.stream:
             include_usage = bool(data.stream_options and data.stream_options.include_usage)
+            frames = _Frames(job, completion_id, created, data.model, include_usage)
             return EventStream(
-                _chat_stream(job, reservation, settings, completion_id, created, data.model, include_usage)
+                event_stream(
+                    reservation,
+                    settings.queue.ping_interval_s,
+                    lambda slot: frames.chat(run_choices(job, slot)),
+                )
             )
         output: JobOutput = await _until_disconnect(request, run_to_completion(job, reservation))
         return ChatCompletion(
@@ -191,9 +193,12 @@ class OpenAIController(Controller):
         completion_id = f"cmpl-{uuid.uuid4().hex}"
         if data.stream:
             include_usage = bool(data.stream_options and data.stream_options.include_usage)
+            frames = _Frames(job, completion_id, created, data.model, include_usage)
             return EventStream(
-                _completion_stream(
-                    job, reservation, settings, completion_id, created, data.model, include_usage
+                event_stream(
+                    reservation,
+                    settings.queue.ping_interval_s,
+                    lambda slot: frames.completion(run_choices(job, slot)),
                 )
             )
         output: JobOutput = await _until_disconnect(request, run_to_completion(job, reservation))
@@ -273,81 +278,60 @@ def _reserve(job: Job) -> Any:
         raise from_engine_error(exc, job.pool.retry_after()) from None
 
 
-async def _chat_stream(
-    job: Job,
-    reservation: Any,
-    settings: Settings,
-    completion_id: str,
-    created: int,
-    model: str,
-    include_usage: bool,
-) -> AsyncIterator[bytes]:
-    fingerprint = _fingerprint(job)
+class _Frames:
+    """Builds the SSE frames of one response from choice events (the engine's, or a replay)."""
 
-    def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> bytes:
-        return frame(ChatCompletionChunk(completion_id, created, model, fingerprint, choices, usage))
+    def __init__(self, job: Job, completion_id: str, created: int, model: str, include_usage: bool) -> None:
+        self.job = job
+        self.completion_id = completion_id
+        self.created = created
+        self.model = model
+        self.include_usage = include_usage
+        self.fingerprint = _fingerprint(job)
 
-    try:
-        slot = None
-        async for item in wait_for_slot(reservation, settings.queue.ping_interval_s):
-            if isinstance(item, int):
-                slot = item
-            else:
-                yield item
-        assert slot is not None
+    async def chat(self, events: AsyncIterator[ChoiceToken | ChoiceFinished]) -> AsyncIterator[bytes]:
+        """``chat.completion.chunk`` frames: role first, content deltas, finish, optional usage."""
+
+        def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> bytes:
+            return frame(
+                ChatCompletionChunk(
+                    self.completion_id, self.created, self.model, self.fingerprint, choices, usage
+                )
+            )
+
+        job = self.job
         for index in range(job.choices):
             yield chunk([ChunkChoice(index, ChoiceDelta(role="assistant", content=""))])
         completion_tokens = cached = 0
-        async for item in run_choices(job, slot):
+        async for item in events:
             if isinstance(item, ChoiceToken):
                 event = item.event
                 logprobs = _chat_logprobs([event]) if job.params.logprobs and event.token_id >= 0 else None
                 if event.text or logprobs is not None:
                     yield chunk([ChunkChoice(item.index, ChoiceDelta(content=event.text), logprobs)])
-            elif isinstance(item, ChoiceFinished):
+            else:
                 completion_tokens += item.event.completion_tokens
                 cached = max(cached, item.event.cached_tokens)
                 yield chunk([ChunkChoice(item.index, ChoiceDelta(), None, item.event.finish_reason)])
-        if include_usage:
+        if self.include_usage:
             yield chunk([], _usage(job.prompt_tokens, completion_tokens, cached))
-        yield DONE
-    except GatewayError as exc:
-        yield sse_frame(exc)
-    except Exception:
-        logger.exception("stream %s failed", completion_id)
-        yield sse_frame(InternalError("internal server error"))
-    finally:
-        reservation.release()
 
+    async def completion(self, events: AsyncIterator[ChoiceToken | ChoiceFinished]) -> AsyncIterator[bytes]:
+        """``text_completion`` frames: echoed prompts, text deltas, finish, optional usage."""
 
-async def _completion_stream(
-    job: Job,
-    reservation: Any,
-    settings: Settings,
-    completion_id: str,
-    created: int,
-    model: str,
-    include_usage: bool,
-) -> AsyncIterator[bytes]:
-    fingerprint = _fingerprint(job)
+        def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> bytes:
+            return frame(
+                Completion(self.completion_id, self.created, self.model, choices, self.fingerprint, usage)
+            )
 
-    def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> bytes:
-        return frame(Completion(completion_id, created, model, choices, fingerprint, usage))
-
-    try:
-        slot = None
-        async for item in wait_for_slot(reservation, settings.queue.ping_interval_s):
-            if isinstance(item, int):
-                slot = item
-            else:
-                yield item
-        assert slot is not None
-        completion_tokens = cached = 0
-        offsets = {i: len(job.echo_texts[i // job.n]) if job.echo_texts else 0 for i in range(job.choices)}
-        for index in range(job.choices):
-            if job.echo_texts:
+        job = self.job
+        offsets = dict.fromkeys(range(job.choices), 0)
+        if job.echo_texts:
+            for index in range(job.choices):
+                offsets[index] = len(job.echo_texts[index // job.n])
                 yield chunk([CompletionChoice(index, job.echo_texts[index // job.n])])
-        async for item in run_choices(job, slot):
+        completion_tokens = cached = 0
+        async for item in events:
             if isinstance(item, ChoiceToken):
                 event = item.event
                 logprobs = None
@@ -356,17 +340,9 @@ async def _completion_stream(
                 offsets[item.index] += len(event.text)
                 if event.text or logprobs is not None:
                     yield chunk([CompletionChoice(item.index, event.text, logprobs)])
-            elif isinstance(item, ChoiceFinished):
+            else:
                 completion_tokens += item.event.completion_tokens
                 cached = max(cached, item.event.cached_tokens)
                 yield chunk([CompletionChoice(item.index, "", None, item.event.finish_reason)])
-        if include_usage:
+        if self.include_usage:
             yield chunk([], _usage(job.prompt_tokens, completion_tokens, cached))
-        yield DONE
-    except GatewayError as exc:
-        yield sse_frame(exc)
-    except Exception:
-        logger.exception("stream %s failed", completion_id)
-        yield sse_frame(InternalError("internal server error"))
-    finally:
-        reservation.release()

@@ -17,7 +17,9 @@ def _chat(**fields: Any) -> dict[str, Any]:
     return {"model": MODEL_ID, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, **fields}
 
 
-def assert_envelope(response: httpx.Response, status: int, code: str | None = None, param: str | None = None) -> dict[str, Any]:
+def assert_envelope(
+    response: httpx.Response, status: int, code: str | None = None, param: str | None = None
+) -> dict[str, Any]:
     assert response.status_code == status, response.text
     assert response.headers["content-type"].startswith("application/json")
     body = response.json()
@@ -58,8 +60,10 @@ def test_unsupported_fields_are_named(client: httpx.Client, fields: dict[str, An
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
         ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
-        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
-         "messages[0].content[0].type"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+            "messages[0].content[0].type",
+        ),
         ({"response_format": {"type": "yaml"}}, "response_format.type"),
         ({"stop": ["s"] * 17}, "stop"),
         ({"n": 100}, "n"),
@@ -78,9 +82,11 @@ def test_missing_model_field(client: httpx.Client) -> None:
 
 
 def test_unknown_model(client: httpx.Client) -> None:
-    for path, body in ((CHAT, _chat(model="gpt-9")),
-                       ("/v1/completions", {"model": "gpt-9", "prompt": "x"}),
-                       ("/v1/embeddings", {"model": "gpt-9", "input": "x"})):
+    for path, body in (
+        (CHAT, _chat(model="gpt-9")),
+        ("/v1/completions", {"model": "gpt-9", "prompt": "x"}),
+        ("/v1/embeddings", {"model": "gpt-9", "input": "x"}),
+    ):
         assert_envelope(client.post(path, json=body), 404, "model_not_found", "model")
     assert_envelope(client.get("/v1/models/gpt-9"), 404, "model_not_found")
 
@@ -89,17 +95,28 @@ def test_context_length_checked_before_queueing(client: httpx.Client) -> None:
     error = assert_envelope(client.post(CHAT, json=_chat(max_tokens=100_000)), 400, "context_length_exceeded")
     assert "maximum context length is 2048" in error["message"]
     long_prompt = "word " * 3000
-    assert_envelope(client.post(CHAT, json=_chat(messages=[{"role": "user", "content": long_prompt}],
-                                                 max_tokens=None)), 400, "context_length_exceeded")
-    assert_envelope(client.post("/v1/completions", json={"model": MODEL_ID, "prompt": long_prompt}), 400,
-                    "context_length_exceeded", "prompt")
+    assert_envelope(
+        client.post(CHAT, json=_chat(messages=[{"role": "user", "content": long_prompt}], max_tokens=None)),
+        400,
+        "context_length_exceeded",
+    )
+    assert_envelope(
+        client.post("/v1/completions", json={"model": MODEL_ID, "prompt": long_prompt}),
+        400,
+        "context_length_exceeded",
+        "prompt",
+    )
 
 
 def test_malformed_json_and_wrong_shapes(client: httpx.Client) -> None:
-    assert_envelope(client.post(CHAT, content=b'{"model": ', headers={"content-type": "application/json"}), 400)
+    assert_envelope(
+        client.post(CHAT, content=b'{"model": ', headers={"content-type": "application/json"}), 400
+    )
     assert_envelope(client.post(CHAT, content=b"[1, 2]", headers={"content-type": "application/json"}), 400)
-    assert_envelope(client.post(CHAT, content="\xff\xfe".encode("latin-1"),
-                                headers={"content-type": "application/json"}), 400)
+    assert_envelope(
+        client.post(CHAT, content="\xff\xfe".encode("latin-1"), headers={"content-type": "application/json"}),
+        400,
+    )
 
 
 def test_body_over_the_limit_is_413(client: httpx.Client, served: Any) -> None:
@@ -109,13 +126,23 @@ def test_body_over_the_limit_is_413(client: httpx.Client, served: Any) -> None:
 
 
 def test_completion_and_embedding_inputs(client: httpx.Client) -> None:
-    assert_envelope(client.post("/v1/completions", json={"model": MODEL_ID, "prompt": ["a", 1]}), 400, param="prompt")
-    assert_envelope(client.post("/v1/completions", json={"model": MODEL_ID, "prompt": [10**9]}), 400, param="prompt")
-    assert_envelope(client.post("/v1/completions", json={"model": MODEL_ID, "prompt": "x", "best_of": 3}), 400,
-                    param="best_of")
+    assert_envelope(
+        client.post("/v1/completions", json={"model": MODEL_ID, "prompt": ["a", 1]}), 400, param="prompt"
+    )
+    assert_envelope(
+        client.post("/v1/completions", json={"model": MODEL_ID, "prompt": [10**9]}), 400, param="prompt"
+    )
+    assert_envelope(
+        client.post("/v1/completions", json={"model": MODEL_ID, "prompt": "x", "best_of": 3}),
+        400,
+        param="best_of",
+    )
     assert_envelope(client.post("/v1/embeddings", json={"model": MODEL_ID, "input": ""}), 400, param="input")
-    assert_envelope(client.post("/v1/embeddings", json={"model": MODEL_ID, "input": "x", "dimensions": 3}), 400,
-                    param="dimensions")
+    assert_envelope(
+        client.post("/v1/embeddings", json={"model": MODEL_ID, "input": "x", "dimensions": 3}),
+        400,
+        param="dimensions",
+    )
 
 
 def test_invalid_json_schema_in_response_format(client: httpx.Client) -> None:
@@ -135,4 +162,7 @@ def test_request_id_is_kept_or_made(client: httpx.Client) -> None:
     error = client.post(CHAT, json=_chat(model="nope"), headers={"x-request-id": "req-42"})
     assert error.headers["x-request-id"] == "req-42"
     # a malformed id is replaced, not echoed
-    assert client.get("/v1/models", headers={"x-request-id": "bad id <x>"}).headers["x-request-id"] != "bad id <x>"
+    assert (
+        client.get("/v1/models", headers={"x-request-id": "bad id <x>"}).headers["x-request-id"]
+        != "bad id <x>"
+    )

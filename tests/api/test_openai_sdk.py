@@ -36,8 +36,10 @@ def test_models_list_and_retrieve(sdk: openai.OpenAI) -> None:
 
 def test_chat_completion(sdk: openai.OpenAI) -> None:
     reply = sdk.chat.completions.create(
-        model=MODEL_ID, messages=[{"role": "user", "content": "What is the capital of France?"}],
-        max_tokens=24, temperature=0,
+        model=MODEL_ID,
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=24,
+        temperature=0,
     )
     choice = reply.choices[0]
     assert reply.object == "chat.completion"
@@ -53,7 +55,9 @@ def test_chat_completion(sdk: openai.OpenAI) -> None:
 def test_greedy_is_deterministic_and_seed_reproduces(sdk: openai.OpenAI) -> None:
     def ask(**kwargs: object) -> str:
         reply = sdk.chat.completions.create(
-            model=MODEL_ID, messages=[{"role": "user", "content": "Name three colours."}], max_tokens=20,
+            model=MODEL_ID,
+            messages=[{"role": "user", "content": "Name three colours."}],
+            max_tokens=20,
             **kwargs,  # type: ignore[arg-type]
         )
         return reply.choices[0].message.content or ""
@@ -69,15 +73,21 @@ def test_content_parts_and_system_message(sdk: openai.OpenAI) -> None:
             {"role": "system", "content": "You answer in one word."},
             {"role": "user", "content": [{"type": "text", "text": "Say "}, {"type": "text", "text": "yes."}]},
         ],
-        max_tokens=8, temperature=0,
+        max_tokens=8,
+        temperature=0,
     )
     assert reply.choices[0].message.content
 
 
 def test_streaming_with_usage(sdk: openai.OpenAI) -> None:
     stream = sdk.chat.completions.create(
-        model=MODEL_ID, messages=[{"role": "user", "content": "Count from one to ten."}], max_tokens=16,
-        temperature=0, stream=True, stream_options={"include_usage": True}, logit_bias=NO_EOS,
+        model=MODEL_ID,
+        messages=[{"role": "user", "content": "Count from one to ten."}],
+        max_tokens=16,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        logit_bias=NO_EOS,
     )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -89,8 +99,11 @@ def test_streaming_with_usage(sdk: openai.OpenAI) -> None:
     assert usage_chunk.usage is not None and usage_chunk.usage.completion_tokens == 16
     text = "".join(c.choices[0].delta.content or "" for c in content_chunks)
     greedy = sdk.chat.completions.create(
-        model=MODEL_ID, messages=[{"role": "user", "content": "Count from one to ten."}], max_tokens=16,
-        temperature=0, logit_bias=NO_EOS,
+        model=MODEL_ID,
+        messages=[{"role": "user", "content": "Count from one to ten."}],
+        max_tokens=16,
+        temperature=0,
+        logit_bias=NO_EOS,
     )
     assert text == greedy.choices[0].message.content
 
@@ -103,7 +116,10 @@ async def test_async_client_streams_and_completes(served: ServedApp) -> None:
         )
         assert reply.choices[0].message.content
         stream = await client.chat.completions.create(
-            model=MODEL_ID, messages=[{"role": "user", "content": "Hello!"}], max_tokens=8, temperature=0,
+            model=MODEL_ID,
+            messages=[{"role": "user", "content": "Hello!"}],
+            max_tokens=8,
+            temperature=0,
             stream=True,
         )
         pieces = [chunk.choices[0].delta.content or "" async for chunk in stream if chunk.choices]
@@ -111,16 +127,28 @@ async def test_async_client_streams_and_completes(served: ServedApp) -> None:
 
 
 def test_stop_sequences(sdk: openai.OpenAI) -> None:
-    base = sdk.chat.completions.create(
-        model=MODEL_ID, messages=[{"role": "user", "content": "Write a sentence about the sea."}],
-        max_tokens=30, temperature=0, logit_bias=NO_EOS,
-    ).choices[0].message.content or ""
+    base = (
+        sdk.chat.completions.create(
+            model=MODEL_ID,
+            messages=[{"role": "user", "content": "Write a sentence about the sea."}],
+            max_tokens=30,
+            temperature=0,
+            logit_bias=NO_EOS,
+        )
+        .choices[0]
+        .message.content
+        or ""
+    )
     words = base.split()
     assert len(words) > 3
     stop = words[2]
     reply = sdk.chat.completions.create(
-        model=MODEL_ID, messages=[{"role": "user", "content": "Write a sentence about the sea."}],
-        max_tokens=30, temperature=0, logit_bias=NO_EOS, stop=[stop, "zzzz-never"],
+        model=MODEL_ID,
+        messages=[{"role": "user", "content": "Write a sentence about the sea."}],
+        max_tokens=30,
+        temperature=0,
+        logit_bias=NO_EOS,
+        stop=[stop, "zzzz-never"],
     )
     content = reply.choices[0].message.content or ""
     assert reply.choices[0].finish_reason == "stop"
@@ -132,7 +160,10 @@ def test_logit_bias_forces_a_token(sdk: openai.OpenAI, served: ServedApp) -> Non
     del served
     token_id = 4093  # the token "user" in SmolLM2's vocabulary: +100 makes it the only choice
     reply = sdk.chat.completions.create(
-        model=MODEL_ID, messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0,
+        model=MODEL_ID,
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=4,
+        temperature=0,
         logit_bias={str(token_id): 100},
     )
     assert reply.usage is not None and reply.usage.completion_tokens == 4
@@ -142,8 +173,13 @@ def test_logit_bias_forces_a_token(sdk: openai.OpenAI, served: ServedApp) -> Non
 
 def test_logprobs(sdk: openai.OpenAI) -> None:
     reply = sdk.chat.completions.create(
-        model=MODEL_ID, messages=[{"role": "user", "content": "Hi"}], max_tokens=6, temperature=0,
-        logprobs=True, top_logprobs=3, logit_bias=NO_EOS,
+        model=MODEL_ID,
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=6,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+        logit_bias=NO_EOS,
     )
     entries = reply.choices[0].logprobs.content  # type: ignore[union-attr]
     assert entries is not None and len(entries) == 6
@@ -157,7 +193,11 @@ def test_logprobs(sdk: openai.OpenAI) -> None:
 
 def test_n_choices(sdk: openai.OpenAI) -> None:
     reply = sdk.chat.completions.create(
-        model=MODEL_ID, messages=[{"role": "user", "content": "Pick a number."}], max_tokens=5, n=2, seed=7,
+        model=MODEL_ID,
+        messages=[{"role": "user", "content": "Pick a number."}],
+        max_tokens=5,
+        n=2,
+        seed=7,
     )
     assert [c.index for c in reply.choices] == [0, 1]
     assert reply.usage is not None and 2 <= reply.usage.completion_tokens <= 10
@@ -166,8 +206,11 @@ def test_n_choices(sdk: openai.OpenAI) -> None:
 
 def test_response_format_json_object(sdk: openai.OpenAI) -> None:
     reply = sdk.chat.completions.create(
-        model=MODEL_ID, messages=[{"role": "user", "content": "Give me a JSON object describing a cat."}],
-        max_tokens=300, temperature=0, response_format={"type": "json_object"},
+        model=MODEL_ID,
+        messages=[{"role": "user", "content": "Give me a JSON object describing a cat."}],
+        max_tokens=300,
+        temperature=0,
+        response_format={"type": "json_object"},
     )
     assert reply.choices[0].finish_reason == "stop"
     assert isinstance(json.loads(reply.choices[0].message.content or ""), dict)
@@ -181,8 +224,11 @@ def test_response_format_json_schema(sdk: openai.OpenAI) -> None:
         "additionalProperties": False,
     }
     reply = sdk.chat.completions.create(
-        model=MODEL_ID, messages=[{"role": "user", "content": "Describe a cat."}], max_tokens=60,
-        temperature=0, response_format={"type": "json_schema", "json_schema": {"name": "animal", "schema": schema}},
+        model=MODEL_ID,
+        messages=[{"role": "user", "content": "Describe a cat."}],
+        max_tokens=60,
+        temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "animal", "schema": schema}},
     )
     value = json.loads(reply.choices[0].message.content or "")
     assert set(value) == {"name", "legs"}
@@ -190,8 +236,9 @@ def test_response_format_json_schema(sdk: openai.OpenAI) -> None:
 
 
 def test_text_completion_and_echo(sdk: openai.OpenAI) -> None:
-    reply = sdk.completions.create(model=MODEL_ID, prompt="Once upon a time", max_tokens=8, temperature=0,
-                                   echo=True, logprobs=2)
+    reply = sdk.completions.create(
+        model=MODEL_ID, prompt="Once upon a time", max_tokens=8, temperature=0, echo=True, logprobs=2
+    )
     choice = reply.choices[0]
     assert choice.text.startswith("Once upon a time")
     assert len(choice.text) > len("Once upon a time")
@@ -202,12 +249,20 @@ def test_text_completion_and_echo(sdk: openai.OpenAI) -> None:
 
 
 def test_text_completion_stream(sdk: openai.OpenAI) -> None:
-    stream = sdk.completions.create(model=MODEL_ID, prompt="The sky is", max_tokens=6, temperature=0,
-                                    stream=True, stream_options={"include_usage": True}, logit_bias=NO_EOS)
+    stream = sdk.completions.create(
+        model=MODEL_ID,
+        prompt="The sky is",
+        max_tokens=6,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        logit_bias=NO_EOS,
+    )
     chunks = list(stream)
     text = "".join(c.choices[0].text for c in chunks if c.choices)
-    whole = sdk.completions.create(model=MODEL_ID, prompt="The sky is", max_tokens=6, temperature=0,
-                                   logit_bias=NO_EOS)
+    whole = sdk.completions.create(
+        model=MODEL_ID, prompt="The sky is", max_tokens=6, temperature=0, logit_bias=NO_EOS
+    )
     assert text == whole.choices[0].text
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 6
 
@@ -221,6 +276,8 @@ def test_embeddings_float_and_base64(sdk: openai.OpenAI) -> None:
     assert floats.usage.prompt_tokens > 0
     default = sdk.embeddings.create(model=MODEL_ID, input="hello world")  # the SDK asks for base64
     assert np.allclose(np.asarray(default.data[0].embedding), first, atol=1e-5)
-    raw = sdk.embeddings.with_raw_response.create(model=MODEL_ID, input="hello world", encoding_format="base64")
+    raw = sdk.embeddings.with_raw_response.create(
+        model=MODEL_ID, input="hello world", encoding_format="base64"
+    )
     encoded = json.loads(raw.text)["data"][0]["embedding"]
     assert np.allclose(np.frombuffer(base64.b64decode(encoded), dtype="<f4"), first, atol=1e-5)

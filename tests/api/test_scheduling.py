@@ -17,15 +17,25 @@ from tests.conftest import MODEL_ID, NO_EOS, ServedApp, make_settings, serve
 
 
 def _long_chat(max_tokens: int, stream: bool = True) -> dict[str, Any]:
-    return {"model": MODEL_ID, "messages": [{"role": "user", "content": "Tell me a long story."}],
-            "max_tokens": max_tokens, "stream": stream, "logit_bias": NO_EOS, "temperature": 0.7}
+    return {
+        "model": MODEL_ID,
+        "messages": [{"role": "user", "content": "Tell me a long story."}],
+        "max_tokens": max_tokens,
+        "stream": stream,
+        "logit_bias": NO_EOS,
+        "temperature": 0.7,
+    }
 
 
 def test_four_simultaneous_streams_all_complete(served: ServedApp) -> None:
     async def one(client: openai.AsyncOpenAI, index: int) -> tuple[str, str | None, int]:
         stream = await client.chat.completions.create(
-            model=MODEL_ID, messages=[{"role": "user", "content": f"Story number {index}, please."}],
-            max_tokens=64, stream=True, stream_options={"include_usage": True}, logit_bias=NO_EOS,
+            model=MODEL_ID,
+            messages=[{"role": "user", "content": f"Story number {index}, please."}],
+            max_tokens=64,
+            stream=True,
+            stream_options={"include_usage": True},
+            logit_bias=NO_EOS,
         )
         text, finish, tokens = "", None, 0
         async for chunk in stream:
@@ -52,8 +62,10 @@ def test_models_answer_while_every_slot_is_busy(served: ServedApp) -> None:
     stop = threading.Event()
 
     def hog() -> None:
-        with httpx.Client(base_url=served.base_url, timeout=60) as http, \
-                http.stream("POST", "/v1/chat/completions", json=_long_chat(400)) as response:
+        with (
+            httpx.Client(base_url=served.base_url, timeout=60) as http,
+            http.stream("POST", "/v1/chat/completions", json=_long_chat(400)) as response,
+        ):
             for _ in response.iter_lines():
                 if stop.is_set():
                     return
@@ -81,23 +93,29 @@ def test_models_answer_while_every_slot_is_busy(served: ServedApp) -> None:
 def one_slot(model_path: Any) -> Iterator[ServedApp]:
     """One slot, a queue of one, short waits: for disconnect and admission tests."""
     del model_path
-    settings = make_settings(model={"slots": 1, "n_ctx": 4096}, queue={"max_queue": 1, "max_wait_s": 3.0,
-                                                                       "ping_interval_s": 0.2})
+    settings = make_settings(
+        model={"slots": 1, "n_ctx": 4096}, queue={"max_queue": 1, "max_wait_s": 3.0, "ping_interval_s": 0.2}
+    )
     with serve(settings) as app:
         yield app
 
 
 def _quick(base_url: str) -> float:
     started = time.perf_counter()
-    response = httpx.post(f"{base_url}/v1/chat/completions", timeout=60, json={
-        "model": MODEL_ID, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
+    response = httpx.post(
+        f"{base_url}/v1/chat/completions",
+        timeout=60,
+        json={"model": MODEL_ID, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4},
+    )
     assert response.status_code == 200, response.text
     return time.perf_counter() - started
 
 
 def test_dropped_stream_frees_its_slot(one_slot: ServedApp) -> None:
-    with httpx.Client(base_url=one_slot.base_url, timeout=60) as http, \
-            http.stream("POST", "/v1/chat/completions", json=_long_chat(1500)) as response:
+    with (
+        httpx.Client(base_url=one_slot.base_url, timeout=60) as http,
+        http.stream("POST", "/v1/chat/completions", json=_long_chat(1500)) as response,
+    ):
         chunks = 0
         for line in response.iter_lines():
             if line.startswith("data: "):
@@ -111,7 +129,9 @@ def test_dropped_stream_frees_its_slot(one_slot: ServedApp) -> None:
 
 def test_dropped_non_streaming_request_frees_its_slot(one_slot: ServedApp) -> None:
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{one_slot.base_url}/v1/chat/completions", json=_long_chat(1500, stream=False), timeout=1.0)
+        httpx.post(
+            f"{one_slot.base_url}/v1/chat/completions", json=_long_chat(1500, stream=False), timeout=1.0
+        )
     assert _quick(one_slot.base_url) < 5.0
     assert one_slot.wait_idle(2.0)["busy"] == 0
 
@@ -122,8 +142,10 @@ def test_queue_full_and_queue_timeout(one_slot: ServedApp) -> None:
     release = threading.Event()
 
     def holder() -> None:
-        with httpx.Client(base_url=one_slot.base_url, timeout=60) as http, \
-                http.stream("POST", "/v1/chat/completions", json=_long_chat(1500)) as response:
+        with (
+            httpx.Client(base_url=one_slot.base_url, timeout=60) as http,
+            http.stream("POST", "/v1/chat/completions", json=_long_chat(1500)) as response,
+        ):
             for line in response.iter_lines():
                 if line.startswith("data: "):
                     holding.set()
@@ -146,8 +168,9 @@ def test_queue_full_and_queue_timeout(one_slot: ServedApp) -> None:
             time.sleep(0.02)
         # the queue (1) is full: the third request is refused at once
         started = time.perf_counter()
-        refused = httpx.post(f"{one_slot.base_url}/v1/chat/completions", json=_long_chat(4, stream=False),
-                             timeout=10)
+        refused = httpx.post(
+            f"{one_slot.base_url}/v1/chat/completions", json=_long_chat(4, stream=False), timeout=10
+        )
         assert time.perf_counter() - started < 1.0
         assert refused.status_code == 503
         assert refused.json()["error"]["code"] == "queue_full"
@@ -171,8 +194,10 @@ def test_request_cancelled_while_queued_leaves_the_queue(one_slot: ServedApp) ->
     holding = threading.Event()
 
     def holder() -> None:
-        with httpx.Client(base_url=one_slot.base_url, timeout=60) as http, \
-                http.stream("POST", "/v1/chat/completions", json=_long_chat(1500)) as response:
+        with (
+            httpx.Client(base_url=one_slot.base_url, timeout=60) as http,
+            http.stream("POST", "/v1/chat/completions", json=_long_chat(1500)) as response,
+        ):
             for line in response.iter_lines():
                 if line.startswith("data: "):
                     holding.set()
@@ -183,8 +208,10 @@ def test_request_cancelled_while_queued_leaves_the_queue(one_slot: ServedApp) ->
     first.start()
     try:
         assert holding.wait(20)
-        with httpx.Client(base_url=one_slot.base_url, timeout=60) as http, \
-                http.stream("POST", "/v1/chat/completions", json=_long_chat(1500)) as queued:
+        with (
+            httpx.Client(base_url=one_slot.base_url, timeout=60) as http,
+            http.stream("POST", "/v1/chat/completions", json=_long_chat(1500)) as queued,
+        ):
             for line in queued.iter_lines():
                 if line == ": ping":
                     # still waiting for the slot, and counted in the queue

@@ -16,8 +16,15 @@ def _frames(text: str) -> list[str]:
 
 
 def test_chat_stream_wire_format(client: httpx.Client) -> None:
-    body = {"model": MODEL_ID, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5,
-            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}, "logit_bias": NO_EOS}
+    body = {
+        "model": MODEL_ID,
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 5,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "logit_bias": NO_EOS,
+    }
     response = client.post("/v1/chat/completions", json=body)
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/event-stream")
@@ -38,7 +45,12 @@ def test_chat_stream_wire_format(client: httpx.Client) -> None:
 
 
 def test_stream_without_usage_has_no_usage_chunk(client: httpx.Client) -> None:
-    body = {"model": MODEL_ID, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "stream": True}
+    body = {
+        "model": MODEL_ID,
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 3,
+        "stream": True,
+    }
     frames = _frames(client.post("/v1/chat/completions", json=body).text)
     chunks = [json.loads(f.removeprefix("data: ")) for f in frames[:-1]]
     assert all(c.get("usage") is None for c in chunks)
@@ -46,8 +58,14 @@ def test_stream_without_usage_has_no_usage_chunk(client: httpx.Client) -> None:
 
 
 def test_completions_stream_wire_format(client: httpx.Client) -> None:
-    body = {"model": MODEL_ID, "prompt": "Hello", "max_tokens": 4, "stream": True, "echo": True,
-            "logit_bias": NO_EOS}
+    body = {
+        "model": MODEL_ID,
+        "prompt": "Hello",
+        "max_tokens": 4,
+        "stream": True,
+        "echo": True,
+        "logit_bias": NO_EOS,
+    }
     frames = _frames(client.post("/v1/completions", json=body).text)
     chunks = [json.loads(f.removeprefix("data: ")) for f in frames[:-1]]
     assert chunks[0]["object"] == "text_completion"

@@ -31,7 +31,10 @@ def _env(**extra: str) -> dict[str, str]:
 def _start(port: int, env: dict[str, str], *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port), *args],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
 
@@ -81,8 +84,12 @@ def test_openai_async_streaming_with_usage(server: tuple[str, subprocess.Popen[s
     async def main() -> tuple[str, int]:
         async with openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0) as client:
             stream = await client.chat.completions.create(
-                model=MODEL_ID, messages=[{"role": "user", "content": "Count to five."}], max_tokens=12,
-                stream=True, stream_options={"include_usage": True}, logit_bias=NO_EOS,
+                model=MODEL_ID,
+                messages=[{"role": "user", "content": "Count to five."}],
+                max_tokens=12,
+                stream=True,
+                stream_options={"include_usage": True},
+                logit_bias=NO_EOS,
             )
             text, tokens = "", 0
             async for chunk in stream:
@@ -99,12 +106,31 @@ def test_openai_async_streaming_with_usage(server: tuple[str, subprocess.Popen[s
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 def test_curl_streams_sse(server: tuple[str, subprocess.Popen[str]]) -> None:
     base_url, _ = server
-    body = json.dumps({"model": MODEL_ID, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6,
-                       "stream": True, "logit_bias": NO_EOS})
+    body = json.dumps(
+        {
+            "model": MODEL_ID,
+            "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 6,
+            "stream": True,
+            "logit_bias": NO_EOS,
+        }
+    )
     result = subprocess.run(
-        ["curl", "-sS", "-N", "-H", "Content-Type: application/json", "-D", "-", "--data", body,
-         f"{base_url}/v1/chat/completions"],
-        capture_output=True, timeout=60, check=True,
+        [
+            "curl",
+            "-sS",
+            "-N",
+            "-H",
+            "Content-Type: application/json",
+            "-D",
+            "-",
+            "--data",
+            body,
+            f"{base_url}/v1/chat/completions",
+        ],
+        capture_output=True,
+        timeout=60,
+        check=True,
     )
     head, _, stream = result.stdout.decode().partition("\r\n\r\n")
     assert "text/event-stream" in head.lower()
@@ -136,7 +162,11 @@ def test_sigterm_stops_cleanly(model_path: Path) -> None:
 def _run_serve(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "gateway.cli", "serve", "--port", str(free_port())],
-        env=env, capture_output=True, text=True, timeout=60, check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
 
 

