@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-import httpx
+import time
+from pathlib import Path
 
-from tests.conftest import MODEL_ID
+import httpx
+from litestar.testing import TestClient
+
+from gateway.app import create_app
+from tests.conftest import MODEL_ID, make_settings
 
 
 def test_index(client: httpx.Client) -> None:
@@ -30,3 +35,24 @@ def test_docs_and_openapi(client: httpx.Client) -> None:
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
     redoc = client.get("/redoc", follow_redirects=True)
     assert redoc.status_code == 200 and "redoc" in redoc.text.lower()
+
+
+def test_health_is_503_with_the_error_when_a_model_failed(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\x00" * 64)
+    app = create_app(make_settings(model={"path": str(broken)}))
+    with TestClient(app) as http:
+        deadline = time.monotonic() + 20
+        body = http.get("/health").json()
+        while body["models"][MODEL_ID]["state"] in {"loading", "unloaded"} and time.monotonic() < deadline:
+            time.sleep(0.05)
+            body = http.get("/health").json()
+        response = http.get("/health")
+        assert response.status_code == 503
+        state = response.json()["models"][MODEL_ID]
+        assert state["state"] == "failed"
+        assert str(broken) in state["error"]
+        # requests for it are refused with 503, not a traceback
+        refused = http.post("/v1/chat/completions", json={"model": MODEL_ID, "messages": [{"role": "user", "content": "x"}]})
+        assert refused.status_code == 503
+        assert refused.json()["error"]["code"] == "model_not_ready"
