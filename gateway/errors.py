@@ -249,6 +249,14 @@ def handle_http_exception(_: Request[Any, Any, Any], exc: HTTPException) -> Resp
 
 
 def handle_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
-    """Anything else: a 500 envelope; the traceback goes to the log, never to the client."""
+    """Anything else: a 500 envelope; the traceback goes to the log, never to the client.
+
+    Two failures of body decoding surface here rather than as validation errors: JSON nested deeper
+    than the decoder recurses, and bytes that are not UTF-8. Both are the client's: 400.
+    """
+    if isinstance(exc, RecursionError):
+        return render(InvalidRequestError("the request body is nested too deeply", code="invalid_json"))
+    if isinstance(exc, UnicodeDecodeError):
+        return render(InvalidRequestError("the request body is not valid UTF-8", code="invalid_json"))
     logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return render(InternalError("internal server error"))

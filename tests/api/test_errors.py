@@ -166,3 +166,21 @@ def test_request_id_is_kept_or_made(client: httpx.Client) -> None:
         client.get("/v1/models", headers={"x-request-id": "bad id <x>"}).headers["x-request-id"]
         != "bad id <x>"
     )
+
+
+def test_hostile_bodies_are_4xx_and_the_server_carries_on(client: httpx.Client) -> None:
+    json_header = {"content-type": "application/json"}
+    deep = b'{"model": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"
+    assert_envelope(client.post(CHAT, content=deep, headers=json_header), 400, "invalid_json")
+    assert_envelope(
+        client.post(CHAT, content=b'{"model": "\xff\xfe", "messages": []}', headers=json_header), 400
+    )
+    lone_surrogate = (
+        '{"model": "%s", "messages": [{"role": "user", "content": "\\ud800"}]}' % MODEL_ID
+    ).encode()
+    assert_envelope(client.post(CHAT, content=lone_surrogate, headers=json_header), 400)
+    assert_envelope(client.post(CHAT, json=_chat(max_tokens=2**70)), 400, "context_length_exceeded")
+    assert_envelope(client.post(CHAT, json=_chat(model="../../etc/passwd")), 404, "model_not_found")
+    bad_ref = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/nowhere"}}}
+    assert_envelope(client.post(CHAT, json=_chat(response_format=bad_ref)), 400, param="response_format")
+    assert client.post(CHAT, json=_chat()).status_code == 200

@@ -17,27 +17,48 @@ PLAIN_TEMPLATE = "{{ messages[-1]['content'] }}"
 
 @pytest.fixture(scope="module")
 def two_models(model_path: Path) -> Iterator[ServedApp]:
-    settings = settings_from_mapping({
-        "models": [
-            {"id": "chat-a", "path": str(model_path), "n_ctx": 1024, "slots": 1, "n_threads": 2,
-             "aliases": ["gpt-3.5-turbo"], "embeddings": False},
-            {"id": "plain-b", "path": str(model_path), "n_ctx": 1024, "slots": 1, "n_threads": 2,
-             "chat_template": PLAIN_TEMPLATE},
-        ],
-    })
+    settings = settings_from_mapping(
+        {
+            "models": [
+                {
+                    "id": "chat-a",
+                    "path": str(model_path),
+                    "n_ctx": 1024,
+                    "slots": 1,
+                    "n_threads": 2,
+                    "aliases": ["gpt-3.5-turbo"],
+                    "embeddings": False,
+                },
+                {
+                    "id": "plain-b",
+                    "path": str(model_path),
+                    "n_ctx": 1024,
+                    "slots": 1,
+                    "n_threads": 2,
+                    "chat_template": PLAIN_TEMPLATE,
+                },
+            ],
+        }
+    )
     with serve(settings) as app:
         yield app
 
 
 def test_both_models_and_the_alias_are_listed_and_served(two_models: ServedApp) -> None:
     with httpx.Client(base_url=two_models.base_url, timeout=60) as http:
-        assert [m["id"] for m in http.get("/v1/models").json()["data"]] == ["chat-a", "gpt-3.5-turbo", "plain-b"]
+        assert [m["id"] for m in http.get("/v1/models").json()["data"]] == [
+            "chat-a",
+            "gpt-3.5-turbo",
+            "plain-b",
+        ]
         health = http.get("/health").json()["models"]
         assert set(health) == {"chat-a", "plain-b"}
         messages = [{"role": "user", "content": "Hello there"}]
         usage = {}
         for name in ("chat-a", "gpt-3.5-turbo", "plain-b"):
-            reply = http.post("/v1/chat/completions", json={"model": name, "messages": messages, "max_tokens": 3})
+            reply = http.post(
+                "/v1/chat/completions", json={"model": name, "messages": messages, "max_tokens": 3}
+            )
             assert reply.status_code == 200, reply.text
             assert reply.json()["model"] == name
             usage[name] = reply.json()["usage"]["prompt_tokens"]

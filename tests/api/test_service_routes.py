@@ -53,6 +53,8 @@ def test_health_is_503_with_the_error_when_a_model_failed(tmp_path: Path) -> Non
         assert state["state"] == "failed"
         assert str(broken) in state["error"]
         # requests for it are refused with 503, not a traceback
-        refused = http.post("/v1/chat/completions", json={"model": MODEL_ID, "messages": [{"role": "user", "content": "x"}]})
+        refused = http.post(
+            "/v1/chat/completions", json={"model": MODEL_ID, "messages": [{"role": "user", "content": "x"}]}
+        )
         assert refused.status_code == 503
         assert refused.json()["error"]["code"] == "model_not_ready"
