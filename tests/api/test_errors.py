@@ -175,9 +175,9 @@ def test_hostile_bodies_are_4xx_and_the_server_carries_on(client: httpx.Client) 
     assert_envelope(
         client.post(CHAT, content=b'{"model": "\xff\xfe", "messages": []}', headers=json_header), 400
     )
-    lone_surrogate = (
-        '{"model": "%s", "messages": [{"role": "user", "content": "\\ud800"}]}' % MODEL_ID
-    ).encode()
+    lone_surrogate = b'{"model": "m", "messages": [{"role": "user", "content": "\\ud800"}]}'.replace(
+        b'"m"', f'"{MODEL_ID}"'.encode()
+    )
     assert_envelope(client.post(CHAT, content=lone_surrogate, headers=json_header), 400)
     assert_envelope(client.post(CHAT, json=_chat(max_tokens=2**70)), 400, "context_length_exceeded")
     assert_envelope(client.post(CHAT, json=_chat(model="../../etc/passwd")), 404, "model_not_found")
