@@ -53,8 +53,9 @@ class ModelSettings(Struct, forbid_unknown_fields=True, kw_only=True):
     aliases: list[str] = []
     embeddings: bool = True
     """Also serve ``/v1/embeddings`` from this model (a second, embedding-mode context)."""
-    engine: Literal["sequential"] = "sequential"
-    """``sequential``: one llama.cpp context per slot."""
+    engine: Literal["batched", "sequential"] = "batched"
+    """``batched``: all slots in one context, decoded together (continuous batching);
+    ``sequential``: one llama.cpp context and thread per slot (the reference engine)."""
 
 
 class ServerSettings(Struct, forbid_unknown_fields=True, kw_only=True):

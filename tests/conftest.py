@@ -108,11 +108,11 @@ def serve(settings: Settings) -> Iterator[ServedApp]:
         served.stop()
 
 
-@pytest.fixture(scope="session")
-def served(model_path: Path) -> Iterator[ServedApp]:
-    """The app with default test settings (2 slots), shared by the API tests."""
+@pytest.fixture(scope="session", params=["batched", "sequential"])
+def served(request: pytest.FixtureRequest, model_path: Path) -> Iterator[ServedApp]:
+    """The app with default test settings (2 slots), once per engine; shared by the API tests."""
     del model_path
-    with serve(make_settings()) as app:
+    with serve(make_settings(model={"engine": request.param})) as app:
         yield app
 
 

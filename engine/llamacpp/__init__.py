@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from engine.llamacpp.batched import BatchedEngine
 from engine.llamacpp.sequential import SequentialEngine
+
+ENGINES: dict[str, type[BatchedEngine] | type[SequentialEngine]] = {
+    "batched": BatchedEngine,
+    "sequential": SequentialEngine,
+}
 
 
 def open_engine(
@@ -17,11 +23,9 @@ def open_engine(
     n_batch: int,
     chat_template: str | None,
     embeddings: bool,
-) -> SequentialEngine:
-    """Load ``path`` with the engine ``kind`` (``sequential``)."""
-    if kind != "sequential":
-        raise ValueError(f"unknown engine kind {kind!r}")
-    return SequentialEngine(
+) -> BatchedEngine | SequentialEngine:
+    """Load ``path`` with the engine ``kind``: ``batched`` (continuous batching) or ``sequential``."""
+    return ENGINES[kind](
         path,
         slots=slots,
         n_ctx_per_slot=n_ctx_per_slot,

@@ -16,6 +16,7 @@ from typing import Any
 import llama_cpp
 from jinja2 import TemplateError as JinjaTemplateError
 from llama_cpp import Llama
+from llama_cpp._internals import LlamaModel
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
@@ -71,13 +72,15 @@ def open_llama(path: Path, *, n_ctx: int, n_threads: int, n_batch: int, embeddin
 class ModelText:
     """Tokenizer, detokenizer and chat template of one loaded model (thread-safe: no context is touched)."""
 
-    def __init__(self, llama: Llama, path: Path, size_bytes: int, chat_template: str | None) -> None:
-        self._llama = llama
-        self._vocab = llama._model.vocab
+    def __init__(
+        self, model: LlamaModel, path: Path, size_bytes: int, chat_template: str | None, n_ctx: int
+    ) -> None:
+        self._model = model
+        self._vocab = model.vocab
         self._pieces: dict[int, bytes] = {}
-        metadata: dict[str, str] = dict(llama.metadata)
-        self.eos_id = llama.token_eos()
-        self.bos_id = llama.token_bos()
+        metadata: dict[str, str] = dict(model.metadata())
+        self.eos_id = model.token_eos()
+        self.bos_id = model.token_bos()
         template_source = "override" if chat_template else "gguf"
         template = chat_template or metadata.get("tokenizer.chat_template")
         if not template:
@@ -95,11 +98,10 @@ class ModelText:
             bos_token=self._piece_text(self.bos_id),
             add_generation_prompt=False,
         )
-        model = llama._model
         self.info = ModelInfo(
-            n_ctx=llama.n_ctx(),
+            n_ctx=n_ctx,
             n_ctx_train=model.n_ctx_train(),
-            n_vocab=llama.n_vocab(),
+            n_vocab=model.n_vocab(),
             n_params=model.n_params(),
             size_bytes=size_bytes,
             chat_template=template,
@@ -111,17 +113,17 @@ class ModelText:
     def _piece_text(self, token: int) -> str:
         if token < 0:
             return ""
-        return self._llama._model.token_get_text(token)
+        return str(self._model.token_get_text(token))
 
     def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
         """Tokenize; special tokens in ``text`` (``<|im_start|>``) are parsed when ``add_special``."""
         # errors="replace": a lone surrogate (valid in JSON escapes, not in UTF-8) becomes "?"
         data = text.encode("utf-8", errors="replace")
-        return self._llama.tokenize(data, add_bos=add_special, special=add_special)
+        return list(self._model.tokenize(data, add_bos=add_special, special=add_special))
 
     def detokenize(self, tokens: Sequence[int]) -> str:
         """Tokens back to text (invalid UTF-8 replaced)."""
-        return self._llama.detokenize(list(tokens)).decode("utf-8", errors="replace")
+        return bytes(self._model.detokenize(list(tokens))).decode("utf-8", errors="replace")
 
     def piece(self, token: int) -> bytes:
         """The bytes of one token as it appears in output text (special tokens render as nothing)."""

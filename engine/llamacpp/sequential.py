@@ -74,7 +74,8 @@ class SequentialEngine:
         except EngineError:
             self.close()
             raise
-        self._text = ModelText(self._contexts[0], path, size, chat_template)
+        first = self._contexts[0]
+        self._text = ModelText(first._model, path, size, chat_template, first.n_ctx())
         self._embeddings_enabled = embeddings
 
     @property

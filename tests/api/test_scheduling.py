@@ -54,7 +54,7 @@ def test_four_simultaneous_streams_all_complete(served: ServedApp) -> None:
     for text, finish, tokens in results:
         assert finish == "length"
         assert tokens == 64
-        assert len(text) > 64
+        assert text.strip()
     assert served.wait_idle()["busy"] == 0
 
 

@@ -1,0 +1,464 @@
+"""Continuous batching: every slot is a sequence of one llama.cpp context, driven by one thread.
+
+Each decode step carries one token for every running sequence plus prompt chunks of newly admitted
+ones, so a request starts at the next step instead of waiting for others to finish, and the weights
+are read once per step for all sequences (on a CPU, decoding is memory-bound: that is the win).
+Every sequence keeps its own sampler chain (its temperature, penalties, seed, grammar, logit bias).
+Each slot's sequence keeps its KV cache after a request; the next request on that slot only decodes
+what differs from the cached tokens (the same chat session, the same system prompt).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+import queue
+import random
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+import numpy as np
+from llama_cpp import Llama
+from llama_cpp._internals import LlamaContext, LlamaModel, LlamaSampler
+from llama_cpp._logger import set_verbose as set_llama_verbose
+
+from engine.base import (
+    Cancellation,
+    ContextOverflowError,
+    EngineCrashedError,
+    EngineError,
+    Finished,
+    FinishReason,
+    GenerationEvent,
+    GenerationParams,
+    GrammarError,
+    ModelInfo,
+    ModelLoadError,
+    TokenEvent,
+    TopLogprob,
+)
+from engine.llamacpp.model import ModelText, check_gguf, grammar_for_response_format
+from engine.text import IncrementalDetokenizer, StopMatcher
+
+logger = logging.getLogger("pocketllm.engine")
+
+MIN_PROMPT_SUFFIX = 2
+"""Prompt tokens always decoded, however much of the prompt a slot caches (see sequential.py)."""
+PENALTY_LAST_N = 64
+FLASH_ATTENTION = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+"""As llama-cpp-python's ``Llama`` (the sequential engine) has it, so both give the same output."""
+
+_Emit = Callable[[GenerationEvent | BaseException], None]
+
+
+@dataclass(eq=False)
+class _Job:
+    """One sequence from admission to its last token."""
+
+    slot: int
+    prompt: list[int]
+    params: GenerationParams
+    cancel: Cancellation
+    emit: _Emit
+    sampler: LlamaSampler | None = None
+    pending: list[int] = field(default_factory=list)
+    """Prompt tokens not decoded yet."""
+    next_token: int | None = None
+    """The last sampled token, decoded at the next step."""
+    row: int = -1
+    """Where this sequence's logits are in the current batch (-1: none this step)."""
+    produced: int = 0
+    cached: int = 0
+    detokenizer: IncrementalDetokenizer = field(default_factory=IncrementalDetokenizer)
+    stopper: StopMatcher | None = None
+
+
+class BatchedEngine:
+    """All slots of one model in one llama.cpp context, stepped together by one worker thread."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        slots: int,
+        n_ctx_per_slot: int,
+        n_threads: int,
+        n_batch: int = 512,
+        chat_template: str | None = None,
+        embeddings: bool = True,
+    ) -> None:
+        size = check_gguf(path)
+        set_llama_verbose(os.environ.get("POCKETLLM_LLAMA_VERBOSE") == "1")
+        self._path = path
+        self._n_threads = n_threads
+        self._n_ctx_per_slot = n_ctx_per_slot
+        self._n_batch = n_batch
+        self._slots = slots
+        try:
+            self._model = LlamaModel(
+                path_model=str(path), params=llama_cpp.llama_model_default_params(), verbose=False
+            )
+            params = llama_cpp.llama_context_default_params()
+            params.n_ctx = slots * n_ctx_per_slot
+            params.n_batch = n_batch
+            params.n_ubatch = n_batch
+            params.n_seq_max = slots
+            params.n_threads = n_threads
+            params.n_threads_batch = n_threads
+            params.kv_unified = False  # one KV stream per slot: no fragmentation across slots
+            params.no_perf = True
+            params.flash_attn_type = FLASH_ATTENTION
+            self._ctx = LlamaContext(model=self._model, params=params, verbose=False)
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise ModelLoadError(
+                f"model file {path} could not be loaded (corrupt or unsupported): {exc}"
+            ) from None
+        self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self._n_vocab = self._model.n_vocab()
+        self._text = ModelText(self._model, path, size, chat_template, n_ctx_per_slot)
+        self._cache: list[list[int]] = [[] for _ in range(slots)]
+        self._cache_lock = threading.Lock()
+        self._running: dict[int, _Job] = {}
+        self._deferred: dict[int, list[_Job]] = {}
+        self._inbox: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._closed = False
+        self._worker = threading.Thread(target=self._loop, name=f"llama-{path.stem}-batch", daemon=True)
+        self._worker.start()
+        self._embeddings_enabled = embeddings
+        self._embedder: Llama | None = None
+        self._embed_worker = ThreadPoolExecutor(1, thread_name_prefix=f"llama-{path.stem}-embed")
+
+    # -- facts and text ------------------------------------------------------------------------------
+
+    @property
+    def info(self) -> ModelInfo:
+        """Facts about the loaded model."""
+        return self._text.info
+
+    @property
+    def slots(self) -> int:
+        """Parallel sequences."""
+        return self._slots
+
+    @property
+    def template_source(self) -> str:
+        """Where the chat template came from."""
+        return self._text.template_source
+
+    @property
+    def embeddings_enabled(self) -> bool:
+        """Whether this model serves embeddings."""
+        return self._embeddings_enabled
+
+    def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
+        """Tokenize ``text``."""
+        return self._text.tokenize(text, add_special=add_special)
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        """Tokens back to text."""
+        return self._text.detokenize(tokens)
+
+    def render_chat(self, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
+        """Apply the chat template."""
+        return self._text.render_chat(messages, add_generation_prompt=add_generation_prompt)
+
+    def check_grammar(self, grammar: str) -> None:
+        """Raise ``GrammarError`` if the grammar does not compile."""
+        self._text.check_grammar(grammar)
+
+    def grammar_for(self, kind: str, schema: dict[str, Any] | None) -> str | None:
+        """GBNF for a ``response_format``."""
+        grammar = grammar_for_response_format(kind, schema)
+        if grammar is not None:
+            self._text.check_grammar(grammar)
+        return grammar
+
+    def prefix_match(self, slot: int, prompt: Sequence[int]) -> int:
+        """Leading prompt tokens the slot's sequence holds in the KV cache."""
+        with self._cache_lock:
+            cached = self._cache[slot]
+            limit = min(len(cached), len(prompt))
+            matched = 0
+            while matched < limit and cached[matched] == prompt[matched]:
+                matched += 1
+        return matched
+
+    # -- generation ----------------------------------------------------------------------------------
+
+    async def generate(
+        self, slot: int, prompt: list[int], params: GenerationParams, cancel: Cancellation
+    ) -> AsyncIterator[GenerationEvent]:
+        """Queue a sequence for the decode loop and relay its events to the event loop."""
+        if self._closed:
+            raise EngineCrashedError("the engine is closed")
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[GenerationEvent | BaseException] = asyncio.Queue()
+
+        def emit(event: GenerationEvent | BaseException) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        self._inbox.put(_Job(slot, prompt, params, cancel, emit))
+        try:
+            while True:
+                event = await events.get()
+                if isinstance(event, BaseException):
+                    raise event
+                yield event
+                if isinstance(event, Finished):
+                    return
+        finally:
+            cancel.cancel()
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                block = not self._running
+                while True:
+                    try:
+                        job = self._inbox.get(block=block)
+                    except queue.Empty:
+                        break
+                    if job is None:
+                        return
+                    self._accept(job)
+                    block = False
+                self._reap_cancelled()
+                if self._running:
+                    self._step()
+        except Exception:
+            logger.exception("the decode loop of %s died", self._path.name)
+            for job in list(self._running.values()):
+                job.emit(EngineCrashedError("the decode loop failed"))
+            self._running.clear()
+
+    def _accept(self, job: _Job) -> None:
+        if job.cancel.cancelled:
+            return
+        if job.slot in self._running:  # the previous request on this slot is still winding down
+            self._deferred.setdefault(job.slot, []).append(job)
+            return
+        try:
+            self._admit(job)
+        except EngineError as exc:
+            self._drop(job, exc)
+        except Exception as exc:
+            logger.exception("admitting a sequence failed")
+            self._drop(job, EngineCrashedError(str(exc)))
+
+    def _admit(self, job: _Job) -> None:
+        prompt, params = job.prompt, job.params
+        if len(prompt) + params.max_tokens > self._n_ctx_per_slot:
+            raise ContextOverflowError(len(prompt), params.max_tokens, self._n_ctx_per_slot)
+        job.sampler = self._sampler(params)
+        job.stopper = StopMatcher(params.stop)
+        cached = min(self.prefix_match(job.slot, prompt), max(0, len(prompt) - MIN_PROMPT_SUFFIX))
+        if not self._ctx.kv_cache_seq_rm(job.slot, cached, -1):
+            self._ctx.kv_cache_seq_rm(job.slot, 0, -1)
+            cached = 0
+        with self._cache_lock:
+            del self._cache[job.slot][cached:]
+        job.cached = cached
+        job.pending = prompt[cached:]
+        self._running[job.slot] = job
+
+    def _sampler(self, params: GenerationParams) -> LlamaSampler:
+        sampler = LlamaSampler()
+        if params.logit_bias:
+            sampler.add_logit_bias(self._n_vocab, params.logit_bias)
+        sampler.add_penalties(
+            self._n_vocab,
+            PENALTY_LAST_N,
+            params.repeat_penalty,
+            params.frequency_penalty,
+            params.presence_penalty,
+        )
+        if params.grammar:
+            grammar = llama_cpp.llama_sampler_init_grammar(
+                self._model.vocab, params.grammar.encode("utf-8"), b"root"
+            )
+            if not grammar:
+                sampler.close()
+                raise GrammarError("the grammar does not parse")
+            llama_cpp.llama_sampler_chain_add(sampler.sampler, grammar)
+        if params.temperature <= 0.0:
+            sampler.add_greedy()
+        else:
+            sampler.add_top_k(params.top_k)
+            sampler.add_typical(1.0, 1)
+            sampler.add_top_p(params.top_p, 1)
+            sampler.add_min_p(params.min_p, 1)
+            sampler.add_temp(params.temperature)
+            sampler.add_dist(params.seed if params.seed is not None else random.getrandbits(32))
+        return sampler
+
+    def _reap_cancelled(self) -> None:
+        for job in [j for j in self._running.values() if j.cancel.cancelled]:
+            self._finish(job, None)
+
+    def _step(self) -> None:
+        batch = self._batch
+        n = 0
+        added: list[tuple[_Job, list[int]]] = []
+        for job in self._running.values():
+            job.row = -1
+            if job.next_token is not None:
+                self._put(n, job.next_token, len(self._cache[job.slot]), job.slot, True)
+                job.row = n
+                added.append((job, [job.next_token]))
+                job.next_token = None
+                n += 1
+        for job in self._running.values():
+            if not job.pending or n >= self._n_batch:
+                continue
+            chunk = job.pending[: self._n_batch - n]
+            start = len(self._cache[job.slot])
+            last = len(chunk) == len(job.pending)
+            for i, token in enumerate(chunk):
+                self._put(n, token, start + i, job.slot, last and i == len(chunk) - 1)
+                n += 1
+            if last:
+                job.row = n - 1
+            job.pending = job.pending[len(chunk) :]
+            added.append((job, chunk))
+        batch.n_tokens = n
+        status = llama_cpp.llama_decode(self._ctx.ctx, batch)
+        if status != 0:
+            logger.error(
+                "llama_decode returned %d on %s; failing %d sequences", status, self._path.name, len(added)
+            )
+            for job, _ in added:
+                self._ctx.kv_cache_seq_rm(job.slot, 0, -1)
+                with self._cache_lock:
+                    self._cache[job.slot].clear()
+                self._finish(job, EngineCrashedError(f"llama_decode returned {status}"))
+            return
+        with self._cache_lock:
+            for job, tokens in added:
+                self._cache[job.slot].extend(tokens)
+        for job in list(self._running.values()):
+            if job.row >= 0:
+                self._sample(job)
+
+    def _put(self, index: int, token: int, pos: int, seq: int, logits: bool) -> None:
+        batch = self._batch
+        batch.token[index] = token
+        batch.pos[index] = pos
+        batch.n_seq_id[index] = 1
+        batch.seq_id[index][0] = seq
+        batch.logits[index] = logits
+
+    def _sample(self, job: _Job) -> None:
+        assert job.sampler is not None
+        assert job.stopper is not None
+        token = job.sampler.sample(self._ctx, job.row)
+        if self._text.is_eog(token):
+            self._finish(job, "stop")
+            return
+        job.produced += 1
+        piece = self._text.piece(token)
+        released, stopped = job.stopper.feed(job.detokenizer.feed(piece))
+        logprob, top = self._logprobs(job, token) if job.params.logprobs else (None, ())
+        job.emit(TokenEvent(released, token, piece, logprob, top))
+        if stopped:
+            self._finish(job, "stop")
+        elif job.produced >= job.params.max_tokens:
+            self._finish(job, "length")
+        else:
+            job.next_token = token
+
+    def _logprobs(self, job: _Job, token: int) -> tuple[float | None, tuple[TopLogprob, ...]]:
+        pointer = llama_cpp.llama_get_logits_ith(self._ctx.ctx, job.row)
+        logits = np.ctypeslib.as_array(
+            ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float)), shape=(self._n_vocab,)
+        ).astype(np.float64)
+        if job.params.logit_bias:
+            for biased, bias in job.params.logit_bias.items():
+                logits[biased] += bias
+        shifted = logits - logits.max()
+        logprobs = shifted - np.log(np.exp(shifted).sum())
+        top: tuple[TopLogprob, ...] = ()
+        if job.params.top_logprobs:
+            best = np.argpartition(logprobs, -job.params.top_logprobs)[-job.params.top_logprobs :]
+            best = best[np.argsort(-logprobs[best])]
+            top = tuple(
+                TopLogprob(
+                    self._text.piece(int(t)).decode("utf-8", errors="replace"),
+                    float(logprobs[t]),
+                    list(self._text.piece(int(t))),
+                )
+                for t in best
+            )
+        return float(logprobs[token]), top
+
+    def _finish(self, job: _Job, outcome: FinishReason | EngineError | None) -> None:
+        """End a sequence: flush text, report, free its sampler and its slot (KV stays cached)."""
+        self._running.pop(job.slot, None)
+        if job.sampler is not None:
+            job.sampler.close()
+            job.sampler = None
+        if isinstance(outcome, EngineError):
+            job.emit(outcome)
+        elif outcome is not None:
+            if job.stopper is not None and (outcome == "length" or not job.params.stop):
+                tail, _ = job.stopper.feed(job.detokenizer.flush())
+                tail += job.stopper.flush()
+                if tail:
+                    job.emit(TokenEvent(tail, -1))
+            job.emit(Finished(outcome, len(job.prompt), job.produced, job.cached))
+        waiting = self._deferred.get(job.slot)
+        if waiting:
+            self._accept(waiting.pop(0))
+
+    def _drop(self, job: _Job, error: EngineError) -> None:
+        self._running.pop(job.slot, None)
+        job.emit(error)
+        waiting = self._deferred.get(job.slot)
+        if waiting:
+            self._accept(waiting.pop(0))
+
+    # -- embeddings and shutdown ------------------------------------------------------------------------
+
+    async def embed(self, inputs: Sequence[str]) -> tuple[list[list[float]], int]:
+        """Mean-pooled, L2-normalised embeddings from a dedicated embedding context."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._embed_worker, self._embed, list(inputs))
+
+    def _embed(self, inputs: list[str]) -> tuple[list[list[float]], int]:
+        if self._embedder is None:
+            self._embedder = Llama(
+                str(self._path),
+                embedding=True,
+                pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN,
+                n_ctx=self._n_ctx_per_slot,
+                n_batch=self._n_ctx_per_slot,
+                n_ubatch=self._n_ctx_per_slot,
+                n_threads=self._n_threads,
+                verbose=False,
+            )
+        vectors, count = self._embedder.embed(inputs, normalize=True, truncate=False, return_count=True)
+        return [list(map(float, vector)) for vector in vectors], int(count)
+
+    def close(self) -> None:
+        """Stop the decode loop (running sequences end with an error) and free everything; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for job in list(self._running.values()):
+            job.cancel.cancel()
+        self._inbox.put(None)
+        self._worker.join(timeout=30)
+        for job in list(self._running.values()):
+            self._finish(job, EngineCrashedError("the engine was closed"))
+        self._embed_worker.shutdown(wait=True, cancel_futures=True)
+        if self._embedder is not None:
+            self._embedder.close()
+        llama_cpp.llama_batch_free(self._batch)
+        self._ctx.close()
+        self._model.close()
