@@ -29,15 +29,29 @@ from engine.registry import ensure_model, load_registry  # noqa: E402
 
 MODEL_ID = "smollm2-135m-instruct"
 NO_EOS = {"0": -100.0, "1": -100.0, "2": -100.0}
-TOPICS = ["the sea", "a lighthouse", "winter", "a small town", "the moon", "a train journey", "a garden",
-          "an old library", "the desert", "a thunderstorm", "a market", "the mountains"]
+TOPICS = [
+    "the sea",
+    "a lighthouse",
+    "winter",
+    "a small town",
+    "the moon",
+    "a train journey",
+    "a garden",
+    "an old library",
+    "the desert",
+    "a thunderstorm",
+    "a market",
+    "the mountains",
+]
 
 
 def _prompt(run: int) -> str:
     return f"Run {run}: write a long, detailed story about {TOPICS[run % len(TOPICS)]}."
 
 
-def bench_inprocess(model: Path, threads: int, prompts: list[str], max_tokens: int) -> list[tuple[float, float]]:
+def bench_inprocess(
+    model: Path, threads: int, prompts: list[str], max_tokens: int
+) -> list[tuple[float, float]]:
     """(ttft_s, tokens_per_s) per prompt, llama-cpp-python's own streaming chat completion."""
     from llama_cpp import Llama  # noqa: PLC0415
 
@@ -49,7 +63,10 @@ def bench_inprocess(model: Path, threads: int, prompts: list[str], max_tokens: i
         first = None
         tokens = 0
         stream = llm.create_chat_completion(
-            [{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0.0, stream=True,
+            [{"role": "user", "content": prompt}],
+            max_tokens=max_tokens,
+            temperature=0.0,
+            stream=True,
             logit_bias=bias,
         )
         for chunk in stream:
@@ -69,9 +86,15 @@ def bench_gateway(base_url: str, prompts: list[str], max_tokens: int) -> list[tu
     out = []
     with httpx.Client(base_url=base_url, timeout=300) as http:
         for prompt in prompts:
-            body = {"model": MODEL_ID, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-                    "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
-                    "logit_bias": NO_EOS}
+            body = {
+                "model": MODEL_ID,
+                "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": max_tokens,
+                "temperature": 0,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+                "logit_bias": NO_EOS,
+            }
             started = time.perf_counter()
             first = None
             usage = 0
@@ -92,10 +115,21 @@ def bench_gateway(base_url: str, prompts: list[str], max_tokens: int) -> list[tu
 
 def start_gateway(model: Path, threads: int, port: int) -> subprocess.Popen[bytes]:
     """``pocketllm serve`` with one slot on ``model``."""
-    env = {**os.environ, "MODEL_PATH": str(model), "MODEL_N_THREADS": str(threads), "MODEL_SLOTS": "1",
-           "MODEL_N_CTX": "2048", "POCKETLLM_TELEMETRY__LOG_LEVEL": "WARNING"}
-    process = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--port", str(port)], env=env,
-                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {
+        **os.environ,
+        "MODEL_PATH": str(model),
+        "MODEL_N_THREADS": str(threads),
+        "MODEL_SLOTS": "1",
+        "MODEL_N_CTX": "2048",
+        "POCKETLLM_TELEMETRY__LOG_LEVEL": "WARNING",
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port)],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
@@ -143,26 +177,39 @@ def main() -> None:
     med_gw_tps = statistics.median(t for _, t, _ in through)
     med_in_ttft = statistics.median(t for t, _ in inproc) * 1000
     med_gw_ttft = statistics.median(t for t, _, _ in through) * 1000
-    table = "\n".join([
-        "| target | tokens/s (median) | TTFT ms (median) | runs |",
-        "|---|---|---|---|",
-        f"| in-process llama-cpp-python | {med_in_tps:.1f} | {med_in_ttft:.1f} | {len(inproc)} |",
-        f"| gateway (HTTP + SSE, 1 slot) | {med_gw_tps:.1f} | {med_gw_ttft:.1f} | {len(through)} |",
-        f"| ratio gateway / in-process | **{med_gw_tps / med_in_tps:.3f}x** | {med_gw_ttft / med_in_ttft:.2f}x | |",
-    ])
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    header = (f"## Single stream: gateway vs in-process ({datetime.now(UTC):%Y-%m-%d %H:%M} UTC)\n\n"
-              f"Command: `python bench/gateway_vs_inprocess.py --runs {args.runs} --max-tokens {args.max_tokens} "
-              f"--threads {args.threads} --write`  \n"
-              f"Machine: {os.cpu_count()} cores, {cpu}; llama-cpp-python "
-              f"{__import__('llama_cpp').__version__}; model {MODEL_ID} (Q4_1); greedy, EOS banned, "
-              f"{args.max_tokens} tokens per run, fresh prompt per run, targets alternating.\n")
+    table = "\n".join(
+        [
+            "| target | tokens/s (median) | TTFT ms (median) | runs |",
+            "|---|---|---|---|",
+            f"| in-process llama-cpp-python | {med_in_tps:.1f} | {med_in_ttft:.1f} | {len(inproc)} |",
+            f"| gateway (HTTP + SSE, 1 slot) | {med_gw_tps:.1f} | {med_gw_ttft:.1f} | {len(through)} |",
+            f"| ratio gateway / in-process | **{med_gw_tps / med_in_tps:.3f}x** | {med_gw_ttft / med_in_ttft:.2f}x | |",
+        ]
+    )
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    header = (
+        f"## Single stream: gateway vs in-process ({datetime.now(UTC):%Y-%m-%d %H:%M} UTC)\n\n"
+        f"Command: `python bench/gateway_vs_inprocess.py --runs {args.runs} --max-tokens {args.max_tokens} "
+        f"--threads {args.threads} --write`  \n"
+        f"Machine: {os.cpu_count()} cores, {cpu}; llama-cpp-python "
+        f"{__import__('llama_cpp').__version__}; model {MODEL_ID} (Q4_1); greedy, EOS banned, "
+        f"{args.max_tokens} tokens per run, fresh prompt per run, targets alternating.\n"
+    )
     print(header)
     print(table)
-    print("\nper run (ttft ms, tok/s): in-process",
-          [(round(a * 1000), round(b, 1)) for a, b in inproc],
-          "gateway", [(round(a * 1000), round(b, 1)) for a, b, _ in through])
+    print(
+        "\nper run (ttft ms, tok/s): in-process",
+        [(round(a * 1000), round(b, 1)) for a, b in inproc],
+        "gateway",
+        [(round(a * 1000), round(b, 1)) for a, b, _ in through],
+    )
     if args.write:
         results = ROOT / "bench" / "RESULTS.md"
         existing = results.read_text() if results.exists() else "# Benchmark results\n\n"

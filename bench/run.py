@@ -45,7 +45,7 @@ def free_port() -> int:
 @contextlib.contextmanager
 def running(command: list[str], env: dict[str, str], port: int, ready_path: str) -> Iterator[str]:
     """Start a server, wait until ``ready_path`` answers 200, stop it afterwards."""
-    log = open(ROOT / "bench" / f".server-{port}.log", "w")  # noqa: SIM115, PTH123
+    log = open(ROOT / "bench" / f".server-{port}.log", "w")
     process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     base_url = f"http://127.0.0.1:{port}"
     try:
