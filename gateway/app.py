@@ -9,12 +9,14 @@ from contextlib import asynccontextmanager
 
 from litestar import Litestar, get
 from litestar.config.cors import CORSConfig
+from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import RedocRenderPlugin, SwaggerRenderPlugin
 from litestar.response import Redirect
 
+from auth.service import ensure_default_users
 from gateway import __version__
 from gateway.errors import (
     GatewayError,
@@ -24,9 +26,12 @@ from gateway.errors import (
     handle_validation_error,
 )
 from gateway.middleware import RequestIdMiddleware
+from gateway.routes.admin import AdminIdentityController
 from gateway.routes.health import health, index
 from gateway.routes.openai import OpenAIController
+from gateway.routes.pocket import AuthController, ChatController, chat_socket
 from gateway.runtime import ModelManager
+from gateway.security import build_authenticator, provide_principal
 from gateway.settings import Settings
 
 logger = logging.getLogger("pocketllm")
@@ -54,9 +59,19 @@ def create_app(settings: Settings, *, on_load_failure: Callable[[list[str]], Non
         on_load_failure: called with the ids of models that failed to load (the CLI stops the server).
     """
     models = ModelManager(settings)
+    authenticator = build_authenticator(settings)
 
     @asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
+        if settings.env == "development":
+            created = await ensure_default_users(authenticator)
+            if created:
+                logger.warning(
+                    "development mode: created the default users %s (see README); "
+                    "set POCKETLLM_ENV=production to create none",
+                    ", ".join(created),
+                )
+
         async def load() -> None:
             failed = await models.load_all()
             if failed and on_load_failure is not None:
@@ -68,13 +83,26 @@ def create_app(settings: Settings, *, on_load_failure: Callable[[list[str]], Non
         finally:
             loader.cancel()
             await models.close()
+            await authenticator.store.close()
 
     return Litestar(
-        route_handlers=[index, health, docs_redirect, redoc_redirect, OpenAIController],
+        route_handlers=[
+            index,
+            health,
+            docs_redirect,
+            redoc_redirect,
+            OpenAIController,
+            AuthController,
+            ChatController,
+            chat_socket,
+            AdminIdentityController,
+        ],
         dependencies={
             "models": Provide(lambda: models, use_cache=True, sync_to_thread=False),
             "settings": Provide(lambda: settings, use_cache=True, sync_to_thread=False),
+            "principal": Provide(provide_principal),
         },
+        state=State({"authenticator": authenticator}),
         lifespan=[lifespan],
         middleware=[RequestIdMiddleware],
         exception_handlers={

@@ -271,8 +271,19 @@ async def prepare_completion(
 
 
 def reserve(job: Job) -> Reservation:
-    """Take a slot or a queue place now (``QueueFullError`` when neither is possible)."""
-    return job.pool.reserve(job.prompts[0], job.session)
+    """Take a slot or a queue place now (503 with Retry-After when neither is possible)."""
+    try:
+        return job.pool.reserve(job.prompts[0], job.session)
+    except EngineError as exc:
+        raise from_engine_error(exc, job.pool.retry_after()) from None
+
+
+async def acquire(job: Job, reservation: Reservation) -> int:
+    """Wait for the reservation's slot (503 with Retry-After after the queue's wait limit)."""
+    try:
+        return await reservation.wait()
+    except EngineError as exc:
+        raise from_engine_error(exc, job.pool.retry_after()) from None
 
 
 def _choice_params(job: Job, choice: int) -> GenerationParams:
@@ -309,10 +320,7 @@ async def run_choices(job: Job, slot: int) -> AsyncIterator[ChoiceToken | Choice
 
 async def run_to_completion(job: Job, reservation: Reservation) -> JobOutput:
     """Wait for a slot, run every choice, and collect the output."""
-    try:
-        slot = await reservation.wait()
-    except EngineError as exc:
-        raise from_engine_error(exc, job.pool.retry_after()) from None
+    slot = await acquire(job, reservation)
     try:
         texts: dict[int, list[str]] = {}
         tokens: dict[int, list[TokenEvent]] = {}

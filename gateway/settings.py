@@ -105,12 +105,37 @@ class CacheSettings(Struct, forbid_unknown_fields=True, kw_only=True):
     shared_scope: bool = False
 
 
+class ExternalIdPSettings(Struct, forbid_unknown_fields=True, kw_only=True):
+    """An external identity provider whose RS256/ES256 tokens are accepted."""
+
+    issuer: str
+    audience: str
+    public_key_file: str | None = None
+    jwks_file: str | None = None
+    algorithms: list[str] = field(default_factory=lambda: ["RS256", "ES256"])
+    username_claim: str = "sub"
+    create_users: bool = False
+
+
 class AuthSettings(Struct, forbid_unknown_fields=True, kw_only=True):
-    """Identity."""
+    """Identity: tokens, passwords, login throttling."""
 
     secret_key: str = DEFAULT_SECRET_KEY
-    required: bool = False
-    """Whether ``/v1/*`` requires credentials (identity issue)."""
+    jwt_secret: str | None = None
+    """HS256 signing secret; the ``secret_key`` when unset."""
+    issuer: str = "pocketllm"
+    audience: str = "pocketllm"
+    token_ttl_s: Annotated[int, Meta(ge=60)] = 86400
+    leeway_s: Annotated[int, Meta(ge=0, le=300)] = 30
+    scrypt_n: Annotated[int, Meta(ge=2**14)] = 2**17
+    login_max_failures: PositiveInt = 5
+    login_window_s: Seconds = 300.0
+    external: ExternalIdPSettings | None = None
+
+    @property
+    def signing_secret(self) -> str:
+        """The HS256 secret in use."""
+        return self.jwt_secret or self.secret_key
 
 
 class TelemetrySettings(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -238,6 +263,16 @@ def settings_from_mapping(raw: Mapping[str, Any]) -> Settings:
 
 
 def _check(settings: Settings) -> None:
+    if settings.env == "production":
+        if settings.auth.secret_key == DEFAULT_SECRET_KEY:
+            raise SettingsError(
+                "invalid setting: `auth.secret_key` (SECRET_KEY) is the public development default; "
+                "production needs a secret of its own"
+            )
+        if len(settings.auth.signing_secret.encode()) < 32:
+            raise SettingsError(
+                "invalid setting: `auth.jwt_secret` (or SECRET_KEY) must be at least 32 bytes in production"
+            )
     if not settings.models:
         raise SettingsError("invalid setting: `models` must list at least one model")
     names: set[str] = set()

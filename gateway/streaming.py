@@ -33,8 +33,8 @@ class EventStream(Stream):
     (Litestar lets a handler's declared media type win over a ``Stream``'s own; SSE must not be JSON.)
     """
 
-    def __init__(self, frames: AsyncIterator[bytes]) -> None:
-        super().__init__(frames, media_type="text/event-stream", headers=SSE_HEADERS)
+    def __init__(self, frames: AsyncIterator[bytes], headers: dict[str, str] | None = None) -> None:
+        super().__init__(frames, media_type="text/event-stream", headers={**SSE_HEADERS, **(headers or {})})
 
     def to_asgi_response(self, *args: Any, **kwargs: Any) -> ASGIResponse:
         """Build the ASGI response with the event-stream media type."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -33,10 +34,28 @@ def model_path() -> Path:
 
 
 def make_settings(**sections: Any) -> Settings:
-    """Settings for tests: the default model with small, fast parameters; ``sections`` override."""
+    """Settings for tests: the default model with small, fast parameters, a fresh data directory."""
     model = {"id": MODEL_ID, "n_ctx": 4096, "slots": 2, "n_threads": 2, **sections.pop("model", {})}
-    raw: dict[str, Any] = {"models": [model], "queue": {"ping_interval_s": 0.5}, **sections}
+    raw: dict[str, Any] = {"models": [model], "queue": {"ping_interval_s": 0.5},
+                           "data_dir": tempfile.mkdtemp(prefix="pocketllm-test-"), **sections}
     return settings_from_mapping(raw)
+
+
+def login(base_url: str, username: str, password: str) -> str:
+    """A bearer token for a user."""
+    response = httpx.post(f"{base_url}/auth/login", json={"username": username, "password": password}, timeout=30)
+    assert response.status_code == 200, response.text
+    token: str = response.json()["access_token"]
+    return token
+
+
+def create_key(base_url: str, admin_token: str, username: str, **fields: Any) -> dict[str, Any]:
+    """A new API key through the admin route (the response holds the full key)."""
+    response = httpx.post(f"{base_url}/admin/keys", json={"username": username, **fields},
+                          headers={"Authorization": f"Bearer {admin_token}"}, timeout=30)
+    assert response.status_code == 201, response.text
+    body: dict[str, Any] = response.json()
+    return body
 
 
 def free_port() -> int:
@@ -76,6 +95,9 @@ class ServedApp:
         while time.monotonic() < deadline:
             with contextlib.suppress(httpx.TransportError):
                 if httpx.get(f"{self.base_url}/health", timeout=2).status_code == 200:
+                    self.admin_token = login(self.base_url, "admin", "admin123")
+                    self.api_key: str = create_key(self.base_url, self.admin_token, "user1")["key"]
+                    self.headers = {"Authorization": f"Bearer {self.api_key}"}
                     return self
             time.sleep(0.1)
         raise RuntimeError("the app did not become healthy")
@@ -119,5 +141,5 @@ def served(request: pytest.FixtureRequest, model_path: Path) -> Iterator[ServedA
 @pytest.fixture
 def client(served: ServedApp) -> Iterator[httpx.Client]:
     """An httpx client on the shared app."""
-    with httpx.Client(base_url=served.base_url, timeout=120) as http:
+    with httpx.Client(base_url=served.base_url, timeout=120, headers=served.headers) as http:
         yield http

@@ -7,15 +7,16 @@ import base64
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import numpy as np
-from litestar import Controller, Request, get, post
+from litestar import Controller, Request, Response, get, post
 from litestar.datastructures import State
 from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody
 
+from auth.principal import Principal
 from engine.base import EngineError, TokenEvent
 from gateway.errors import (
     InvalidRequestError,
@@ -51,7 +52,9 @@ from gateway.protocol.common import PromptTokensDetails, Usage
 from gateway.protocol.completions import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest
 from gateway.protocol.embeddings import Embedding, EmbeddingList, EmbeddingRequest, EmbeddingUsage
 from gateway.protocol.models import ModelList, ModelObject
-from gateway.runtime import ModelManager
+from gateway.runtime import ModelManager, ModelRuntime
+from gateway.security import check_model_access
+from gateway.sessions import session_for_recording, title_from
 from gateway.settings import Settings
 from gateway.streaming import EventStream, event_stream, frame
 
@@ -142,40 +145,45 @@ class OpenAIController(Controller):
         data: JSONBody[ChatCompletionRequest],
         models: NamedDependency[ModelManager],
         settings: NamedDependency[Settings],
-    ) -> ChatCompletion | EventStream:
-        """OpenAI chat completions, JSON or SSE (``stream: true``)."""
-        runtime = models.resolve(data.model)
-        job = await prepare_chat(data, runtime, settings.limits, request.headers.get("x-session-id"))
-        reservation = _reserve(job)
+        principal: NamedDependency[Principal],
+    ) -> Response[ChatCompletion] | EventStream:
+        """OpenAI chat completions, JSON or SSE (``stream: true``).
+
+        With an ``X-Session-Id`` header the exchange is recorded into that chat session of the caller.
+        """
+        runtime = _resolve(models, principal, data.model)
+        session_id = request.headers.get("x-session-id")
+        record = None
+        if session_id is not None:
+            store = request.app.state.authenticator.store
+            prompt = data.messages[-1].text()
+            session = await session_for_recording(
+                store, principal, session_id, runtime.id, title_from(prompt)
+            )
+
+            async def record(reply: str) -> None:
+                await store.add_messages(session.id, [("user", prompt), ("assistant", reply)])
+
+        headers = {"X-Session-Id": session_id} if session_id else {}
+        job = await prepare_chat(data, runtime, settings.limits, session_id)
+        reservation = reserve(job)
         created = int(time.time())
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         if data.stream:
             include_usage = bool(data.stream_options and data.stream_options.include_usage)
-            frames = _Frames(job, completion_id, created, data.model, include_usage)
+            frames = _Frames(job, completion_id, created, data.model, include_usage, record)
             return EventStream(
                 event_stream(
                     reservation,
                     settings.queue.ping_interval_s,
                     lambda slot: frames.chat(run_choices(job, slot)),
-                )
+                ),
+                headers,
             )
         output: JobOutput = await _until_disconnect(request, run_to_completion(job, reservation))
-        return ChatCompletion(
-            id=completion_id,
-            created=created,
-            model=data.model,
-            system_fingerprint=_fingerprint(job),
-            choices=[
-                ChatChoice(
-                    index=c.index,
-                    message=AssistantMessage("assistant", c.text),
-                    logprobs=_chat_logprobs(c.tokens) if job.params.logprobs else None,
-                    finish_reason=c.finish_reason,  # type: ignore[arg-type]
-                )
-                for c in output.choices
-            ],
-            usage=_usage(output.prompt_tokens, output.completion_tokens, output.cached_tokens),
-        )
+        if record is not None:
+            await record(output.choices[0].text)
+        return Response(_chat_completion(job, output, completion_id, created, data.model), headers=headers)
 
     @post("/completions", summary="Create a text completion", status_code=200)
     async def completions(
@@ -184,11 +192,12 @@ class OpenAIController(Controller):
         data: JSONBody[CompletionRequest],
         models: NamedDependency[ModelManager],
         settings: NamedDependency[Settings],
+        principal: NamedDependency[Principal],
     ) -> Completion | EventStream:
         """OpenAI (legacy) text completions, JSON or SSE."""
-        runtime = models.resolve(data.model)
+        runtime = _resolve(models, principal, data.model)
         job = await prepare_completion(data, runtime, settings.limits)
-        reservation = _reserve(job)
+        reservation = reserve(job)
         created = int(time.time())
         completion_id = f"cmpl-{uuid.uuid4().hex}"
         if data.stream:
@@ -222,9 +231,10 @@ class OpenAIController(Controller):
         data: JSONBody[EmbeddingRequest],
         models: NamedDependency[ModelManager],
         settings: NamedDependency[Settings],
+        principal: NamedDependency[Principal],
     ) -> EmbeddingList:
         """Mean-pooled, normalised embeddings; ``encoding_format`` float or base64."""
-        runtime = models.resolve(data.model)
+        runtime = _resolve(models, principal, data.model)
         engine, _ = runtime.ready()
         if not engine.embeddings_enabled:
             raise NotFoundError(
@@ -271,17 +281,19 @@ class OpenAIController(Controller):
         return EmbeddingList(items, data.model, EmbeddingUsage(used, used))
 
 
-def _reserve(job: Job) -> Any:
-    try:
-        return reserve(job)
-    except EngineError as exc:
-        raise from_engine_error(exc, job.pool.retry_after()) from None
-
-
 class _Frames:
     """Builds the SSE frames of one response from choice events (the engine's, or a replay)."""
 
-    def __init__(self, job: Job, completion_id: str, created: int, model: str, include_usage: bool) -> None:
+    def __init__(
+        self,
+        job: Job,
+        completion_id: str,
+        created: int,
+        model: str,
+        include_usage: bool,
+        on_complete: Callable[[str], Awaitable[None]] | None = None,
+    ) -> None:
+        self.on_complete = on_complete
         self.job = job
         self.completion_id = completion_id
         self.created = created
@@ -303,9 +315,12 @@ class _Frames:
         for index in range(job.choices):
             yield chunk([ChunkChoice(index, ChoiceDelta(role="assistant", content=""))])
         completion_tokens = cached = 0
+        first_choice: list[str] = []
         async for item in events:
             if isinstance(item, ChoiceToken):
                 event = item.event
+                if item.index == 0:
+                    first_choice.append(event.text)
                 logprobs = _chat_logprobs([event]) if job.params.logprobs and event.token_id >= 0 else None
                 if event.text or logprobs is not None:
                     yield chunk([ChunkChoice(item.index, ChoiceDelta(content=event.text), logprobs)])
@@ -313,6 +328,8 @@ class _Frames:
                 completion_tokens += item.event.completion_tokens
                 cached = max(cached, item.event.cached_tokens)
                 yield chunk([ChunkChoice(item.index, ChoiceDelta(), None, item.event.finish_reason)])
+        if self.on_complete is not None:
+            await self.on_complete("".join(first_choice))
         if self.include_usage:
             yield chunk([], _usage(job.prompt_tokens, completion_tokens, cached))
 
@@ -346,3 +363,31 @@ class _Frames:
                 yield chunk([CompletionChoice(item.index, "", None, item.event.finish_reason)])
         if self.include_usage:
             yield chunk([], _usage(job.prompt_tokens, completion_tokens, cached))
+
+
+def _chat_completion(
+    job: Job, output: JobOutput, completion_id: str, created: int, model: str
+) -> ChatCompletion:
+    return ChatCompletion(
+        id=completion_id,
+        created=created,
+        model=model,
+        system_fingerprint=_fingerprint(job),
+        choices=[
+            ChatChoice(
+                index=c.index,
+                message=AssistantMessage("assistant", c.text),
+                logprobs=_chat_logprobs(c.tokens) if job.params.logprobs else None,
+                finish_reason=c.finish_reason,  # type: ignore[arg-type]
+            )
+            for c in output.choices
+        ],
+        usage=_usage(output.prompt_tokens, output.completion_tokens, output.cached_tokens),
+    )
+
+
+def _resolve(models: ModelManager, principal: Principal, name: str) -> ModelRuntime:
+    """The model by id or alias, if this credential may use it (404 unknown, 403 not allowed)."""
+    runtime = models.resolve(name)
+    check_model_access(principal, name, runtime.id)
+    return runtime

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +20,7 @@ PLAIN_TEMPLATE = "{{ messages[-1]['content'] }}"
 def two_models(model_path: Path) -> Iterator[ServedApp]:
     settings = settings_from_mapping(
         {
+            "data_dir": tempfile.mkdtemp(prefix="pocketllm-test-"),
             "models": [
                 {
                     "id": "chat-a",
@@ -45,7 +47,7 @@ def two_models(model_path: Path) -> Iterator[ServedApp]:
 
 
 def test_both_models_and_the_alias_are_listed_and_served(two_models: ServedApp) -> None:
-    with httpx.Client(base_url=two_models.base_url, timeout=60) as http:
+    with httpx.Client(base_url=two_models.base_url, timeout=60, headers=two_models.headers) as http:
         assert [m["id"] for m in http.get("/v1/models").json()["data"]] == [
             "chat-a",
             "gpt-3.5-turbo",
@@ -68,7 +70,7 @@ def test_both_models_and_the_alias_are_listed_and_served(two_models: ServedApp) 
 
 
 def test_embeddings_can_be_turned_off_per_model(two_models: ServedApp) -> None:
-    with httpx.Client(base_url=two_models.base_url, timeout=60) as http:
+    with httpx.Client(base_url=two_models.base_url, timeout=60, headers=two_models.headers) as http:
         refused = http.post("/v1/embeddings", json={"model": "chat-a", "input": "x"})
         assert refused.status_code == 404
         assert http.post("/v1/embeddings", json={"model": "plain-b", "input": "x"}).status_code == 200

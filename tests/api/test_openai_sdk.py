@@ -21,7 +21,7 @@ def anyio_backend() -> str:
 
 @pytest.fixture
 def sdk(served: ServedApp) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{served.base_url}/v1", api_key="unused", max_retries=0)
+    return openai.OpenAI(base_url=f"{served.base_url}/v1", api_key=served.api_key, max_retries=0)
 
 
 def test_models_list_and_retrieve(sdk: openai.OpenAI) -> None:
@@ -109,7 +109,7 @@ def test_streaming_with_usage(sdk: openai.OpenAI) -> None:
 
 
 async def test_async_client_streams_and_completes(served: ServedApp) -> None:
-    client = openai.AsyncOpenAI(base_url=f"{served.base_url}/v1", api_key="unused", max_retries=0)
+    client = openai.AsyncOpenAI(base_url=f"{served.base_url}/v1", api_key=served.api_key, max_retries=0)
     async with client:
         reply = await client.chat.completions.create(
             model=MODEL_ID, messages=[{"role": "user", "content": "Hello!"}], max_tokens=8, temperature=0

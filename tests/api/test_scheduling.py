@@ -47,7 +47,7 @@ def test_four_simultaneous_streams_all_complete(served: ServedApp) -> None:
         return text, finish, tokens
 
     async def main() -> list[tuple[str, str | None, int]]:
-        async with openai.AsyncOpenAI(base_url=f"{served.base_url}/v1", api_key="x", max_retries=0) as client:
+        async with openai.AsyncOpenAI(base_url=f"{served.base_url}/v1", api_key=served.api_key, max_retries=0) as client:
             return await asyncio.gather(*(one(client, i) for i in range(4)))
 
     results = asyncio.run(main())
@@ -63,7 +63,7 @@ def test_models_answer_while_every_slot_is_busy(served: ServedApp) -> None:
 
     def hog() -> None:
         with (
-            httpx.Client(base_url=served.base_url, timeout=60) as http,
+            httpx.Client(base_url=served.base_url, timeout=60, headers=served.headers) as http,
             http.stream("POST", "/v1/chat/completions", json=_long_chat(400)) as response,
         ):
             for _ in response.iter_lines():
@@ -79,7 +79,7 @@ def test_models_answer_while_every_slot_is_busy(served: ServedApp) -> None:
             time.sleep(0.02)
         assert served.health()["models"][MODEL_ID]["busy"] == 2
         started = time.perf_counter()
-        response = httpx.get(f"{served.base_url}/v1/models", timeout=5)
+        response = httpx.get(f"{served.base_url}/v1/models", timeout=5, headers=served.headers)
         assert response.status_code == 200
         assert time.perf_counter() - started < 1.0
     finally:
@@ -100,11 +100,12 @@ def one_slot(model_path: Any) -> Iterator[ServedApp]:
         yield app
 
 
-def _quick(base_url: str) -> float:
+def _quick(app: ServedApp) -> float:
     started = time.perf_counter()
     response = httpx.post(
-        f"{base_url}/v1/chat/completions",
+        f"{app.base_url}/v1/chat/completions",
         timeout=60,
+        headers=app.headers,
         json={"model": MODEL_ID, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4},
     )
     assert response.status_code == 200, response.text
@@ -113,7 +114,7 @@ def _quick(base_url: str) -> float:
 
 def test_dropped_stream_frees_its_slot(one_slot: ServedApp) -> None:
     with (
-        httpx.Client(base_url=one_slot.base_url, timeout=60) as http,
+        httpx.Client(base_url=one_slot.base_url, timeout=60, headers=one_slot.headers) as http,
         http.stream("POST", "/v1/chat/completions", json=_long_chat(1500)) as response,
     ):
         chunks = 0
@@ -123,16 +124,19 @@ def test_dropped_stream_frees_its_slot(one_slot: ServedApp) -> None:
             if chunks == 5:
                 break
     # 1,500 tokens would take >10 s; the next request must not wait for them
-    assert _quick(one_slot.base_url) < 5.0
+    assert _quick(one_slot) < 5.0
     assert one_slot.wait_idle(2.0)["busy"] == 0
 
 
 def test_dropped_non_streaming_request_frees_its_slot(one_slot: ServedApp) -> None:
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(
-            f"{one_slot.base_url}/v1/chat/completions", json=_long_chat(1500, stream=False), timeout=1.0
+            f"{one_slot.base_url}/v1/chat/completions",
+            json=_long_chat(1500, stream=False),
+            timeout=1.0,
+            headers=one_slot.headers,
         )
-    assert _quick(one_slot.base_url) < 5.0
+    assert _quick(one_slot) < 5.0
     assert one_slot.wait_idle(2.0)["busy"] == 0
 
 
@@ -143,7 +147,7 @@ def test_queue_full_and_queue_timeout(one_slot: ServedApp) -> None:
 
     def holder() -> None:
         with (
-            httpx.Client(base_url=one_slot.base_url, timeout=60) as http,
+            httpx.Client(base_url=one_slot.base_url, timeout=60, headers=one_slot.headers) as http,
             http.stream("POST", "/v1/chat/completions", json=_long_chat(1500)) as response,
         ):
             for line in response.iter_lines():
@@ -153,7 +157,7 @@ def test_queue_full_and_queue_timeout(one_slot: ServedApp) -> None:
                     return
 
     def waiter() -> None:
-        with httpx.Client(base_url=one_slot.base_url, timeout=60) as http:
+        with httpx.Client(base_url=one_slot.base_url, timeout=60, headers=one_slot.headers) as http:
             response = http.post("/v1/chat/completions", json=_long_chat(4, stream=True))
             results["waiter"] = response
 
@@ -169,8 +173,7 @@ def test_queue_full_and_queue_timeout(one_slot: ServedApp) -> None:
         # the queue (1) is full: the third request is refused at once
         started = time.perf_counter()
         refused = httpx.post(
-            f"{one_slot.base_url}/v1/chat/completions", json=_long_chat(4, stream=False), timeout=10
-        )
+            f"{one_slot.base_url}/v1/chat/completions", json=_long_chat(4, stream=False), timeout=10, headers=one_slot.headers)
         assert time.perf_counter() - started < 1.0
         assert refused.status_code == 503
         assert refused.json()["error"]["code"] == "queue_full"
@@ -195,7 +198,7 @@ def test_request_cancelled_while_queued_leaves_the_queue(one_slot: ServedApp) ->
 
     def holder() -> None:
         with (
-            httpx.Client(base_url=one_slot.base_url, timeout=60) as http,
+            httpx.Client(base_url=one_slot.base_url, timeout=60, headers=one_slot.headers) as http,
             http.stream("POST", "/v1/chat/completions", json=_long_chat(1500)) as response,
         ):
             for line in response.iter_lines():
@@ -209,7 +212,7 @@ def test_request_cancelled_while_queued_leaves_the_queue(one_slot: ServedApp) ->
     try:
         assert holding.wait(20)
         with (
-            httpx.Client(base_url=one_slot.base_url, timeout=60) as http,
+            httpx.Client(base_url=one_slot.base_url, timeout=60, headers=one_slot.headers) as http,
             http.stream("POST", "/v1/chat/completions", json=_long_chat(1500)) as queued,
         ):
             for line in queued.iter_lines():

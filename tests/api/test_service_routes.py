@@ -53,8 +53,11 @@ def test_health_is_503_with_the_error_when_a_model_failed(tmp_path: Path) -> Non
         assert state["state"] == "failed"
         assert str(broken) in state["error"]
         # requests for it are refused with 503, not a traceback
+        token = http.post("/auth/login", json={"username": "user1", "password": "password123"}).json()
         refused = http.post(
-            "/v1/chat/completions", json={"model": MODEL_ID, "messages": [{"role": "user", "content": "x"}]}
+            "/v1/chat/completions",
+            json={"model": MODEL_ID, "messages": [{"role": "user", "content": "x"}]},
+            headers={"Authorization": f"Bearer {token['access_token']}"},
         )
         assert refused.status_code == 503
         assert refused.json()["error"]["code"] == "model_not_ready"

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,13 +18,14 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import MODEL_ID, NO_EOS, free_port
+from tests.conftest import MODEL_ID, NO_EOS, create_key, free_port, login
 
 pytestmark = pytest.mark.e2e
 
 
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("POCKETLLM_", "MODEL_"))}
+    env["POCKETLLM_DATA_DIR"] = tempfile.mkdtemp(prefix="pocketllm-e2e-")
     env.update(extra)
     return env
 
@@ -54,23 +56,25 @@ def _wait_healthy(process: subprocess.Popen[str], base_url: str, timeout: float 
 
 
 @pytest.fixture(scope="module")
-def server(model_path: Path) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+def server(model_path: Path) -> Iterator[tuple[str, str]]:
+    """A running ``pocketllm serve`` and an API key of the default user made through the admin route."""
     del model_path
     port = free_port()
     process = _start(port, _env(MODEL_SLOTS="2", MODEL_N_CTX="4096", MODEL_N_THREADS="2"))
     base_url = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(process, base_url)
-        yield base_url, process
+        key = create_key(base_url, login(base_url, "admin", "admin123"), "user1")["key"]
+        yield base_url, key
     finally:
         if process.poll() is None:
             process.kill()
         process.communicate(timeout=30)
 
 
-def test_openai_sync_client(server: tuple[str, subprocess.Popen[str]]) -> None:
-    base_url, _ = server
-    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0)
+def test_openai_sync_client(server: tuple[str, str]) -> None:
+    base_url, key = server
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=key, max_retries=0)
     reply = client.chat.completions.create(
         model=MODEL_ID, messages=[{"role": "user", "content": "Hello"}], max_tokens=8, temperature=0
     )
@@ -78,11 +82,11 @@ def test_openai_sync_client(server: tuple[str, subprocess.Popen[str]]) -> None:
     assert reply.usage is not None and reply.usage.completion_tokens <= 8
 
 
-def test_openai_async_streaming_with_usage(server: tuple[str, subprocess.Popen[str]]) -> None:
-    base_url, _ = server
+def test_openai_async_streaming_with_usage(server: tuple[str, str]) -> None:
+    base_url, key = server
 
     async def main() -> tuple[str, int]:
-        async with openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0) as client:
+        async with openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key=key, max_retries=0) as client:
             stream = await client.chat.completions.create(
                 model=MODEL_ID,
                 messages=[{"role": "user", "content": "Count to five."}],
@@ -104,8 +108,8 @@ def test_openai_async_streaming_with_usage(server: tuple[str, subprocess.Popen[s
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
-def test_curl_streams_sse(server: tuple[str, subprocess.Popen[str]]) -> None:
-    base_url, _ = server
+def test_curl_streams_sse(server: tuple[str, str]) -> None:
+    base_url, key = server
     body = json.dumps(
         {
             "model": MODEL_ID,
@@ -122,6 +126,8 @@ def test_curl_streams_sse(server: tuple[str, subprocess.Popen[str]]) -> None:
             "-N",
             "-H",
             "Content-Type: application/json",
+            "-H",
+            f"Authorization: Bearer {key}",
             "-D",
             "-",
             "--data",

@@ -1,0 +1,115 @@
+"""Authentication and authorization at the HTTP edge: guards, the principal dependency, identity wiring."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+from litestar.connection import ASGIConnection
+from litestar.handlers.base import BaseRouteHandler
+
+from auth.passwords import ScryptParams
+from auth.principal import SCOPE_INFERENCE, Principal
+from auth.service import AuthenticationFailedError, Authenticator
+from auth.store import SQLiteStore
+from auth.throttle import LoginThrottle
+from auth.tokens import ExternalProvider, TokenConfig
+from gateway.errors import AuthenticationError, PermissionDeniedError
+from gateway.settings import DEFAULT_SECRET_KEY, Settings
+
+logger = logging.getLogger("pocketllm.auth")
+
+PRINCIPAL = "principal"
+
+
+def build_authenticator(settings: Settings) -> Authenticator:
+    """The store and authenticator for ``settings``."""
+    auth = settings.auth
+    external = None
+    if auth.external is not None:
+        ext = auth.external
+        public_key = Path(ext.public_key_file).read_text(encoding="utf-8") if ext.public_key_file else None
+        external = ExternalProvider(
+            ext.issuer,
+            ext.audience,
+            public_key,
+            ext.jwks_file,
+            tuple(ext.algorithms),
+            ext.username_claim,
+            ext.create_users,
+            auth.leeway_s,
+        )
+    return Authenticator(
+        SQLiteStore(settings.data_dir),
+        TokenConfig(
+            _signing_secret(settings), auth.issuer, auth.audience, ("HS256",), auth.token_ttl_s, auth.leeway_s
+        ),
+        ScryptParams(n=auth.scrypt_n),
+        external,
+        LoginThrottle(auth.login_max_failures, auth.login_window_s),
+    )
+
+
+def _signing_secret(settings: Settings) -> str:
+    """The HS256 key. Production requires a real one (settings check). In development the public default
+    SECRET_KEY is replaced by a random secret kept in the data directory, and a short one is stretched,
+    so that development tokens cannot be forged from the documented default."""
+    auth = settings.auth
+    if auth.jwt_secret is None and auth.secret_key == DEFAULT_SECRET_KEY:
+        path = Path(settings.data_dir) / "jwt-secret"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(secrets.token_urlsafe(48))
+        return path.read_text(encoding="utf-8").strip()
+    secret = auth.signing_secret
+    if len(secret.encode()) < 32:
+        logger.warning("the JWT secret is shorter than 32 bytes; using its SHA-256 (production refuses it)")
+        return hashlib.sha256(secret.encode()).hexdigest()
+    return secret
+
+
+async def authenticate(connection: ASGIConnection[Any, Any, Any, Any]) -> Principal:
+    """The caller's principal (cached on the connection); 401 in OpenAI's envelope otherwise."""
+    known = connection.scope.get("state", {}).get(PRINCIPAL)
+    if isinstance(known, Principal):
+        return known
+    authenticator: Authenticator = connection.app.state.authenticator
+    try:
+        principal = await authenticator.authenticate(
+            connection.headers.get("authorization"), connection.headers.get("x-api-key")
+        )
+    except AuthenticationFailedError as exc:
+        raise AuthenticationError(str(exc)) from None
+    connection.scope.setdefault("state", {})[PRINCIPAL] = principal
+    return principal
+
+
+async def requires_inference(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    """Guard: a valid principal with the ``inference`` scope."""
+    principal = await authenticate(connection)
+    if not principal.has_scope(SCOPE_INFERENCE):
+        raise PermissionDeniedError("this credential lacks the `inference` scope")
+
+
+async def requires_admin(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    """Guard: the admin role or an admin-scoped key."""
+    principal = await authenticate(connection)
+    if not principal.is_admin:
+        raise PermissionDeniedError("this route needs the admin role or an admin-scoped key")
+
+
+async def provide_principal(request: ASGIConnection[Any, Any, Any, Any]) -> Principal:
+    """Dependency: the principal a guard authenticated."""
+    return await authenticate(request)
+
+
+def check_model_access(principal: Principal, *names: str) -> None:
+    """403 when the credential's model list excludes every name the model goes by."""
+    if not any(principal.can_use_model(name) for name in names):
+        raise PermissionDeniedError(f"this credential may not use the model `{names[0]}`", param="model")
