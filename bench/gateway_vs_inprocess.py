@@ -16,6 +16,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -81,10 +82,12 @@ def bench_inprocess(
     return out
 
 
-def bench_gateway(base_url: str, prompts: list[str], max_tokens: int) -> list[tuple[float, float, int]]:
+def bench_gateway(
+    base_url: str, prompts: list[str], max_tokens: int, headers: dict[str, str]
+) -> list[tuple[float, float, int]]:
     """(ttft_s, tokens_per_s, completion_tokens) per prompt, through HTTP and SSE."""
     out = []
-    with httpx.Client(base_url=base_url, timeout=300) as http:
+    with httpx.Client(base_url=base_url, timeout=300, headers=headers) as http:
         for prompt in prompts:
             body = {
                 "model": MODEL_ID,
@@ -117,6 +120,7 @@ def start_gateway(model: Path, threads: int, port: int) -> subprocess.Popen[byte
     """``pocketllm serve`` with one slot on ``model``."""
     env = {
         **os.environ,
+        "POCKETLLM_DATA_DIR": tempfile.mkdtemp(prefix="pocketllm-bench-"),
         "MODEL_PATH": str(model),
         "MODEL_N_THREADS": str(threads),
         "MODEL_SLOTS": "1",
@@ -155,19 +159,22 @@ def main() -> None:
     model = ensure_model(entry, ROOT / "models" / f"{MODEL_ID}.gguf")
     gateway = start_gateway(model, args.threads, args.port)
     base_url = f"http://127.0.0.1:{args.port}"
+    from bench.run import credentials  # noqa: PLC0415 - bench/run.py imports this module's siblings
+
+    headers = credentials("gateway", base_url)
     inproc: list[tuple[float, float]] = []
     through: list[tuple[float, float, int]] = []
     try:
-        bench_gateway(base_url, ["warm-up"], 16)
+        bench_gateway(base_url, ["warm-up"], 16, headers)
         bench_inprocess(model, args.threads, ["warm-up"], 16)
         for run in range(args.runs):
             prompt = _prompt(run)
             if run % 2:
-                through += bench_gateway(base_url, [prompt], args.max_tokens)
+                through += bench_gateway(base_url, [prompt], args.max_tokens, headers)
                 inproc += bench_inprocess(model, args.threads, [prompt], args.max_tokens)
             else:
                 inproc += bench_inprocess(model, args.threads, [prompt], args.max_tokens)
-                through += bench_gateway(base_url, [prompt], args.max_tokens)
+                through += bench_gateway(base_url, [prompt], args.max_tokens, headers)
     finally:
         gateway.terminate()
         gateway.wait(30)

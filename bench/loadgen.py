@@ -133,13 +133,19 @@ async def one_request(client: httpx.AsyncClient, model: str, index: int, max_tok
 
 
 async def run_phase(
-    base_url: str, model: str, concurrency: int, total: int, max_tokens: int, offset: int = 0
+    base_url: str,
+    model: str,
+    concurrency: int,
+    total: int,
+    max_tokens: int,
+    offset: int = 0,
+    headers: dict[str, str] | None = None,
 ) -> PhaseResult:
     """``concurrency`` clients share ``total`` requests; wall time spans the whole phase."""
     counter = iter(range(offset, offset + total))
     phase = PhaseResult(concurrency, 0.0)
     limits = httpx.Limits(max_connections=concurrency + 2, max_keepalive_connections=concurrency + 2)
-    async with httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits) as client:
+    async with httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits, headers=headers) as client:
 
         async def worker() -> None:
             for index in counter:

@@ -19,6 +19,7 @@ import platform
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -78,6 +79,7 @@ def target_command(
     if name == "gateway":
         env.update(
             {
+                "POCKETLLM_DATA_DIR": tempfile.mkdtemp(prefix="pocketllm-bench-"),
                 "MODEL_PATH": str(model),
                 "MODEL_N_THREADS": str(threads),
                 "MODEL_SLOTS": str(slots),
@@ -140,6 +142,22 @@ def target_command(
     raise SystemExit(f"unknown target {name}")
 
 
+def credentials(name: str, base_url: str) -> dict[str, str]:
+    """Request headers a target needs: the gateway wants an API key (made here through its admin route)."""
+    if name != "gateway":
+        return {}
+    token = httpx.post(
+        f"{base_url}/auth/login", json={"username": "admin", "password": "admin123"}, timeout=30
+    ).json()["access_token"]
+    key = httpx.post(
+        f"{base_url}/admin/keys",
+        json={"username": "user1"},
+        timeout=30,
+        headers={"Authorization": f"Bearer {token}"},
+    ).json()["key"]
+    return {"Authorization": f"Bearer {key}"}
+
+
 def row(name: str, phase: PhaseResult, requests: int) -> list[str]:
     return [
         name,
@@ -177,11 +195,14 @@ def main() -> None:
             name, model, args.threads, args.slots, args.ctx_per_slot, port, server_binary
         )
         with running(command, env, port, ready) as base_url:
-            asyncio.run(run_phase(base_url, model_name, 1, 2, 16, offset=10_000))  # warm-up
+            headers = credentials(name, base_url)
+            asyncio.run(run_phase(base_url, model_name, 1, 2, 16, offset=10_000, headers=headers))  # warm-up
             results[name] = []
             for level in levels:
                 total = level * args.requests_per_client
-                phase = asyncio.run(run_phase(base_url, model_name, level, total, args.max_tokens))
+                phase = asyncio.run(
+                    run_phase(base_url, model_name, level, total, args.max_tokens, headers=headers)
+                )
                 results[name].append(phase)
                 print(
                     f"{name:18} c={level}: {phase.tokens_per_s:6.1f} tok/s, TTFT p50 "

@@ -24,7 +24,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.run import MODEL_ID, free_port, running, target_command  # noqa: E402
+from bench.run import MODEL_ID, credentials, free_port, running, target_command  # noqa: E402
 from engine.registry import ensure_model, load_registry  # noqa: E402
 
 FILLER = (
@@ -75,6 +75,7 @@ def main() -> None:
     command, env, ready, _ = target_command("gateway", model, args.threads, 4, 2048, port, None)
     rows = []
     with running(command, env, port, ready) as base_url, httpx.Client(base_url=base_url, timeout=300) as http:
+        http.headers.update(credentials("gateway", base_url))
         session = uuid.uuid4().hex
         history = [{"role": "system", "content": "You are a helpful assistant for a harbour town."}]
         for turn in range(1, args.turns + 1):

@@ -156,6 +156,7 @@ class ModelManager:
             n_batch=model.n_batch,
             chat_template=model.chat_template,
             embeddings=model.embeddings,
+            flash_attention=model.flash_attention,
         )
 
     async def unload(self, model_id: str, *, drain_timeout_s: float = 30.0) -> None:

@@ -36,14 +36,20 @@ def model_path() -> Path:
 def make_settings(**sections: Any) -> Settings:
     """Settings for tests: the default model with small, fast parameters, a fresh data directory."""
     model = {"id": MODEL_ID, "n_ctx": 4096, "slots": 2, "n_threads": 2, **sections.pop("model", {})}
-    raw: dict[str, Any] = {"models": [model], "queue": {"ping_interval_s": 0.5},
-                           "data_dir": tempfile.mkdtemp(prefix="pocketllm-test-"), **sections}
+    raw: dict[str, Any] = {
+        "models": [model],
+        "queue": {"ping_interval_s": 0.5},
+        "data_dir": tempfile.mkdtemp(prefix="pocketllm-test-"),
+        **sections,
+    }
     return settings_from_mapping(raw)
 
 
 def login(base_url: str, username: str, password: str) -> str:
     """A bearer token for a user."""
-    response = httpx.post(f"{base_url}/auth/login", json={"username": username, "password": password}, timeout=30)
+    response = httpx.post(
+        f"{base_url}/auth/login", json={"username": username, "password": password}, timeout=30
+    )
     assert response.status_code == 200, response.text
     token: str = response.json()["access_token"]
     return token
@@ -51,8 +57,12 @@ def login(base_url: str, username: str, password: str) -> str:
 
 def create_key(base_url: str, admin_token: str, username: str, **fields: Any) -> dict[str, Any]:
     """A new API key through the admin route (the response holds the full key)."""
-    response = httpx.post(f"{base_url}/admin/keys", json={"username": username, **fields},
-                          headers={"Authorization": f"Bearer {admin_token}"}, timeout=30)
+    response = httpx.post(
+        f"{base_url}/admin/keys",
+        json={"username": username, **fields},
+        headers={"Authorization": f"Bearer {admin_token}"},
+        timeout=30,
+    )
     assert response.status_code == 201, response.text
     body: dict[str, Any] = response.json()
     return body

@@ -23,6 +23,7 @@ def open_engine(
     n_batch: int,
     chat_template: str | None,
     embeddings: bool,
+    flash_attention: bool = True,
 ) -> BatchedEngine | SequentialEngine:
     """Load ``path`` with the engine ``kind``: ``batched`` (continuous batching) or ``sequential``."""
     return ENGINES[kind](
@@ -33,4 +34,5 @@ def open_engine(
         n_batch=n_batch,
         chat_template=chat_template,
         embeddings=embeddings,
+        flash_attention=flash_attention,
     )

@@ -52,8 +52,6 @@ logger = logging.getLogger("pocketllm.engine")
 MIN_PROMPT_SUFFIX = 2
 """Prompt tokens always decoded, however much of the prompt a slot caches (see sequential.py)."""
 PENALTY_LAST_N = 64
-FLASH_ATTENTION = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-"""As llama-cpp-python's ``Llama`` (the sequential engine) has it, so both give the same output."""
 
 _Emit = Callable[[GenerationEvent | BaseException], None]
 
@@ -93,6 +91,7 @@ class BatchedEngine:
         n_batch: int = 512,
         chat_template: str | None = None,
         embeddings: bool = True,
+        flash_attention: bool = True,
     ) -> None:
         size = check_gguf(path)
         set_llama_verbose(os.environ.get("POCKETLLM_LLAMA_VERBOSE") == "1")
@@ -114,7 +113,11 @@ class BatchedEngine:
             params.n_threads_batch = n_threads
             params.kv_unified = False  # one KV stream per slot: no fragmentation across slots
             params.no_perf = True
-            params.flash_attn_type = FLASH_ATTENTION
+            params.flash_attn_type = (
+                llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+                if flash_attention
+                else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+            )
             self._ctx = LlamaContext(model=self._model, params=params, verbose=False)
         except (ValueError, RuntimeError, OSError) as exc:
             raise ModelLoadError(

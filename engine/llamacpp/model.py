@@ -49,7 +49,15 @@ def check_gguf(path: Path) -> int:
     return size
 
 
-def open_llama(path: Path, *, n_ctx: int, n_threads: int, n_batch: int, embedding: bool = False) -> Llama:
+def open_llama(
+    path: Path,
+    *,
+    n_ctx: int,
+    n_threads: int,
+    n_batch: int,
+    embedding: bool = False,
+    flash_attention: bool = False,
+) -> Llama:
     """Load a llama.cpp context over ``path``; raises ``ModelLoadError`` naming the file."""
     check_gguf(path)
     try:
@@ -61,6 +69,7 @@ def open_llama(path: Path, *, n_ctx: int, n_threads: int, n_batch: int, embeddin
             n_batch=n_batch,
             n_ubatch=n_batch,
             embedding=embedding,
+            flash_attn=flash_attention and not embedding,
             verbose=os.environ.get("POCKETLLM_LLAMA_VERBOSE") == "1",
         )
     except (ValueError, RuntimeError, OSError) as exc:

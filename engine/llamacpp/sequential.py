@@ -56,6 +56,7 @@ class SequentialEngine:
         n_batch: int = 512,
         chat_template: str | None = None,
         embeddings: bool = True,
+        flash_attention: bool = True,
     ) -> None:
         size = check_gguf(path)
         self._path = path
@@ -68,7 +69,13 @@ class SequentialEngine:
         try:
             for index in range(slots):
                 self._contexts.append(
-                    open_llama(path, n_ctx=n_ctx_per_slot, n_threads=n_threads, n_batch=n_batch)
+                    open_llama(
+                        path,
+                        n_ctx=n_ctx_per_slot,
+                        n_threads=n_threads,
+                        n_batch=n_batch,
+                        flash_attention=flash_attention,
+                    )
                 )
                 self._workers.append(ThreadPoolExecutor(1, thread_name_prefix=f"llama-{path.stem}-{index}"))
         except EngineError:

@@ -207,7 +207,7 @@ def test_n_choices(sdk: openai.OpenAI) -> None:
 def test_response_format_json_object(sdk: openai.OpenAI) -> None:
     reply = sdk.chat.completions.create(
         model=MODEL_ID,
-        messages=[{"role": "user", "content": "Give me a JSON object describing a cat."}],
+        messages=[{"role": "user", "content": 'Reply with the JSON object {"name": "Tom", "legs": 4}.'}],
         max_tokens=300,
         temperature=0,
         response_format={"type": "json_object"},

@@ -47,7 +47,9 @@ def test_four_simultaneous_streams_all_complete(served: ServedApp) -> None:
         return text, finish, tokens
 
     async def main() -> list[tuple[str, str | None, int]]:
-        async with openai.AsyncOpenAI(base_url=f"{served.base_url}/v1", api_key=served.api_key, max_retries=0) as client:
+        async with openai.AsyncOpenAI(
+            base_url=f"{served.base_url}/v1", api_key=served.api_key, max_retries=0
+        ) as client:
             return await asyncio.gather(*(one(client, i) for i in range(4)))
 
     results = asyncio.run(main())
@@ -173,7 +175,11 @@ def test_queue_full_and_queue_timeout(one_slot: ServedApp) -> None:
         # the queue (1) is full: the third request is refused at once
         started = time.perf_counter()
         refused = httpx.post(
-            f"{one_slot.base_url}/v1/chat/completions", json=_long_chat(4, stream=False), timeout=10, headers=one_slot.headers)
+            f"{one_slot.base_url}/v1/chat/completions",
+            json=_long_chat(4, stream=False),
+            timeout=10,
+            headers=one_slot.headers,
+        )
         assert time.perf_counter() - started < 1.0
         assert refused.status_code == 503
         assert refused.json()["error"]["code"] == "queue_full"
