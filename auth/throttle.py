@@ -8,12 +8,21 @@ from collections.abc import Callable
 
 
 class LoginThrottle:
-    """In-process sliding window of failures per username and per client address."""
+    """In-process sliding window of failures per username and per client address.
+
+    One address may hold many users (NAT, a proxy), so it gets ``client_factor`` times the room of
+    one username.
+    """
 
     def __init__(
-        self, max_failures: int = 5, window_s: float = 300.0, clock: Callable[[], float] = time.monotonic
+        self,
+        max_failures: int = 5,
+        window_s: float = 300.0,
+        clock: Callable[[], float] = time.monotonic,
+        client_factor: int = 4,
     ) -> None:
         self.max_failures = max_failures
+        self.max_client_failures = max_failures * client_factor
         self.window_s = window_s
         self._clock = clock
         self._failures: dict[str, deque[float]] = defaultdict(deque)
@@ -28,9 +37,12 @@ class LoginThrottle:
     def retry_after(self, username: str, client: str) -> int:
         """Seconds until a login may be tried again (0: allowed now)."""
         wait = 0.0
-        for key in (f"user:{username.lower()}", f"client:{client}"):
+        for key, limit in (
+            (f"user:{username.lower()}", self.max_failures),
+            (f"client:{client}", self.max_client_failures),
+        ):
             failures = self._recent(key)
-            if len(failures) >= self.max_failures:
+            if len(failures) >= limit:
                 wait = max(wait, failures[0] + self.window_s - self._clock())
         return int(wait) + 1 if wait > 0 else 0
 

@@ -16,6 +16,9 @@ from typing import Protocol
 
 from engine.base import EngineError
 
+MIN_SHARED_PREFIX = 16
+"""A cached prefix shorter than this is no reason to pick a slot."""
+
 
 class QueueFullError(EngineError):
     """Every slot is busy and the queue is at its bound."""
@@ -150,21 +153,25 @@ class SlotPool:
         return max(1, min(30, int(self.max_wait_s / 4)))
 
     def _choose(self, reservation: Reservation) -> int:
-        """Prefer the slot that last ran this session, then the longest cached prefix, then the LRU slot."""
+        """Pick a free slot, keeping KV caches where they are useful.
+
+        1. the slot that last ran this session (its cache holds the conversation so far);
+        2. the slot whose cache shares the longest prefix with the prompt, if that prefix is at least
+           half the prompt (the same system prompt and history: llama-server's similarity rule);
+        3. otherwise the least recently used slot, sparing slots that hold another session.
+        """
+        free = self._free
         if reservation.session is not None:
-            for slot in self._free:
+            for slot in free:
                 if self._last_session.get(slot) == reservation.session:
                     return slot
-        best, best_score = self._free[0], -1
-        for slot in self._free:
-            score = (
-                self._prefix_match(slot, reservation.prompt)
-                if self._prefix_match and reservation.prompt
-                else 0
-            )
-            if score > best_score or (score == best_score and self._last_used[slot] < self._last_used[best]):
-                best, best_score = slot, score
-        return best
+        prompt = reservation.prompt
+        if self._prefix_match is not None and prompt:
+            scores = {slot: self._prefix_match(slot, prompt) for slot in free}
+            best = max(free, key=lambda slot: (scores[slot], -self._last_used[slot]))
+            if scores[best] >= max(MIN_SHARED_PREFIX, len(prompt) // 2):
+                return best
+        return min(free, key=lambda slot: (slot in self._last_session, self._last_used[slot]))
 
     def _assign(self, reservation: Reservation) -> None:
         slot = self._choose(reservation)
@@ -173,6 +180,8 @@ class SlotPool:
         reservation.slot = slot
         if reservation.session is not None:
             self._last_session[slot] = reservation.session
+        else:
+            self._last_session.pop(slot, None)
         self._observer.slots_changed(self.model, self.busy)
 
     def _release(self, reservation: Reservation) -> None:

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from engine.base import ModelLoadError
 from engine.llamacpp.model import check_gguf
 from engine.registry import RegistryEntry, ensure_model, load_registry, pull, sha256_file
+from gateway.identity_cli import add_commands
 from gateway.settings import Settings, SettingsError, load_settings
 
 logger = logging.getLogger("pocketllm")
@@ -199,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     info_parser = sub.add_parser("info", help="details of a registry model")
     info_parser.add_argument("name")
     models_parser.set_defaults(handler=models_command)
+    add_commands(commands, _settings)
     return parser
 
 

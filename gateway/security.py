@@ -7,7 +7,7 @@ import logging
 import os
 import secrets
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
@@ -23,7 +23,7 @@ from gateway.settings import DEFAULT_SECRET_KEY, Settings
 
 logger = logging.getLogger("pocketllm.auth")
 
-PRINCIPAL = "principal"
+PRINCIPAL = "pocketllm.principal"
 
 
 def build_authenticator(settings: Settings) -> Authenticator:
@@ -76,7 +76,10 @@ def _signing_secret(settings: Settings) -> str:
 
 async def authenticate(connection: ASGIConnection[Any, Any, Any, Any]) -> Principal:
     """The caller's principal (cached on the connection); 401 in OpenAI's envelope otherwise."""
-    known = connection.scope.get("state", {}).get(PRINCIPAL)
+    # Cached on the ASGI scope itself, which is this request's alone. (``scope["state"]`` is not: the
+    # server hands every request a copy of one shared state, so nothing per-request may live there.)
+    scope = cast("dict[str, Any]", connection.scope)
+    known = scope.get(PRINCIPAL)
     if isinstance(known, Principal):
         return known
     authenticator: Authenticator = connection.app.state.authenticator
@@ -86,7 +89,7 @@ async def authenticate(connection: ASGIConnection[Any, Any, Any, Any]) -> Princi
         )
     except AuthenticationFailedError as exc:
         raise AuthenticationError(str(exc)) from None
-    connection.scope.setdefault("state", {})[PRINCIPAL] = principal
+    scope[PRINCIPAL] = principal
     return principal
 
 

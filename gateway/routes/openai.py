@@ -53,7 +53,7 @@ from gateway.protocol.completions import Completion, CompletionChoice, Completio
 from gateway.protocol.embeddings import Embedding, EmbeddingList, EmbeddingRequest, EmbeddingUsage
 from gateway.protocol.models import ModelList, ModelObject
 from gateway.runtime import ModelManager, ModelRuntime
-from gateway.security import check_model_access
+from gateway.security import check_model_access, requires_inference
 from gateway.sessions import session_for_recording, title_from
 from gateway.settings import Settings
 from gateway.streaming import EventStream, event_stream, frame
@@ -121,6 +121,7 @@ class OpenAIController(Controller):
 
     path = "/v1"
     tags = ["OpenAI"]
+    guards = [requires_inference]
 
     @get("/models", summary="List models")
     async def list_models(self, models: NamedDependency[ModelManager]) -> ModelList:

@@ -90,8 +90,9 @@ def test_release_is_idempotent() -> None:
     run(main())
 
 
-def test_affinity_prefers_session_then_prefix() -> None:
-    cached = {0: [1, 2, 3], 1: [7, 8, 9, 10], 2: []}
+def test_affinity_prefers_session_then_a_long_prefix_then_lru() -> None:
+    system = list(range(100, 140))  # a shared 40-token system prompt
+    cached = {0: [1, 2, 3], 1: [*system, 7, 8], 2: []}
 
     def prefix(slot: int, prompt: Sequence[int]) -> int:
         n = 0
@@ -103,12 +104,16 @@ def test_affinity_prefers_session_then_prefix() -> None:
 
     async def main() -> None:
         pool = SlotPool("m", 3, max_queue=0, max_wait_s=1, prefix_match=prefix)
-        by_prefix = pool.reserve([7, 8, 9, 11])
-        assert by_prefix.slot == 1
+        by_prefix = pool.reserve([*system, 9, 9])
+        assert by_prefix.slot == 1  # 40 of 42 tokens cached there
         by_prefix.release()
         session = pool.reserve([5], session="s1")
         slot = session.slot
         session.release()
+        # a short shared prefix is no reason to take the session's slot: the LRU other slot is used
+        stranger = pool.reserve([1, 2, 3, 4])
+        assert stranger.slot != slot
+        stranger.release()
         again = pool.reserve([1, 2, 3], session="s1")
         assert again.slot == slot
         again.release()
