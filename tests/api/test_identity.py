@@ -319,3 +319,60 @@ def test_production_refuses_default_secrets() -> None:
     settings = make_settings(env="production", auth={"secret_key": "p" * 40})
     with TestClient(create_app(settings)) as client:
         assert client.get("/auth/test").json()["users"] == 0  # no default users in production
+
+
+def test_access_matrix_from_the_route_table(app: ServedApp) -> None:
+    """Every session/key/user route: no token 401, revoked key 401, non-admin 403, another user's 404."""
+    admin = login(app.base_url, "admin", "admin123")
+    with _http(app, admin) as http:
+        http.post("/admin/users", json={"username": "mallory", "password": "mallory-secret"})
+        victim = http.post("/admin/users", json={"username": "victim2", "password": "victim-secret"}).json()
+        spare_key = create_key(app.base_url, admin, "victim2")
+    revoked = create_key(app.base_url, admin, "user1")
+    with _http(app, admin) as http:
+        assert http.delete(f"/admin/keys/{revoked['id']}").status_code == 204
+    with _http(app, app.api_key) as http:
+        owned = http.post("/chat", json={"prompt": "mine", "max_tokens": 2}).json()["session_id"]
+    mallory = login(app.base_url, "mallory", "mallory-secret")
+    values = {"session_id": owned, "user_id": victim["id"], "key_id": spare_key["id"]}
+    routes = []
+    for route in app.app.routes:
+        if not route.path.startswith(("/chat/history", "/admin/users", "/admin/keys", "/admin/sessions")):
+            continue
+        path = route.path
+        for name, value in values.items():
+            path = path.replace(f"{{{name}:str}}", value)
+        methods = sorted(route.methods - {"OPTIONS", "HEAD"}, key=lambda m: (m == "DELETE", m))
+        routes += [(method, path) for method in methods]
+    assert len(routes) >= 10, routes
+    bodies = {("POST", "/admin/users"): {"username": "zed", "password": "zed-password"},
+              ("POST", "/admin/keys"): {"username": "user1"}}
+    for method, path in routes:
+        body = bodies.get((method, path))
+        for credential, expected in ((None, 401), (revoked["key"], 401)):
+            with _http(app, credential) as http:
+                _error(http.request(method, path, json=body), expected)
+        if path.startswith("/chat/history/"):
+            with _http(app, mallory) as http:  # another user's session: exactly like a missing one
+                _error(http.request(method, path), 404, "session_not_found")
+        with _http(app, app.api_key) as http:  # a valid non-admin credential (the session's owner)
+            response = http.request(method, path, json=body)
+            if path.startswith("/admin"):
+                _error(response, 403, "permission_denied")
+            else:
+                assert response.status_code in {200, 204}, (method, path, response.text)
+
+
+def test_no_secret_reaches_the_logs(app: ServedApp, caplog: pytest.LogCaptureFixture) -> None:
+    import logging  # noqa: PLC0415
+
+    caplog.set_level(logging.DEBUG)
+    token = login(app.base_url, "admin", "admin123")
+    key = create_key(app.base_url, token, "user1")["key"]
+    httpx.post(f"{app.base_url}/auth/login", json={"username": "admin", "password": "wrong-password-xyz"})
+    with _http(app, key) as http:
+        http.post("/v1/chat/completions", json=_chat_body())
+        http.get("/v1/models", headers={"Authorization": "Bearer sk-pl-forged-key-value"})
+    logged = caplog.text
+    for secret in ("admin123", "wrong-password-xyz", token, key, "sk-pl-forged-key-value"):
+        assert secret not in logged
