@@ -56,8 +56,13 @@ class PhaseResult:
     wall: float
     results: list[RequestResult] = field(default_factory=list)
 
+    tokens_override: int | None = None
+    """For a row merged from several rounds: the tokens of the round whose wall time is kept."""
+
     @property
     def tokens(self) -> int:
+        if self.tokens_override is not None:
+            return self.tokens_override
         return sum(r.tokens for r in self.results)
 
     @property

@@ -142,6 +142,16 @@ def target_command(
     raise SystemExit(f"unknown target {name}")
 
 
+def merge(phases: list[PhaseResult]) -> PhaseResult:
+    """One row from several rounds: the median round's tokens/s, latencies over every request."""
+    ordered = sorted(phases, key=lambda p: p.tokens_per_s)
+    median = ordered[len(ordered) // 2]
+    merged = PhaseResult(median.concurrency, median.wall)
+    merged.results = [r for p in phases for r in p.results]
+    merged.tokens_override = median.tokens
+    return merged
+
+
 def credentials(name: str, base_url: str) -> dict[str, str]:
     """Request headers a target needs: the gateway wants an API key (made here through its admin route)."""
     if name != "gateway":
@@ -179,6 +189,9 @@ def main() -> None:
     parser.add_argument("--slots", type=int, default=4)
     parser.add_argument("--ctx-per-slot", type=int, default=2048)
     parser.add_argument("--requests-per-client", type=int, default=3)
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="interleaved rounds; rows show the median round"
+    )
     parser.add_argument("--targets", default="gateway,llama-server,llama-cpp-python")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--write", action="store_true")
@@ -188,27 +201,46 @@ def main() -> None:
     targets = args.targets.split(",")
     levels = [int(c) for c in args.concurrency.split(",")]
     server_binary = build(args.cache, 2) if "llama-server" in targets else None
-    results: dict[str, list[PhaseResult]] = {}
-    for name in targets:
-        port = free_port()
-        command, env, ready, model_name = target_command(
-            name, model, args.threads, args.slots, args.ctx_per_slot, port, server_binary
-        )
-        with running(command, env, port, ready) as base_url:
+    runs: dict[str, dict[int, list[PhaseResult]]] = {
+        name: {level: [] for level in levels} for name in targets
+    }
+    with contextlib.ExitStack() as stack:
+        endpoints = {}
+        for name in targets:
+            port = free_port()
+            command, env, ready, model_name = target_command(
+                name, model, args.threads, args.slots, args.ctx_per_slot, port, server_binary
+            )
+            base_url = stack.enter_context(running(command, env, port, ready))
             headers = credentials(name, base_url)
             asyncio.run(run_phase(base_url, model_name, 1, 2, 16, offset=10_000, headers=headers))  # warm-up
-            results[name] = []
+            endpoints[name] = (base_url, model_name, headers)
+        # Rounds interleave the targets, so a noisy minute on this shared machine hits them all alike.
+        for round_number in range(args.rounds):
             for level in levels:
-                total = level * args.requests_per_client
-                phase = asyncio.run(
-                    run_phase(base_url, model_name, level, total, args.max_tokens, headers=headers)
-                )
-                results[name].append(phase)
-                print(
-                    f"{name:18} c={level}: {phase.tokens_per_s:6.1f} tok/s, TTFT p50 "
-                    f"{phase.pct('ttft', 50) * 1000:.0f} ms, complete {phase.complete}/{total}",
-                    flush=True,
-                )
+                for name in targets:
+                    base_url, model_name, headers = endpoints[name]
+                    total = level * args.requests_per_client
+                    # fresh prompts in every round and level: no target can answer from a prompt cache
+                    offset = 1000 * (round_number * len(levels) + levels.index(level))
+                    phase = asyncio.run(
+                        run_phase(
+                            base_url,
+                            model_name,
+                            level,
+                            total,
+                            args.max_tokens,
+                            offset=offset,
+                            headers=headers,
+                        )
+                    )
+                    runs[name][level].append(phase)
+                    print(
+                        f"round {round_number + 1} {name:18} c={level}: {phase.tokens_per_s:6.1f} tok/s, "
+                        f"TTFT p50 {phase.pct('ttft', 50) * 1000:.0f} ms, complete {phase.complete}/{total}",
+                        flush=True,
+                    )
+    results = {name: [merge(runs[name][level]) for level in levels] for name in targets}
 
     header = [
         "target",
@@ -250,6 +282,7 @@ def main() -> None:
         f"({datetime.now(UTC):%Y-%m-%d %H:%M} UTC)\n\n"
         f"Command: `python bench/run.py --concurrency {args.concurrency} --max-tokens {args.max_tokens} "
         f"--threads {args.threads} --slots {args.slots} --requests-per-client {args.requests_per_client} "
+        f"--rounds {args.rounds} "
         f"--write`  \nMachine: {os.cpu_count()} cores, {cpu}; llama-cpp-python {llama_cpp.__version__} "
         f"(llama-server built from its vendored llama.cpp); model {MODEL_ID} Q4_1; {args.slots} slots x "
         f"{args.ctx_per_slot} tokens ({'llama-cpp-python server: 1 slot' if 'llama-cpp-python' in targets else ''}); "
