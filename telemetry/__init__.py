@@ -1,0 +1,1 @@
+"""OpenTelemetry meters and tracers, Prometheus exposition, system stats, logging (the telemetry issue)."""
