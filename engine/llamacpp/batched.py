@@ -10,22 +10,18 @@ what differs from the cached tokens (the same chat session, the same system prom
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
 import logging
 import os
 import queue
 import random
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import llama_cpp
 import numpy as np
-from llama_cpp import Llama
 from llama_cpp._internals import LlamaContext, LlamaModel, LlamaSampler
 from llama_cpp._logger import set_verbose as set_llama_verbose
 
@@ -39,12 +35,12 @@ from engine.base import (
     GenerationEvent,
     GenerationParams,
     GrammarError,
-    ModelInfo,
     ModelLoadError,
     TokenEvent,
     TopLogprob,
 )
-from engine.llamacpp.model import ModelText, check_gguf, grammar_for_response_format
+from engine.llamacpp.common import Embedder, Emit, TextFacade, relay
+from engine.llamacpp.model import ModelText, check_gguf
 from engine.text import IncrementalDetokenizer, StopMatcher
 
 logger = logging.getLogger("pocketllm.engine")
@@ -52,8 +48,6 @@ logger = logging.getLogger("pocketllm.engine")
 MIN_PROMPT_SUFFIX = 2
 """Prompt tokens always decoded, however much of the prompt a slot caches (see sequential.py)."""
 PENALTY_LAST_N = 64
-
-_Emit = Callable[[GenerationEvent | BaseException], None]
 
 
 @dataclass(eq=False)
@@ -64,7 +58,7 @@ class _Job:
     prompt: list[int]
     params: GenerationParams
     cancel: Cancellation
-    emit: _Emit
+    emit: Emit
     sampler: LlamaSampler | None = None
     pending: list[int] = field(default_factory=list)
     """Prompt tokens not decoded yet."""
@@ -78,7 +72,7 @@ class _Job:
     stopper: StopMatcher | None = None
 
 
-class BatchedEngine:
+class BatchedEngine(TextFacade):
     """All slots of one model in one llama.cpp context, stepped together by one worker thread."""
 
     def __init__(
@@ -96,7 +90,6 @@ class BatchedEngine:
         size = check_gguf(path)
         set_llama_verbose(os.environ.get("POCKETLLM_LLAMA_VERBOSE") == "1")
         self._path = path
-        self._n_threads = n_threads
         self._n_ctx_per_slot = n_ctx_per_slot
         self._n_batch = n_batch
         self._slots = slots
@@ -134,16 +127,9 @@ class BatchedEngine:
         self._closed = False
         self._worker = threading.Thread(target=self._loop, name=f"llama-{path.stem}-batch", daemon=True)
         self._worker.start()
-        self._embeddings_enabled = embeddings
-        self._embedder: Llama | None = None
-        self._embed_worker = ThreadPoolExecutor(1, thread_name_prefix=f"llama-{path.stem}-embed")
+        self._embeddings = Embedder(path, n_ctx=n_ctx_per_slot, n_threads=n_threads, enabled=embeddings)
 
     # -- facts and text ------------------------------------------------------------------------------
-
-    @property
-    def info(self) -> ModelInfo:
-        """Facts about the loaded model."""
-        return self._text.info
 
     @property
     def slots(self) -> int:
@@ -151,37 +137,9 @@ class BatchedEngine:
         return self._slots
 
     @property
-    def template_source(self) -> str:
-        """Where the chat template came from."""
-        return self._text.template_source
-
-    @property
     def embeddings_enabled(self) -> bool:
         """Whether this model serves embeddings."""
-        return self._embeddings_enabled
-
-    def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
-        """Tokenize ``text``."""
-        return self._text.tokenize(text, add_special=add_special)
-
-    def detokenize(self, tokens: Sequence[int]) -> str:
-        """Tokens back to text."""
-        return self._text.detokenize(tokens)
-
-    def render_chat(self, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
-        """Apply the chat template."""
-        return self._text.render_chat(messages, add_generation_prompt=add_generation_prompt)
-
-    def check_grammar(self, grammar: str) -> None:
-        """Raise ``GrammarError`` if the grammar does not compile."""
-        self._text.check_grammar(grammar)
-
-    def grammar_for(self, kind: str, schema: dict[str, Any] | None) -> str | None:
-        """GBNF for a ``response_format``."""
-        grammar = grammar_for_response_format(kind, schema)
-        if grammar is not None:
-            self._text.check_grammar(grammar)
-        return grammar
+        return self._embeddings.enabled
 
     def prefix_match(self, slot: int, prompt: Sequence[int]) -> int:
         """Leading prompt tokens the slot's sequence holds in the KV cache."""
@@ -195,29 +153,13 @@ class BatchedEngine:
 
     # -- generation ----------------------------------------------------------------------------------
 
-    async def generate(
+    def generate(
         self, slot: int, prompt: list[int], params: GenerationParams, cancel: Cancellation
     ) -> AsyncIterator[GenerationEvent]:
         """Queue a sequence for the decode loop and relay its events to the event loop."""
         if self._closed:
             raise EngineCrashedError("the engine is closed")
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[GenerationEvent | BaseException] = asyncio.Queue()
-
-        def emit(event: GenerationEvent | BaseException) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, event)
-
-        self._inbox.put(_Job(slot, prompt, params, cancel, emit))
-        try:
-            while True:
-                event = await events.get()
-                if isinstance(event, BaseException):
-                    raise event
-                yield event
-                if isinstance(event, Finished):
-                    return
-        finally:
-            cancel.cancel()
+        return relay(lambda emit: self._inbox.put(_Job(slot, prompt, params, cancel, emit)), cancel)
 
     def _loop(self) -> None:
         try:
@@ -430,23 +372,7 @@ class BatchedEngine:
 
     async def embed(self, inputs: Sequence[str]) -> tuple[list[list[float]], int]:
         """Mean-pooled, L2-normalised embeddings from a dedicated embedding context."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._embed_worker, self._embed, list(inputs))
-
-    def _embed(self, inputs: list[str]) -> tuple[list[list[float]], int]:
-        if self._embedder is None:
-            self._embedder = Llama(
-                str(self._path),
-                embedding=True,
-                pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN,
-                n_ctx=self._n_ctx_per_slot,
-                n_batch=self._n_ctx_per_slot,
-                n_ubatch=self._n_ctx_per_slot,
-                n_threads=self._n_threads,
-                verbose=False,
-            )
-        vectors, count = self._embedder.embed(inputs, normalize=True, truncate=False, return_count=True)
-        return [list(map(float, vector)) for vector in vectors], int(count)
+        return await self._embeddings.embed(inputs)
 
     def close(self) -> None:
         """Stop the decode loop (running sequences end with an error) and free everything; idempotent."""
@@ -459,9 +385,7 @@ class BatchedEngine:
         self._worker.join(timeout=30)
         for job in list(self._running.values()):
             self._finish(job, EngineCrashedError("the engine was closed"))
-        self._embed_worker.shutdown(wait=True, cancel_futures=True)
-        if self._embedder is not None:
-            self._embedder.close()
+        self._embeddings.close()
         llama_cpp.llama_batch_free(self._batch)
         self._ctx.close()
         self._model.close()

@@ -10,12 +10,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
-import llama_cpp
 from llama_cpp import Llama, LogitsProcessorList
 from llama_cpp.llama_grammar import LlamaGrammar
 
@@ -28,10 +26,10 @@ from engine.base import (
     FinishReason,
     GenerationEvent,
     GenerationParams,
-    ModelInfo,
     TokenEvent,
 )
-from engine.llamacpp.model import ModelText, check_gguf, grammar_for_response_format, open_llama
+from engine.llamacpp.common import Embedder, Emit, TextFacade, relay
+from engine.llamacpp.model import ModelText, check_gguf, open_llama
 from engine.llamacpp.sampling import LogitsProcessor, LogprobCapture, logit_bias_processor
 from engine.text import IncrementalDetokenizer, StopMatcher
 
@@ -40,10 +38,8 @@ logger = logging.getLogger("pocketllm.engine")
 MIN_PROMPT_SUFFIX = 2
 """Prompt tokens always decoded, however much of the prompt the KV cache holds."""
 
-_Emit = Callable[[GenerationEvent | BaseException], None]
 
-
-class SequentialEngine:
+class SequentialEngine(TextFacade):
     """``slots`` independent llama.cpp contexts over one GGUF file."""
 
     def __init__(
@@ -60,12 +56,9 @@ class SequentialEngine:
     ) -> None:
         size = check_gguf(path)
         self._path = path
-        self._n_threads = n_threads
-        self._n_batch = n_batch
         self._contexts: list[Llama] = []
         self._workers: list[ThreadPoolExecutor] = []
-        self._embedder: Llama | None = None
-        self._embed_worker = ThreadPoolExecutor(1, thread_name_prefix=f"llama-{path.stem}-embed")
+        self._embeddings = Embedder(path, n_ctx=n_ctx_per_slot, n_threads=n_threads, enabled=embeddings)
         try:
             for index in range(slots):
                 self._contexts.append(
@@ -83,45 +76,11 @@ class SequentialEngine:
             raise
         first = self._contexts[0]
         self._text = ModelText(first._model, path, size, chat_template, first.n_ctx())
-        self._embeddings_enabled = embeddings
-
-    @property
-    def info(self) -> ModelInfo:
-        """Facts about the loaded model."""
-        return self._text.info
 
     @property
     def slots(self) -> int:
         """Parallel sequences."""
         return len(self._contexts)
-
-    @property
-    def template_source(self) -> str:
-        """Where the chat template came from: ``gguf``, ``override`` or ``builtin-chatml``."""
-        return self._text.template_source
-
-    def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
-        """Tokenize ``text``."""
-        return self._text.tokenize(text, add_special=add_special)
-
-    def detokenize(self, tokens: Sequence[int]) -> str:
-        """Tokens back to text."""
-        return self._text.detokenize(tokens)
-
-    def render_chat(self, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
-        """Apply the chat template."""
-        return self._text.render_chat(messages, add_generation_prompt=add_generation_prompt)
-
-    def check_grammar(self, grammar: str) -> None:
-        """Raise ``GrammarError`` if the grammar does not compile."""
-        self._text.check_grammar(grammar)
-
-    def grammar_for(self, kind: str, schema: dict[str, Any] | None) -> str | None:
-        """GBNF for a ``response_format``."""
-        grammar = grammar_for_response_format(kind, schema)
-        if grammar is not None:
-            self._text.check_grammar(grammar)
-        return grammar
 
     def prefix_match(self, slot: int, prompt: Sequence[int]) -> int:
         """Leading prompt tokens already in the slot's KV cache (read without locking: a hint only)."""
@@ -132,30 +91,19 @@ class SequentialEngine:
             matched += 1
         return matched
 
-    async def generate(
+    def generate(
         self, slot: int, prompt: list[int], params: GenerationParams, cancel: Cancellation
     ) -> AsyncIterator[GenerationEvent]:
         """Run one sequence on ``slot``'s thread, relaying its events to the event loop."""
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[GenerationEvent | BaseException] = asyncio.Queue()
 
-        def emit(event: GenerationEvent | BaseException) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, event)
+        def submit(emit: Emit) -> None:
+            loop.run_in_executor(self._workers[slot], self._run, slot, prompt, params, cancel, emit)
 
-        loop.run_in_executor(self._workers[slot], self._run, slot, prompt, params, cancel, emit)
-        try:
-            while True:
-                event = await events.get()
-                if isinstance(event, BaseException):
-                    raise event
-                yield event
-                if isinstance(event, Finished):
-                    return
-        finally:
-            cancel.cancel()
+        return relay(submit, cancel)
 
     def _run(
-        self, slot: int, prompt: list[int], params: GenerationParams, cancel: Cancellation, emit: _Emit
+        self, slot: int, prompt: list[int], params: GenerationParams, cancel: Cancellation, emit: Emit
     ) -> None:
         if cancel.cancelled:
             return
@@ -174,7 +122,7 @@ class SequentialEngine:
         prompt: list[int],
         params: GenerationParams,
         cancel: Cancellation,
-        emit: _Emit,
+        emit: Emit,
     ) -> Finished:
         n_ctx = llm.n_ctx()
         if len(prompt) + params.max_tokens > n_ctx:
@@ -238,37 +186,19 @@ class SequentialEngine:
 
     async def embed(self, inputs: Sequence[str]) -> tuple[list[list[float]], int]:
         """Mean-pooled, L2-normalised embeddings from a dedicated embedding context."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._embed_worker, self._embed, list(inputs))
-
-    def _embed(self, inputs: list[str]) -> tuple[list[list[float]], int]:
-        if self._embedder is None:
-            self._embedder = Llama(
-                str(self._path),
-                embedding=True,
-                pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN,
-                n_ctx=self._contexts[0].n_ctx(),
-                n_batch=self._contexts[0].n_ctx(),
-                n_ubatch=self._contexts[0].n_ctx(),
-                n_threads=self._n_threads,
-                verbose=False,
-            )
-        vectors, count = self._embedder.embed(inputs, normalize=True, truncate=False, return_count=True)
-        return [list(map(float, vector)) for vector in vectors], int(count)
+        return await self._embeddings.embed(inputs)
 
     @property
     def embeddings_enabled(self) -> bool:
         """Whether this model serves ``/v1/embeddings``."""
-        return self._embeddings_enabled
+        return self._embeddings.enabled
 
     def close(self) -> None:
         """Stop the slot threads (after their current token) and free the contexts."""
         for worker in self._workers:
             worker.shutdown(wait=True, cancel_futures=True)
-        self._embed_worker.shutdown(wait=True, cancel_futures=True)
+        self._embeddings.close()
         for llm in self._contexts:
             llm.close()
-        if self._embedder is not None:
-            self._embedder.close()
         self._contexts.clear()
         self._workers.clear()

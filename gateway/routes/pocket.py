@@ -16,11 +16,12 @@ from msgspec import Meta, Struct
 
 from auth.principal import Principal
 from auth.service import AuthenticationFailedError, Authenticator, LoginThrottledError
+from auth.store import ChatSession, IdentityStore
 from gateway.errors import AuthenticationError, GatewayError, RateLimitError
 from gateway.generation import ChoiceFinished, ChoiceToken, Job, acquire, prepare_chat, reserve, run_choices
 from gateway.protocol.chat import ChatCompletionRequest, ChatMessage
 from gateway.runtime import ModelManager
-from gateway.security import authenticate, requires_inference
+from gateway.security import authenticate, check_model_access, requires_inference
 from gateway.sessions import check_session_id, own_session, session_not_found, title_from
 from gateway.settings import Settings
 from gateway.streaming import EventStream, event_stream, frame
@@ -115,6 +116,28 @@ def _history_messages(history: list[Any], prompt: str) -> list[ChatMessage]:
     ]
 
 
+async def _start_turn(
+    store: IdentityStore, principal: Principal, data: ChatRequest, models: ModelManager, settings: Settings
+) -> tuple[ChatSession, Job]:
+    """The session (loaded, or created when none is given) and the job for the next reply in it."""
+    model_name = data.model or models.runtimes[0].id
+    runtime = models.resolve(model_name)
+    check_model_access(principal, model_name, runtime.id)
+    if data.session_id is not None:
+        session = await own_session(store, principal, data.session_id)
+        history = await store.list_messages(session.id)
+    else:
+        session = await store.create_session(principal.user_id, title_from(data.prompt), runtime.id)
+        history = []
+    completion = ChatCompletionRequest(
+        model=model_name,
+        messages=_history_messages(history, data.prompt),
+        max_tokens=data.max_tokens,
+        temperature=data.temperature,
+    )
+    return session, await prepare_chat(completion, runtime, settings.limits, session.id)
+
+
 class ChatController(Controller):
     """``/chat`` and ``/chat/history``."""
 
@@ -133,21 +156,7 @@ class ChatController(Controller):
     ) -> ChatReply | EventStream:
         """Generate the next reply of a session (a new one when none is given); both turns are stored."""
         store = request.app.state.authenticator.store
-        model_name = data.model or models.runtimes[0].id
-        runtime = models.resolve(model_name)
-        if data.session_id is not None:
-            session = await own_session(store, principal, data.session_id)
-            history = await store.list_messages(session.id)
-        else:
-            session = await store.create_session(principal.user_id, title_from(data.prompt), runtime.id)
-            history = []
-        completion = ChatCompletionRequest(
-            model=model_name,
-            messages=_history_messages(history, data.prompt),
-            max_tokens=data.max_tokens,
-            temperature=data.temperature,
-        )
-        job = await prepare_chat(completion, runtime, settings.limits, session.id)
+        session, job = await _start_turn(store, principal, data, models, settings)
         reservation = reserve(job)
         if data.stream:
             return EventStream(
@@ -169,7 +178,7 @@ class ChatController(Controller):
         finally:
             reservation.release()
         await store.add_messages(session.id, [("user", data.prompt), ("assistant", text)])
-        return ChatReply(text, session.id, model_name, finish, usage)
+        return ChatReply(text, session.id, data.model or job.runtime.id, finish, usage)
 
     @get("/history", summary="The caller's sessions")
     async def history(
@@ -325,21 +334,7 @@ async def _socket_turn(
     models: ModelManager,
     settings: Settings,
 ) -> None:
-    model_name = data.model or models.runtimes[0].id
-    runtime = models.resolve(model_name)
-    if data.session_id is not None:
-        session = await own_session(store, principal, data.session_id)
-        history = await store.list_messages(session.id)
-    else:
-        session = await store.create_session(principal.user_id, title_from(data.prompt), runtime.id)
-        history = []
-    completion = ChatCompletionRequest(
-        model=model_name,
-        messages=_history_messages(history, data.prompt),
-        max_tokens=data.max_tokens,
-        temperature=data.temperature,
-    )
-    job = await prepare_chat(completion, runtime, settings.limits, session.id)
+    session, job = await _start_turn(store, principal, data, models, settings)
     reservation = reserve(job)
     text = ""
     started = time.perf_counter()
