@@ -41,6 +41,7 @@ from engine.base import (
 )
 from engine.llamacpp.common import Embedder, Emit, TextFacade, relay
 from engine.llamacpp.model import ModelText, check_gguf
+from engine.llamacpp.threadpool import Threadpool
 from engine.text import IncrementalDetokenizer, StopMatcher
 
 logger = logging.getLogger("pocketllm.engine")
@@ -116,6 +117,7 @@ class BatchedEngine(TextFacade):
             raise ModelLoadError(
                 f"model file {path} could not be loaded (corrupt or unsupported): {exc}"
             ) from None
+        self._threadpool = Threadpool(self._ctx.ctx, n_threads)
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self._n_vocab = self._model.n_vocab()
         self._text = ModelText(self._model, path, size, chat_template, n_ctx_per_slot)
@@ -386,6 +388,7 @@ class BatchedEngine(TextFacade):
         for job in list(self._running.values()):
             self._finish(job, EngineCrashedError("the engine was closed"))
         self._embeddings.close()
+        self._threadpool.close()
         llama_cpp.llama_batch_free(self._batch)
         self._ctx.close()
         self._model.close()
