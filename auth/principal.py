@@ -1,8 +1,32 @@
-"""Who is calling: the authenticated user, through which key, with what rights."""
+"""Who is calling: the authenticated user, through which credential, with what rights."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
+
+Role = Literal["user", "admin"]
+ROLES: frozenset[str] = frozenset({"user", "admin"})
+
+
+def as_role(value: str) -> Role:
+    """Check a role name.
+
+    Args:
+        value: ``user`` or ``admin``.
+
+    Returns:
+        The same value, typed as a ``Role``.
+
+    Raises:
+        ValueError: for any other value.
+    """
+    if value == "user":
+        return "user"
+    if value == "admin":
+        return "admin"
+    raise ValueError(f"unknown role {value!r}: use 'user' or 'admin'")
+
 
 SCOPE_INFERENCE = "inference"
 SCOPE_ADMIN = "admin"
@@ -11,24 +35,47 @@ ALL_SCOPES = frozenset({SCOPE_INFERENCE, SCOPE_ADMIN})
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """The caller of one request."""
+    """The caller of one request.
+
+    Attributes:
+        user_id: the user's id.
+        username: the user's name.
+        role: ``user`` or ``admin`` (from the store, not from the credential).
+        scopes: what the credential grants (``inference``, ``admin``).
+        key_id: the API key used, or None for a JWT.
+        allowed_models: the key's model allow-list, or None for any model.
+    """
 
     user_id: str
     username: str
-    role: str
+    role: Role
     scopes: frozenset[str]
     key_id: str | None = None
     allowed_models: frozenset[str] | None = None
 
     @property
     def is_admin(self) -> bool:
-        """Admin by role or by an admin-scoped key."""
+        """Whether admin routes are open to this caller: the admin role or the admin scope."""
         return self.role == "admin" or SCOPE_ADMIN in self.scopes
 
     def has_scope(self, scope: str) -> bool:
-        """Whether the credential grants ``scope``."""
+        """Whether the credential grants a scope.
+
+        Args:
+            scope: ``inference`` or ``admin``.
+
+        Returns:
+            True when granted.
+        """
         return scope in self.scopes
 
     def can_use_model(self, model_id: str) -> bool:
-        """Whether the key's model list (if any) allows ``model_id``."""
+        """Whether the credential's model allow-list (if any) admits a model.
+
+        Args:
+            model_id: the model's id or alias as requested.
+
+        Returns:
+            True when there is no list or the model is on it.
+        """
         return self.allowed_models is None or model_id in self.allowed_models

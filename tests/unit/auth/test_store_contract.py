@@ -1,132 +1,257 @@
-"""One contract for every identity-store backend (a second backend passes by joining ``BACKENDS``)."""
+"""One contract for every identity-store backend (a backend joins by an entry in ``conftest.BACKENDS``)."""
 
 from __future__ import annotations
 
 import asyncio
-import sqlite3
-from collections.abc import Awaitable, Callable
-from pathlib import Path
-from typing import Any
+import re
+import time
 
 import pytest
 
-from auth.store import IdentityStore, SQLiteStore, UserExistsError
+from auth.errors import SessionExistsError, SessionNotFoundError, StoreClosedError, UserExistsError
+from auth.store import ApiKey, IdentityStore, StoredApiKey
+from tests.unit.auth.conftest import StoreOpener
 
-BACKENDS: dict[str, Callable[[Path], IdentityStore]] = {"sqlite": SQLiteStore}
+pytestmark = pytest.mark.anyio
 
-
-def run(coro: Awaitable[Any]) -> Any:
-    return asyncio.run(coro)  # type: ignore[arg-type]
-
-
-@pytest.fixture(params=sorted(BACKENDS))
-def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], IdentityStore]:
-    return lambda: BACKENDS[request.param](tmp_path)
+HEX_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
-def test_users(make_store: Callable[[], IdentityStore]) -> None:
-    async def main() -> None:
-        store = make_store()
-        alice = await store.create_user("alice", "hash-a", "user")
-        await store.create_user("root", "hash-r", "admin")
-        with pytest.raises(UserExistsError):
-            await store.create_user("alice", "x", "user")
-        assert (await store.get_user(alice.id)) == alice
-        assert (await store.get_user_by_name("alice")) == alice
-        assert await store.get_user("missing") is None
-        assert [u.username for u in await store.list_users()] == ["alice", "root"]
-        disabled = await store.disable_user(alice.id)
-        assert disabled is not None and disabled.disabled
-        again = await store.disable_user(alice.id)
-        assert again is not None and again.disabled_at == disabled.disabled_at
-        assert await store.disable_user("missing") is None
-        await store.set_password_hash(alice.id, "hash-b")
-        fetched = await store.get_user(alice.id)
-        assert fetched is not None and fetched.password_hash == "hash-b"
-        await store.close()
-
-    run(main())
+async def test_users_are_created_and_found(store: IdentityStore) -> None:
+    before = time.time()
+    alice = await store.create_user("alice", "hash-a", "user")
+    root = await store.create_user("root", None, "admin")
+    assert HEX_ID.match(alice.id) and HEX_ID.match(root.id) and alice.id != root.id
+    assert (alice.username, alice.role, alice.password_hash) == ("alice", "user", "hash-a")
+    assert root.role == "admin" and root.password_hash is None
+    assert before - 1 <= alice.created_at <= time.time() + 1
+    assert alice.disabled_at is None and not alice.disabled and alice.last_login_at is None
+    assert await store.get_user(alice.id) == alice
+    assert await store.get_user_by_name("alice") == alice
+    assert await store.get_user_by_name("ALICE") is None  # names are exact
+    assert await store.get_user("0" * 32) is None
+    assert await store.get_user_by_name("nobody") is None
+    assert [u.username for u in await store.list_users()] == ["alice", "root"]
+    assert "hash-a" not in repr(alice)
 
 
-def test_keys(make_store: Callable[[], IdentityStore]) -> None:
-    async def main() -> None:
-        store = make_store()
-        user = await store.create_user("bob", None, "user")
-        key = await store.create_key(user.id, "digest-1", "abcd", ["inference"], ["m1"], 123.0)
-        other = await store.create_key(user.id, "digest-2", "wxyz", ["inference", "admin"], None, None)
-        found = await store.get_key_by_hash("digest-1")
-        assert found == key and found.models == ("m1",) and found.expires_at == 123.0
-        assert await store.get_key_by_hash("nope") is None
-        assert [k.id for k in await store.list_keys()] == [key.id, other.id]
-        assert [k.id for k in await store.list_keys(user.id)] == [key.id, other.id]
-        assert await store.list_keys("someone-else") == []
-        assert await store.revoke_key(key.id)
-        revoked = await store.get_key_by_hash("digest-1")
-        assert revoked is not None and revoked.revoked_at is not None
-        assert not await store.revoke_key("missing")
-        await store.close()
-
-    run(main())
+async def test_a_taken_username_and_an_unknown_role_are_refused(store: IdentityStore) -> None:
+    await store.create_user("alice", "h", "user")
+    with pytest.raises(UserExistsError):
+        await store.create_user("alice", "other", "admin")
+    with pytest.raises(ValueError, match="role"):
+        await store.create_user("bob", "h", "superuser")  # type: ignore[arg-type]
+    assert [u.username for u in await store.list_users()] == ["alice"]
 
 
-def test_sessions_and_messages(make_store: Callable[[], IdentityStore]) -> None:
-    async def main() -> None:
-        store = make_store()
-        a = await store.create_user("a", None, "user")
-        b = await store.create_user("b", None, "user")
-        first = await store.create_session(a.id, "first", "m")
-        second = await store.create_session(a.id, "second", "m", session_id="chosen-id")
-        await store.create_session(b.id, "b's", "m")
-        await store.add_messages(first.id, [("user", "hi"), ("assistant", "hello")])
-        assert [(m.role, m.content) for m in await store.list_messages(first.id)] == [
-            ("user", "hi"),
-            ("assistant", "hello"),
-        ]
-        page, total = await store.list_sessions(a.id, limit=1, offset=0)
-        assert total == 2 and [s.id for s in page] == [first.id]  # updated most recently
-        page, _ = await store.list_sessions(a.id, limit=1, offset=1)
-        assert [s.id for s in page] == [second.id]
-        assert (await store.get_session(first.id, a.id)) is not None
-        assert (await store.get_session(first.id, a.id)).message_count == 2  # type: ignore[union-attr]
-        assert await store.get_session(first.id, b.id) is None  # another user's: like a missing one
-        assert await store.session_owner("chosen-id") == a.id
-        assert await store.count_sessions() == (3, {"a": 2, "b": 1})
-        assert not await store.delete_session(first.id, b.id)
-        assert await store.delete_session(first.id, a.id)
-        assert await store.list_messages(first.id) == []
-        assert await store.get_session(first.id, a.id) is None
-        await store.close()
-
-    run(main())
+async def test_disable_is_idempotent(store: IdentityStore) -> None:
+    alice = await store.create_user("alice", "h", "user")
+    disabled = await store.disable_user(alice.id)
+    assert disabled is not None and disabled.disabled and disabled.disabled_at is not None
+    again = await store.disable_user(alice.id)
+    assert again is not None and again.disabled_at == disabled.disabled_at
+    assert await store.disable_user("0" * 32) is None
+    fetched = await store.get_user_by_name("alice")
+    assert fetched is not None and fetched.disabled
 
 
-def test_restart_loses_nothing(make_store: Callable[[], IdentityStore]) -> None:
-    async def write() -> tuple[str, str, str]:
-        store = make_store()
-        user = await store.create_user("keep", "h", "admin")
-        key = await store.create_key(user.id, "d", "1234", ["admin"], None, None)
-        session = await store.create_session(user.id, "t", "m")
-        await store.add_messages(session.id, [("user", "q"), ("assistant", "a")])
-        await store.close()
-        return user.id, key.id, session.id
-
-    async def read(ids: tuple[str, str, str]) -> None:
-        store = make_store()
-        user_id, key_id, session_id = ids
-        assert (await store.get_user(user_id)) is not None
-        assert [k.id for k in await store.list_keys(user_id)] == [key_id]
-        assert len(await store.list_messages(session_id)) == 2
-        await store.close()
-
-    run(read(run(write())))
+async def test_password_hash_and_last_login_are_updated(store: IdentityStore) -> None:
+    alice = await store.create_user("alice", "old", "user")
+    bob = await store.create_user("bob", "bobs", "user")
+    await store.set_password_hash(alice.id, "new")
+    await store.touch_user(alice.id, 1234.5)
+    fetched = await store.get_user(alice.id)
+    assert fetched is not None and fetched.password_hash == "new" and fetched.last_login_at == 1234.5
+    untouched = await store.get_user(bob.id)
+    assert untouched is not None and untouched.password_hash == "bobs" and untouched.last_login_at is None
+    await store.touch_user(bob.id)
+    touched = await store.get_user(bob.id)
+    assert touched is not None and touched.last_login_at is not None
+    assert abs(touched.last_login_at - time.time()) < 60
 
 
-def test_sqlite_schema_is_versioned_and_in_wal_mode(tmp_path: Path) -> None:
-    store = SQLiteStore(tmp_path)
-    run(store.close())
-    conn = sqlite3.connect(tmp_path / "pocketllm.sqlite3")
+async def test_keys_are_stored_by_digest(store: IdentityStore) -> None:
+    bob = await store.create_user("bob", None, "user")
+    key = await store.create_key(bob.id, "d1" * 32, "abcd", ["inference"], ["m1", "m2"], 123.0)
+    assert HEX_ID.match(key.id) and key.user_id == bob.id and key.last4 == "abcd"
+    assert key.scopes == ("inference",) and key.models == ("m1", "m2") and key.expires_at == 123.0
+    assert key.revoked_at is None and not key.revoked
+    found = await store.get_key_by_hash("d1" * 32)
+    assert isinstance(found, StoredApiKey) and found.key_hash == "d1" * 32
+    assert (found.id, found.scopes, found.models, found.expires_at) == (key.id, key.scopes, key.models, 123.0)
+    assert found.expired(123.0) and not found.expired(122.9)
+    assert await store.get_key_by_hash("d2" * 32) is None
+
+
+async def test_listing_keys_never_shows_a_digest(store: IdentityStore) -> None:
+    bob = await store.create_user("bob", None, "user")
+    eve = await store.create_user("eve", None, "admin")
+    first = await store.create_key(bob.id, "a" * 64, "aaaa", ["inference"], None, None)
+    second = await store.create_key(eve.id, "b" * 64, "bbbb", ["inference", "admin"], None, None)
+    third = await store.create_key(bob.id, "c" * 64, "cccc", ["inference"], [], None)
+    listed = await store.list_keys()
+    assert [k.id for k in listed] == [first.id, second.id, third.id]
+    for key in listed:
+        assert type(key) is ApiKey and not hasattr(key, "key_hash")
+        assert "a" * 64 not in repr(key) and "b" * 64 not in repr(key)
+    assert [k.id for k in await store.list_keys(bob.id)] == [first.id, third.id]
+    assert listed[1].scopes == ("inference", "admin") and listed[1].models is None
+    assert listed[2].models == ()  # an empty allow-list is not "any model"
+    assert await store.list_keys("0" * 32) == []
+
+
+async def test_revoking_a_key(store: IdentityStore) -> None:
+    bob = await store.create_user("bob", None, "user")
+    key = await store.create_key(bob.id, "d" * 64, "abcd", ["inference"], None, None)
+    other = await store.create_key(bob.id, "e" * 64, "efgh", ["inference"], None, None)
+    assert await store.revoke_key(key.id)
+    revoked = await store.get_key_by_hash("d" * 64)
+    assert revoked is not None and revoked.revoked and revoked.revoked_at is not None
+    assert await store.revoke_key(key.id)  # idempotent, and the first time stays
+    again = await store.get_key_by_hash("d" * 64)
+    assert again is not None and again.revoked_at == revoked.revoked_at
+    untouched = await store.get_key_by_hash("e" * 64)
+    assert untouched is not None and not untouched.revoked and untouched.id == other.id
+    assert not await store.revoke_key("0" * 32)
+
+
+async def test_sessions_are_owner_scoped(store: IdentityStore) -> None:
+    a = await store.create_user("a", None, "user")
+    b = await store.create_user("b", None, "user")
+    session = await store.create_session(a.id, "first chat", "m")
+    assert HEX_ID.match(session.id) and session.user_id == a.id and session.message_count == 0
+    assert (session.title, session.model) == ("first chat", "m")
+    assert await store.get_session(session.id, a.id) == session
+    assert await store.get_session(session.id, b.id) is None  # another user's: like a missing one
+    assert await store.get_session("0" * 32, a.id) is None
+    assert await store.session_owner(session.id) == a.id
+    assert await store.session_owner("0" * 32) is None
+    chosen = await store.create_session(b.id, "t", "m", session_id="client-chosen.id:1")
+    assert chosen.id == "client-chosen.id:1" and await store.session_owner(chosen.id) == b.id
+    with pytest.raises(SessionExistsError):
+        await store.create_session(a.id, "steal", "m", session_id="client-chosen.id:1")
+    assert await store.session_owner("client-chosen.id:1") == b.id
+
+
+async def test_sessions_are_listed_newest_first_in_pages(store: IdentityStore) -> None:
+    a = await store.create_user("a", None, "user")
+    b = await store.create_user("b", None, "user")
+    s1 = await store.create_session(a.id, "one", "m")
+    s2 = await store.create_session(a.id, "two", "m")
+    s3 = await store.create_session(a.id, "three", "m")
+    await store.create_session(b.id, "b's", "m")
+    page, total = await store.list_sessions(a.id, limit=10, offset=0)
+    assert total == 3 and [s.id for s in page] == [s3.id, s2.id, s1.id]
+    await store.add_messages(s1.id, [("user", "hi")])  # activity makes it the newest
+    page, total = await store.list_sessions(a.id, limit=2, offset=0)
+    assert total == 3 and [s.id for s in page] == [s1.id, s3.id]
+    assert page[0].message_count == 1 and page[0].updated_at >= page[0].created_at
+    page, total = await store.list_sessions(a.id, limit=2, offset=2)
+    assert total == 3 and [s.id for s in page] == [s2.id]
+    page, total = await store.list_sessions(a.id, limit=2, offset=5)
+    assert (page, total) == ([], 3)
+    with pytest.raises(ValueError, match="negative"):
+        await store.list_sessions(a.id, limit=-1, offset=0)
+
+
+async def test_deleting_a_session_is_owner_only_and_takes_its_messages(store: IdentityStore) -> None:
+    a = await store.create_user("a", None, "user")
+    b = await store.create_user("b", None, "user")
+    session = await store.create_session(a.id, "t", "m")
+    await store.add_messages(session.id, [("user", "q"), ("assistant", "r")])
+    assert not await store.delete_session(session.id, b.id)
+    assert len(await store.list_messages(session.id)) == 2
+    assert await store.delete_session(session.id, a.id)
+    assert await store.get_session(session.id, a.id) is None
+    assert await store.list_messages(session.id) == []
+    assert not await store.delete_session(session.id, a.id)
+    assert await store.session_owner(session.id) is None  # the id is free again
+
+
+async def test_sessions_are_counted_in_total_and_per_user(store: IdentityStore) -> None:
+    assert await store.count_sessions() == (0, {})
+    a = await store.create_user("a", None, "user")
+    b = await store.create_user("b", None, "user")
+    await store.create_user("idle", None, "user")
+    for _ in range(2):
+        await store.create_session(a.id, "t", "m")
+    await store.create_session(b.id, "t", "m")
+    assert await store.count_sessions() == (3, {"a": 2, "b": 1})
+
+
+async def test_messages_keep_their_order(store: IdentityStore) -> None:
+    a = await store.create_user("a", None, "user")
+    session = await store.create_session(a.id, "t", "m")
+    other = await store.create_session(a.id, "t", "m")
+    await store.add_messages(session.id, [("user", "1"), ("assistant", "2")])
+    await store.add_messages(other.id, [("user", "elsewhere")])
+    await store.add_messages(session.id, [("user", "3"), ("assistant", "4 ünïcødé \u2028 ok")])
+    messages = await store.list_messages(session.id)
+    assert [(m.role, m.content) for m in messages] == [
+        ("user", "1"),
+        ("assistant", "2"),
+        ("user", "3"),
+        ("assistant", "4 ünïcødé \u2028 ok"),
+    ]
+    assert all(isinstance(m.created_at, float) for m in messages)
+    fetched = await store.get_session(session.id, a.id)
+    assert fetched is not None and fetched.message_count == 4
+
+
+async def test_messages_for_a_missing_session_are_refused(store: IdentityStore) -> None:
+    with pytest.raises(SessionNotFoundError):
+        await store.add_messages("0" * 32, [("user", "lost")])
+    assert await store.list_messages("0" * 32) == []
+
+
+async def test_concurrent_calls_are_all_served(store: IdentityStore) -> None:
+    users = await asyncio.gather(*(store.create_user(f"u{i}", None, "user") for i in range(20)))
+    sessions = await asyncio.gather(*(store.create_session(u.id, "t", "m") for u in users))
+    await asyncio.gather(*(store.add_messages(s.id, [("user", s.id)]) for s in sessions))
+    assert len(await store.list_users()) == 20
+    assert (await store.count_sessions())[0] == 20
+    for session in sessions:
+        assert [m.content for m in await store.list_messages(session.id)] == [session.id]
+
+
+async def test_a_restart_loses_nothing(open_store: StoreOpener) -> None:
+    first = open_store()
+    user = await first.create_user("keep", "scrypt$hash", "admin")
+    gone = await first.create_user("gone", None, "user")
+    await first.disable_user(gone.id)
+    await first.touch_user(user.id, 42.0)
+    key = await first.create_key(user.id, "f" * 64, "wxyz", ["admin", "inference"], ["m"], 9e9)
+    revoked = await first.create_key(user.id, "9" * 64, "0000", ["inference"], None, None)
+    await first.revoke_key(revoked.id)
+    session = await first.create_session(user.id, "title", "m", session_id="kept-session")
+    await first.add_messages(session.id, [("user", "q"), ("assistant", "a")])
+    await first.close()
+
+    second = open_store()
     try:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == store.schema_version
-        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        restored = await second.get_user(user.id)
+        assert restored is not None and restored.password_hash == "scrypt$hash" and restored.role == "admin"
+        assert restored.last_login_at == 42.0
+        still_gone = await second.get_user(gone.id)
+        assert still_gone is not None and still_gone.disabled
+        found = await second.get_key_by_hash("f" * 64)
+        assert found is not None and found.id == key.id and found.models == ("m",) and found.expires_at == 9e9
+        assert found.scopes == ("admin", "inference") and not found.revoked
+        found_revoked = await second.get_key_by_hash("9" * 64)
+        assert found_revoked is not None and found_revoked.revoked
+        assert await second.get_session("kept-session", user.id) is not None
+        assert [(m.role, m.content) for m in await second.list_messages("kept-session")] == [
+            ("user", "q"),
+            ("assistant", "a"),
+        ]
+        assert await second.count_sessions() == (1, {"keep": 1})
     finally:
-        conn.close()
+        await second.close()
+
+
+async def test_a_closed_store_refuses_work(open_store: StoreOpener) -> None:
+    opened = open_store()
+    await opened.close()
+    await opened.close()  # idempotent
+    with pytest.raises(StoreClosedError):
+        await opened.list_users()

@@ -1,0 +1,260 @@
+"""Credentials to principals, and passwords to tokens; free of any web framework.
+
+The HTTP layer hands over header strings (``Authorization``, ``x-api-key``) and maps
+``AuthenticationError`` to 401 and ``LoginThrottledError`` to 429.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from auth.errors import AuthenticationError, InvalidTokenError, KeyPolicyError, LoginThrottledError
+from auth.keys import (
+    constant_time_equals,
+    generate_api_key,
+    hash_api_key,
+    is_well_formed_api_key,
+    looks_like_api_key,
+)
+from auth.passwords import ScryptParams, dummy_verify, hash_password, needs_rehash, verify_password
+from auth.principal import ALL_SCOPES, SCOPE_ADMIN, SCOPE_INFERENCE, Principal, as_role
+from auth.store import ApiKey, IdentityStore, User
+from auth.throttle import LoginThrottle
+from auth.tokens import (
+    ExternalProvider,
+    TokenSettings,
+    decode_external,
+    decode_token,
+    issue_token,
+    unverified_issuer,
+)
+
+logger = logging.getLogger("pocketllm.auth")
+
+MAX_CREDENTIAL_LENGTH = 8192
+_BAD_LOGIN = "invalid username or password"
+_NO_ACCOUNT = "the account does not exist or is disabled"
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedKey:
+    """A new API key: the stored record, and the full key (to show this once)."""
+
+    record: ApiKey
+    key: str
+
+
+def credential_from_headers(authorization: str | None, api_key: str | None) -> str | None:
+    """The credential a request carries.
+
+    Args:
+        authorization: the ``Authorization`` header (``Bearer <credential>``, scheme case-insensitive).
+        api_key: the ``x-api-key`` header, used when there is no bearer credential.
+
+    Returns:
+        The credential, or None when neither header carries one.
+    """
+    if authorization:
+        scheme, _, value = authorization.strip().partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+    if api_key and api_key.strip():
+        return api_key.strip()
+    return None
+
+
+class Authenticator:
+    """Turns request credentials into principals; logs users in; creates users and keys."""
+
+    def __init__(
+        self,
+        store: IdentityStore,
+        tokens: TokenSettings,
+        passwords: ScryptParams | None = None,
+        external: ExternalProvider | None = None,
+        throttle: LoginThrottle | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """Wire the authenticator.
+
+        Args:
+            store: the identity store.
+            tokens: our own JWT settings.
+            passwords: password-hashing parameters (OWASP's scrypt when None).
+            external: an external identity provider whose tokens are accepted too.
+            throttle: the login throttle (5 failures in 300 s when None).
+            clock: unix seconds, for key expiry and last-login times (tokens always use wall time).
+        """
+        if external is not None and external.issuer == tokens.issuer:
+            raise ValueError("the external identity provider's issuer must differ from our own")
+        self.store = store
+        self.tokens = tokens
+        self.passwords = passwords or ScryptParams()
+        self.external = external
+        self.throttle = throttle or LoginThrottle()
+        self._clock = clock
+
+    async def authenticate(self, authorization: str | None, api_key: str | None = None) -> Principal:
+        """The principal behind a request's credentials.
+
+        Args:
+            authorization: the ``Authorization`` header value, if any.
+            api_key: the ``x-api-key`` header value, if any.
+
+        Returns:
+            The principal. A key's scopes and model list come from the key; a JWT grants
+            ``inference``, plus ``admin`` for admins.
+
+        Raises:
+            AuthenticationError: missing, malformed, invalid, revoked or expired credentials, or a
+                missing or disabled account.
+        """
+        credential = credential_from_headers(authorization, api_key)
+        if credential is None:
+            raise AuthenticationError("missing credentials: send `Authorization: Bearer <key or token>`")
+        if len(credential) > MAX_CREDENTIAL_LENGTH:
+            raise AuthenticationError("the credential is too long")
+        if looks_like_api_key(credential):
+            return await self._from_key(credential)
+        return await self._from_token(credential)
+
+    async def _from_key(self, key: str) -> Principal:
+        if not is_well_formed_api_key(key):
+            raise AuthenticationError("invalid API key")
+        digest = hash_api_key(key)
+        record = await self.store.get_key_by_hash(digest)
+        if record is None or not constant_time_equals(record.key_hash, digest):
+            raise AuthenticationError("invalid API key")
+        if record.revoked:
+            raise AuthenticationError("this API key has been revoked")
+        if record.expired(self._clock()):
+            raise AuthenticationError("this API key has expired")
+        user = await self._active_user(record.user_id)
+        scopes = frozenset(record.scopes)
+        if user.role != "admin":
+            scopes -= {SCOPE_ADMIN}  # the owner may have lost the role since the key was made
+        models = frozenset(record.models) if record.models is not None else None
+        return Principal(user.id, user.username, user.role, scopes, record.id, models)
+
+    async def _from_token(self, token: str) -> Principal:
+        try:
+            if self.external is not None and unverified_issuer(token) == self.external.issuer:
+                claims = decode_external(token, self.external)
+                user = await self._external_user(claims.username)
+            else:
+                claims = decode_token(token, self.tokens)
+                user = await self._active_user(claims.sub)
+        except InvalidTokenError as exc:
+            raise AuthenticationError(str(exc)) from None
+        scopes = {SCOPE_INFERENCE} | ({SCOPE_ADMIN} if user.role == "admin" else set())
+        return Principal(user.id, user.username, user.role, frozenset(scopes))
+
+    async def _active_user(self, user_id: str) -> User:
+        user = await self.store.get_user(user_id)
+        if user is None or user.disabled:
+            raise AuthenticationError(_NO_ACCOUNT)
+        return user
+
+    async def _external_user(self, username: str | None) -> User:
+        assert self.external is not None
+        if not username or len(username) > 256:
+            raise AuthenticationError("the token names no user")
+        user = await self.store.get_user_by_name(username)
+        if user is None and self.external.create_users:
+            user = await self.store.create_user(username, None, "user")
+            logger.info("created the user %r on first sight from the identity provider", username)
+        if user is None or user.disabled:
+            raise AuthenticationError(_NO_ACCOUNT)
+        return user
+
+    async def login(self, username: str, password: str, client: str) -> tuple[User, str]:
+        """Check a password and issue a token.
+
+        Unknown users, users without a password and disabled users cost one hash and get the same
+        answer as a wrong password. A hash made with weaker parameters than configured is replaced.
+
+        Args:
+            username: the name sent.
+            password: the password sent.
+            client: the client address (for throttling).
+
+        Returns:
+            ``(user, token)``.
+
+        Raises:
+            LoginThrottledError: too many recent failures for the username or the address.
+            AuthenticationError: wrong credentials (one message for every reason).
+        """
+        decision = self.throttle.check(username, client)
+        if decision.blocked:
+            raise LoginThrottledError(decision.retry_after)
+        user = await self.store.get_user_by_name(username)
+        if user is None or user.password_hash is None or user.disabled:
+            await asyncio.to_thread(dummy_verify, self.passwords)
+            self.throttle.record_failure(username, client)
+            raise AuthenticationError(_BAD_LOGIN)
+        if not await asyncio.to_thread(verify_password, password, user.password_hash):
+            self.throttle.record_failure(username, client)
+            raise AuthenticationError(_BAD_LOGIN)
+        self.throttle.record_success(username)
+        if needs_rehash(user.password_hash, self.passwords):
+            digest = await asyncio.to_thread(hash_password, password, self.passwords)
+            await self.store.set_password_hash(user.id, digest)
+        await self.store.touch_user(user.id, self._clock())
+        # wall time, not ``clock``: pyjwt checks exp/nbf/iat against wall time
+        return user, issue_token(user.id, user.username, user.role, self.tokens)
+
+    async def create_user(self, username: str, password: str, role: str = "user") -> User:
+        """A new user with a hashed password.
+
+        Args:
+            username: the new name.
+            password: the plaintext password (hashed off the event loop).
+            role: ``user`` or ``admin``.
+
+        Returns:
+            The stored user.
+
+        Raises:
+            ValueError: for an unknown role.
+            UserExistsError: when the name is taken.
+        """
+        checked = as_role(role)
+        digest = await asyncio.to_thread(hash_password, password, self.passwords)
+        return await self.store.create_user(username, digest, checked)
+
+    async def create_key(
+        self,
+        user: User,
+        scopes: frozenset[str] | None = None,
+        models: list[str] | None = None,
+        expires_at: float | None = None,
+    ) -> IssuedKey:
+        """A new API key for a user.
+
+        Args:
+            user: the owner.
+            scopes: granted scopes (``inference`` when None); ``admin`` only for admins.
+            models: the allowed models (any when None).
+            expires_at: unix seconds after which the key is refused (never when None).
+
+        Returns:
+            The stored record and the full key (to show once).
+
+        Raises:
+            KeyPolicyError: an unknown scope, no scope, or ``admin`` for a non-admin (a ValueError).
+        """
+        granted = scopes if scopes is not None else frozenset({SCOPE_INFERENCE})
+        if not granted:
+            raise KeyPolicyError("a key needs at least one scope")
+        if not granted <= ALL_SCOPES:
+            raise KeyPolicyError(f"unknown scopes: {', '.join(sorted(granted - ALL_SCOPES))}")
+        if SCOPE_ADMIN in granted and user.role != "admin":
+            raise KeyPolicyError("only admin users can hold admin-scoped keys")
+        key, digest, last4 = generate_api_key()
+        record = await self.store.create_key(user.id, digest, last4, sorted(granted), models, expires_at)
+        return IssuedKey(record, key)

@@ -1,0 +1,62 @@
+"""Shared fixtures of the identity unit tests: the store backends, cheap hashing parameters, a fake clock."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from auth.passwords import ScryptParams
+from auth.sqlite_store import SQLiteStore
+from auth.store import IdentityStore
+
+# Where the parameter value is not what a test is about, hashing at N=2^10 keeps the suite fast.
+FAST = ScryptParams(n=2**10)
+
+StoreOpener = Callable[[], IdentityStore]
+
+# A second backend joins the contract suite by adding an entry: a function of a fresh directory that
+# returns a function opening the store there (called twice by the restart test).
+BACKENDS: dict[str, Callable[[Path], StoreOpener]] = {
+    "sqlite": lambda path: lambda: SQLiteStore(path),
+}
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """The stores use asyncio's executor integration."""
+    return "asyncio"
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> StoreOpener:
+    """Opens the backend's store on this test's own location (the same one every call)."""
+    return BACKENDS[request.param](tmp_path)
+
+
+@pytest.fixture
+async def store(open_store: StoreOpener) -> AsyncIterator[IdentityStore]:
+    """An open store, closed after the test."""
+    opened = open_store()
+    yield opened
+    await opened.close()
+
+
+class FakeClock:
+    """A clock the test moves by hand."""
+
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    """A fake clock starting at a fixed time."""
+    return FakeClock()

@@ -1,0 +1,293 @@
+"""Credentials to principals, logins, users and keys, over a real store."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from auth import service
+from auth.authenticate import Authenticator, credential_from_headers
+from auth.errors import AuthenticationError, KeyPolicyError, LoginThrottledError, UserExistsError
+from auth.keys import KEY_PREFIX
+from auth.passwords import ScryptParams, parse_hash, verify_password
+from auth.sqlite_store import SQLiteStore
+from auth.store import IdentityStore, User
+from auth.throttle import LoginThrottle
+from auth.tokens import ExternalProvider, TokenConfig, TokenSettings, decode_token
+from tests.unit.auth.conftest import FAST, FakeClock
+from tests.unit.auth.test_credentials import _forge_hs256, _pem
+
+pytestmark = pytest.mark.anyio
+
+TOKENS = TokenSettings("t" * 48, issuer="https://gateway.example", audience="pocketllm")
+IDP = "https://idp.example"
+
+
+@pytest.fixture
+async def auth(store: IdentityStore, clock: FakeClock) -> Authenticator:
+    return Authenticator(store, TOKENS, FAST, throttle=LoginThrottle(clock=clock), clock=clock)
+
+
+@pytest.fixture
+async def alice(auth: Authenticator) -> User:
+    return await auth.create_user("alice", "alice-password", "user")
+
+
+@pytest.fixture
+async def root(auth: Authenticator) -> User:
+    return await auth.create_user("root", "root-password", "admin")
+
+
+def test_credentials_from_headers() -> None:
+    assert credential_from_headers("Bearer abc", None) == "abc"
+    assert credential_from_headers("bearer   abc  ", None) == "abc"
+    assert credential_from_headers("BEARER abc", "other") == "abc"
+    assert credential_from_headers("Basic dXNlcjpwdw==", "key") == "key"
+    assert credential_from_headers("Bearer ", " key ") == "key"
+    assert credential_from_headers(None, None) is None
+    assert credential_from_headers("Bearer", "") is None
+    assert credential_from_headers("Token abc", None) is None
+
+
+async def test_missing_or_malformed_credentials(auth: Authenticator) -> None:
+    for authorization, api_key in ((None, None), ("", ""), ("Basic abc", None)):
+        with pytest.raises(AuthenticationError, match="missing credentials"):
+            await auth.authenticate(authorization, api_key)
+    for credential in ("sk-pl-short", KEY_PREFIX + "A" * 43, "not-a-jwt", "x" * 10_000):
+        with pytest.raises(AuthenticationError) as caught:
+            await auth.authenticate(f"Bearer {credential}")
+        assert credential not in str(caught.value)
+
+
+async def test_an_api_key_gives_its_scopes_and_models(auth: Authenticator, alice: User) -> None:
+    issued = await auth.create_key(alice, models=["smol"])
+    assert issued.key.startswith(KEY_PREFIX) and issued.record.last4 == issued.key[-4:]
+    for principal in (
+        await auth.authenticate(f"Bearer {issued.key}"),
+        await auth.authenticate(None, issued.key),
+        await auth.authenticate("Basic whatever", issued.key),
+    ):
+        assert (principal.user_id, principal.username, principal.role) == (alice.id, "alice", "user")
+        assert principal.scopes == {"inference"} and principal.key_id == issued.record.id
+        assert principal.can_use_model("smol") and not principal.can_use_model("other")
+        assert not principal.is_admin
+
+
+async def test_a_revoked_key_is_refused_on_its_next_call(auth: Authenticator, alice: User) -> None:
+    issued = await auth.create_key(alice)
+    other = await auth.create_key(alice)
+    assert (await auth.authenticate(f"Bearer {issued.key}")).key_id == issued.record.id
+    assert await auth.store.revoke_key(issued.record.id)
+    with pytest.raises(AuthenticationError, match="revoked"):
+        await auth.authenticate(f"Bearer {issued.key}")
+    assert (await auth.authenticate(f"Bearer {other.key}")).key_id == other.record.id
+
+
+async def test_an_expired_key_is_refused(auth: Authenticator, alice: User, clock: FakeClock) -> None:
+    issued = await auth.create_key(alice, expires_at=clock() + 60)
+    assert await auth.authenticate(None, issued.key)
+    clock.advance(59)
+    assert await auth.authenticate(None, issued.key)
+    clock.advance(1)
+    with pytest.raises(AuthenticationError, match="expired"):
+        await auth.authenticate(None, issued.key)
+
+
+async def test_a_disabled_user_is_refused_with_keys_and_tokens(auth: Authenticator, alice: User) -> None:
+    issued = await auth.create_key(alice)
+    _, token = await auth.login("alice", "alice-password", "c")
+    assert await auth.authenticate(f"Bearer {token}")
+    await auth.store.disable_user(alice.id)
+    for header in (f"Bearer {issued.key}", f"Bearer {token}"):
+        with pytest.raises(AuthenticationError, match="disabled"):
+            await auth.authenticate(header)
+    with pytest.raises(AuthenticationError, match="invalid username or password"):
+        await auth.login("alice", "alice-password", "c")
+
+
+async def test_jwt_scopes_follow_the_role(auth: Authenticator, alice: User, root: User) -> None:
+    _, admin_token = await auth.login("root", "root-password", "c")
+    admin = await auth.authenticate(f"Bearer {admin_token}")
+    assert admin.scopes == {"inference", "admin"} and admin.is_admin and admin.key_id is None
+    assert admin.allowed_models is None and admin.user_id == root.id
+    _, user_token = await auth.login("alice", "alice-password", "c")
+    user = await auth.authenticate(f"Bearer {user_token}")
+    assert user.scopes == {"inference"} and not user.is_admin and user.user_id == alice.id
+
+
+async def test_a_token_for_an_unknown_user_or_from_another_secret_is_refused(
+    auth: Authenticator, alice: User
+) -> None:
+    from auth.tokens import issue_token  # noqa: PLC0415
+
+    with pytest.raises(AuthenticationError, match="does not exist"):
+        await auth.authenticate(f"Bearer {issue_token('0' * 32, 'ghost', 'admin', TOKENS)}")
+    forged = TokenSettings("f" * 48, issuer=TOKENS.issuer, audience=TOKENS.audience)
+    with pytest.raises(AuthenticationError, match="invalid"):
+        await auth.authenticate(f"Bearer {issue_token(alice.id, 'alice', 'admin', forged)}")
+
+
+async def test_admin_scope_needs_an_admin_owner(auth: Authenticator, alice: User, root: User) -> None:
+    with pytest.raises(KeyPolicyError, match="admin"):
+        await auth.create_key(alice, frozenset({"admin"}))
+    with pytest.raises(KeyPolicyError, match="unknown scopes: root"):
+        await auth.create_key(root, frozenset({"inference", "root"}))
+    with pytest.raises(ValueError, match="at least one scope"):
+        await auth.create_key(root, frozenset())
+    admin_key = await auth.create_key(root, frozenset({"admin"}))
+    principal = await auth.authenticate(None, admin_key.key)
+    assert principal.scopes == {"admin"} and principal.is_admin and not principal.has_scope("inference")
+    # a key holding admin scope whose owner is not an admin (planted, or the role was lost) loses it
+    planted_key = "sk-pl-" + "P" * 43
+    from auth.keys import hash_api_key  # noqa: PLC0415
+
+    await auth.store.create_key(
+        alice.id, hash_api_key(planted_key), "PPPP", ["admin", "inference"], None, None
+    )
+    planted = await auth.authenticate(None, planted_key)
+    assert planted.scopes == {"inference"} and not planted.is_admin
+
+
+async def test_login(auth: Authenticator, alice: User, clock: FakeClock) -> None:
+    user, token = await auth.login("alice", "alice-password", "10.0.0.1")
+    assert user.id == alice.id
+    claims = decode_token(token, TOKENS)
+    assert claims.sub == alice.id and claims.username == "alice" and abs(claims.iat - time.time()) < 5
+    touched = await auth.store.get_user(alice.id)
+    assert touched is not None and touched.last_login_at == clock()
+    with pytest.raises(AuthenticationError) as wrong:
+        await auth.login("alice", "wrong-password", "10.0.0.1")
+    with pytest.raises(AuthenticationError) as unknown:
+        await auth.login("nobody", "alice-password", "10.0.0.1")
+    assert str(wrong.value) == str(unknown.value) == "invalid username or password"
+    assert "wrong-password" not in str(wrong.value)
+
+
+async def test_repeated_failed_logins_are_throttled(
+    auth: Authenticator, alice: User, clock: FakeClock
+) -> None:
+    for _ in range(5):
+        with pytest.raises(AuthenticationError):
+            await auth.login("alice", "guess", "10.0.0.2")
+    with pytest.raises(LoginThrottledError) as throttled:
+        await auth.login("alice", "alice-password", "10.0.0.3")  # even the right password
+    assert throttled.value.retry_after == 300
+    clock.advance(301)
+    assert (await auth.login("alice", "alice-password", "10.0.0.3"))[0].id == alice.id
+
+
+async def test_a_successful_login_clears_the_username_failures(auth: Authenticator, alice: User) -> None:
+    for round_ in range(3):
+        for attempt in range(4):
+            with pytest.raises(AuthenticationError):
+                await auth.login("alice", "guess", f"10.1.{round_}.{attempt}")
+        assert (await auth.login("alice", "alice-password", "10.2.0.1"))[0].id == alice.id
+
+
+async def test_login_rehashes_when_the_parameters_rise(store: IdentityStore, clock: FakeClock) -> None:
+    weak = Authenticator(store, TOKENS, FAST, clock=clock)
+    user = await weak.create_user("carol", "carol-password", "user")
+    assert user.password_hash is not None and parse_hash(user.password_hash)[0].n == 2**10
+    stronger = Authenticator(store, TOKENS, ScryptParams(n=2**11), clock=clock)
+    await stronger.login("carol", "carol-password", "c")
+    rehashed = await store.get_user(user.id)
+    assert rehashed is not None and rehashed.password_hash is not None
+    assert rehashed.password_hash.startswith("scrypt$n=2048,r=8,p=1$")
+    assert verify_password("carol-password", rehashed.password_hash)
+    await weak.login("carol", "carol-password", "c")  # lower settings keep the stronger hash
+    kept = await store.get_user(user.id)
+    assert kept is not None and kept.password_hash == rehashed.password_hash
+
+
+async def test_users_are_created_with_hashed_passwords(auth: Authenticator, alice: User) -> None:
+    assert alice.password_hash is not None and "alice-password" not in alice.password_hash
+    assert verify_password("alice-password", alice.password_hash)
+    with pytest.raises(UserExistsError):
+        await auth.create_user("alice", "another-password")
+    with pytest.raises(ValueError, match="role"):
+        await auth.create_user("mallory", "mallory-password", "superuser")
+
+
+@pytest.fixture(scope="module")
+def idp_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def _idp_token(key: rsa.RSAPrivateKey, **claims: object) -> str:
+    now = int(time.time())
+    body = {"sub": "dave", "iat": now, "exp": now + 600, "iss": IDP, "aud": "pocketllm", **claims}
+    return jwt.encode(body, key, algorithm="RS256")
+
+
+async def test_external_tokens_map_to_local_users(
+    store: IdentityStore, idp_key: rsa.RSAPrivateKey, alice: User
+) -> None:
+    provider = ExternalProvider(
+        IDP, "pocketllm", public_key=_pem(idp_key), username_claim="preferred_username"
+    )
+    auth = Authenticator(store, TOKENS, FAST, provider)
+    principal = await auth.authenticate(f"Bearer {_idp_token(idp_key, preferred_username='alice')}")
+    assert principal.user_id == alice.id and principal.scopes == {"inference"}
+    with pytest.raises(AuthenticationError, match="does not exist"):
+        await auth.authenticate(f"Bearer {_idp_token(idp_key, preferred_username='newcomer')}")
+    with pytest.raises(AuthenticationError, match="names no user"):
+        await auth.authenticate(f"Bearer {_idp_token(idp_key)}")
+    # an attacker's HS256 token claiming the provider's issuer, keyed with its public PEM
+    now = int(time.time())
+    forged = _forge_hs256(
+        {
+            "sub": "x",
+            "preferred_username": "alice",
+            "iat": now,
+            "exp": now + 60,
+            "iss": IDP,
+            "aud": "pocketllm",
+        },
+        _pem(idp_key).encode(),
+    )
+    with pytest.raises(AuthenticationError):
+        await auth.authenticate(f"Bearer {forged}")
+
+
+async def test_external_users_are_created_on_first_sight_when_configured(
+    store: IdentityStore, idp_key: rsa.RSAPrivateKey
+) -> None:
+    provider = ExternalProvider(IDP, "pocketllm", public_key=_pem(idp_key), create_users=True)
+    auth = Authenticator(store, TOKENS, FAST, provider)
+    principal = await auth.authenticate(f"Bearer {_idp_token(idp_key)}")
+    created = await store.get_user_by_name("dave")
+    assert created is not None and created.id == principal.user_id
+    assert created.role == "user" and created.password_hash is None
+    assert (await auth.authenticate(f"Bearer {_idp_token(idp_key)}")).user_id == created.id
+    with pytest.raises(AuthenticationError, match="invalid username or password"):
+        await auth.login("dave", "", "c")  # no password login for external users
+
+
+def test_the_external_issuer_must_differ_from_ours(tmp_path: Path, idp_key: rsa.RSAPrivateKey) -> None:
+    provider = ExternalProvider(TOKENS.issuer, "pocketllm", public_key=_pem(idp_key))
+    with pytest.raises(ValueError, match="issuer"):
+        Authenticator(SQLiteStore.__new__(SQLiteStore), TOKENS, FAST, provider)
+
+
+@pytest.fixture
+async def compat_store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
+    opened = SQLiteStore(tmp_path / "compat")
+    yield opened
+    await opened.close()
+
+
+async def test_the_names_the_gateway_imports_still_work(compat_store: SQLiteStore) -> None:
+    from auth.store import SQLiteStore as FromStore  # noqa: PLC0415
+
+    assert FromStore is SQLiteStore and TokenConfig is TokenSettings
+    assert service.Authenticator is Authenticator and service.AuthenticationFailedError is AuthenticationError
+    auth = service.Authenticator(
+        compat_store, TokenConfig("t" * 48, "pocketllm", "pocketllm", ("HS256",), 60, 5), FAST
+    )
+    assert await service.ensure_default_users(auth) == ["user1", "admin"]
+    assert await service.ensure_default_users(auth) == []
