@@ -26,7 +26,9 @@ from gateway.errors import (
     handle_validation_error,
 )
 from gateway.middleware import RequestIdMiddleware
+from gateway.observability import build_telemetry, telemetry_middleware
 from gateway.routes.admin import AdminIdentityController
+from gateway.routes.admin_ops import AdminOpsController, FileDigests, prometheus_route
 from gateway.routes.health import health, index
 from gateway.routes.openai import OpenAIController
 from gateway.routes.pocket import AuthController, ChatController, chat_socket
@@ -58,7 +60,9 @@ def create_app(settings: Settings, *, on_load_failure: Callable[[list[str]], Non
         settings: the whole configuration.
         on_load_failure: called with the ids of models that failed to load (the CLI stops the server).
     """
-    models = ModelManager(settings)
+    telemetry = build_telemetry(settings)
+    models = ModelManager(settings, observer=telemetry.metrics)
+    digests = FileDigests()
     authenticator = build_authenticator(settings)
 
     @asynccontextmanager
@@ -84,6 +88,7 @@ def create_app(settings: Settings, *, on_load_failure: Callable[[list[str]], Non
             loader.cancel()
             await models.close()
             await authenticator.store.close()
+            await asyncio.to_thread(telemetry.shutdown)
 
     return Litestar(
         route_handlers=[
@@ -96,15 +101,23 @@ def create_app(settings: Settings, *, on_load_failure: Callable[[list[str]], Non
             ChatController,
             chat_socket,
             AdminIdentityController,
+            AdminOpsController,
+            *(
+                [prometheus_route(require_admin=settings.telemetry.metrics_require_admin)]
+                if settings.telemetry.metrics_enabled
+                else []
+            ),
         ],
         dependencies={
             "models": Provide(lambda: models, use_cache=True, sync_to_thread=False),
             "settings": Provide(lambda: settings, use_cache=True, sync_to_thread=False),
             "principal": Provide(provide_principal),
+            "telemetry": Provide(lambda: telemetry, use_cache=True, sync_to_thread=False),
+            "digests": Provide(lambda: digests, use_cache=True, sync_to_thread=False),
         },
         state=State({"authenticator": authenticator}),
         lifespan=[lifespan],
-        middleware=[RequestIdMiddleware],
+        middleware=[RequestIdMiddleware, telemetry_middleware(telemetry)],
         exception_handlers={
             GatewayError: handle_gateway_error,
             ValidationException: handle_validation_error,

@@ -24,6 +24,7 @@ from engine.base import (
 )
 from engine.pool import QueueFullError, QueueTimeoutError
 from gateway.protocol.common import ErrorBody, ErrorEnvelope
+from telemetry.requests import current_request
 
 logger = logging.getLogger("pocketllm.errors")
 _encoder = msgspec.json.Encoder()
@@ -139,7 +140,11 @@ class InternalError(GatewayError):
 
 
 def from_engine_error(exc: EngineError, retry_after: int = 1) -> GatewayError:
-    """The one table from engine errors to API errors."""
+    """The one table from engine errors to API errors (each is counted in the metrics here)."""
+    if isinstance(exc, QueueFullError | QueueTimeoutError):
+        current_request().queue_rejected("full" if isinstance(exc, QueueFullError) else "timeout")
+    else:
+        current_request().engine_error(type(exc).__name__)
     if isinstance(exc, QueueFullError):
         return ServiceUnavailableError(str(exc), code="queue_full", retry_after=retry_after)
     if isinstance(exc, QueueTimeoutError):
@@ -196,6 +201,7 @@ def validation_error(message: str) -> InvalidRequestError:
 
 def handle_gateway_error(_: Request[Any, Any, Any], exc: GatewayError) -> Response[bytes]:
     """Litestar exception handler for ``GatewayError``."""
+    current_request().failed(exc.code or exc.error_type)
     return render(exc)
 
 

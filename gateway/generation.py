@@ -16,6 +16,7 @@ from gateway.protocol.chat import ChatCompletionRequest
 from gateway.protocol.completions import CompletionRequest
 from gateway.runtime import ModelRuntime
 from gateway.settings import LimitsSettings
+from telemetry.requests import current_request
 
 # Sampling defaults where the request is silent: OpenAI's temperature/top_p, llama.cpp's top_k/min_p.
 DEFAULT_TEMPERATURE = 1.0
@@ -272,6 +273,7 @@ async def prepare_completion(
 
 def reserve(job: Job) -> Reservation:
     """Take a slot or a queue place now (503 with Retry-After when neither is possible)."""
+    current_request().queued(job.runtime.id)
     try:
         return job.pool.reserve(job.prompts[0], job.session)
     except EngineError as exc:
@@ -294,28 +296,40 @@ def _choice_params(job: Job, choice: int) -> GenerationParams:
 
 async def run_choices(job: Job, slot: int) -> AsyncIterator[ChoiceToken | ChoiceFinished]:
     """Run every choice of the job on ``slot`` one after another, yielding their events."""
-    index = 0
-    for prompt in job.prompts:
-        for _ in range(job.n):
-            params = _choice_params(job, index)
-            if params.max_tokens == 0:
-                yield ChoiceFinished(index, Finished("length", len(prompt), 0))
+    record = current_request()
+    record.slot_acquired(job.prompt_tokens)
+    if record.log_content:
+        record.prompt_text = job.engine.detokenize(job.prompts[0])
+    index = finished_tokens = running_tokens = 0
+    try:
+        for prompt in job.prompts:
+            for _ in range(job.n):
+                params = _choice_params(job, index)
+                if params.max_tokens == 0:
+                    yield ChoiceFinished(index, Finished("length", len(prompt), 0))
+                    index += 1
+                    continue
+                cancel = Cancellation()
+                events = job.engine.generate(slot, prompt, params, cancel)
+                try:
+                    async for event in events:
+                        if isinstance(event, Finished):
+                            finished_tokens, running_tokens = finished_tokens + event.completion_tokens, 0
+                            yield ChoiceFinished(index, event)
+                        else:
+                            record.first_token()
+                            running_tokens += event.token_id >= 0
+                            if index == 0:
+                                record.add_completion_text(event.text)
+                            yield ChoiceToken(index, event)
+                except EngineError as exc:
+                    raise from_engine_error(exc) from None
+                finally:
+                    cancel.cancel()
+                    await events.aclose()  # type: ignore[attr-defined]
                 index += 1
-                continue
-            cancel = Cancellation()
-            events = job.engine.generate(slot, prompt, params, cancel)
-            try:
-                async for event in events:
-                    if isinstance(event, Finished):
-                        yield ChoiceFinished(index, event)
-                    else:
-                        yield ChoiceToken(index, event)
-            except EngineError as exc:
-                raise from_engine_error(exc) from None
-            finally:
-                cancel.cancel()
-                await events.aclose()  # type: ignore[attr-defined]
-            index += 1
+    finally:
+        record.generated(job.prompt_tokens, finished_tokens + running_tokens)
 
 
 async def run_to_completion(job: Job, reservation: Reservation) -> JobOutput:

@@ -20,6 +20,7 @@ from auth.throttle import LoginThrottle
 from auth.tokens import ExternalProvider, TokenConfig
 from gateway.errors import AuthenticationError, PermissionDeniedError
 from gateway.settings import DEFAULT_SECRET_KEY, Settings
+from telemetry.requests import SPAN_AUTH, current_request
 
 logger = logging.getLogger("pocketllm.auth")
 
@@ -83,13 +84,16 @@ async def authenticate(connection: ASGIConnection[Any, Any, Any, Any]) -> Princi
     if isinstance(known, Principal):
         return known
     authenticator: Authenticator = connection.app.state.authenticator
+    record = current_request()
     try:
-        principal = await authenticator.authenticate(
-            connection.headers.get("authorization"), connection.headers.get("x-api-key")
-        )
+        with record.stage(SPAN_AUTH):
+            principal = await authenticator.authenticate(
+                connection.headers.get("authorization"), connection.headers.get("x-api-key")
+            )
     except AuthenticationFailedError as exc:
         raise AuthenticationError(str(exc)) from None
     scope[PRINCIPAL] = principal
+    record.authenticated(principal.user_id, principal.username)
     return principal
 
 

@@ -8,6 +8,8 @@ Environment overrides:
 - The PocketLLM seed's names, which apply to the first (default) model or their section:
   ``MODEL_PATH``, ``MODEL_N_THREADS``, ``MODEL_N_CTX``, ``MODEL_SLOTS``, ``SECRET_KEY``, ``REDIS_HOST``,
   ``ENABLE_CACHE``.
+- OpenTelemetry's ``OTEL_SERVICE_NAME``, ``OTEL_EXPORTER_OTLP_ENDPOINT``,
+  ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` and ``OTEL_EXPORTER_OTLP_METRICS_ENDPOINT`` (telemetry section).
 """
 
 from __future__ import annotations
@@ -148,6 +150,20 @@ class TelemetrySettings(Struct, forbid_unknown_fields=True, kw_only=True):
     log_json: bool = False
     log_content: bool = False
     """Log prompts and completions (off: they never reach a log)."""
+    service_name: str = "pocketllm-gateway"
+    """``service.name`` of the metrics and traces (``OTEL_SERVICE_NAME``)."""
+    metrics_enabled: bool = True
+    """Serve Prometheus exposition at ``GET /metrics``."""
+    metrics_require_admin: bool = False
+    """Guard ``GET /metrics`` like the admin routes (off: open, for scrapers on a private network)."""
+    otlp_endpoint: str | None = None
+    """OTLP/HTTP receiver base URL for traces and metrics (``OTEL_EXPORTER_OTLP_ENDPOINT``)."""
+    otlp_traces_endpoint: str | None = None
+    """Full OTLP/HTTP traces URL (``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``), overriding the base URL."""
+    otlp_metrics_endpoint: str | None = None
+    """Full OTLP/HTTP metrics URL (``OTEL_EXPORTER_OTLP_METRICS_ENDPOINT``), overriding the base URL."""
+    otlp_metrics_interval_s: Seconds = 60.0
+    """How often metrics are pushed to the OTLP receiver."""
 
 
 class Settings(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -179,7 +195,7 @@ class Settings(Struct, forbid_unknown_fields=True, kw_only=True):
         return self.models_path / f"{model.source or model.id}.gguf"
 
 
-# Seed variable -> (section or "model", field)
+# Seed and OpenTelemetry variable -> (section or "model", field)
 _SEED_VARIABLES: dict[str, tuple[str, str]] = {
     "MODEL_PATH": ("model", "path"),
     "MODEL_N_THREADS": ("model", "n_threads"),
@@ -188,6 +204,11 @@ _SEED_VARIABLES: dict[str, tuple[str, str]] = {
     "SECRET_KEY": ("auth", "secret_key"),
     "REDIS_HOST": ("redis", "host"),
     "ENABLE_CACHE": ("cache", "enabled"),
+    # OpenTelemetry's standard variables
+    "OTEL_SERVICE_NAME": ("telemetry", "service_name"),
+    "OTEL_EXPORTER_OTLP_ENDPOINT": ("telemetry", "otlp_endpoint"),
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": ("telemetry", "otlp_traces_endpoint"),
+    "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": ("telemetry", "otlp_metrics_endpoint"),
 }
 _TOP_LEVEL = {"env", "data_dir", "models_dir"}
 

@@ -14,6 +14,7 @@ from litestar.response.base import ASGIResponse
 from engine.base import EngineError
 from engine.pool import Reservation
 from gateway.errors import GatewayError, InternalError, from_engine_error, sse_frame
+from telemetry.requests import current_request
 
 PING = b": ping\n\n"
 DONE = b"data: [DONE]\n\n"
@@ -67,9 +68,11 @@ async def event_stream(
             yield chunk
         yield DONE
     except GatewayError as exc:
+        current_request().failed(exc.code or exc.error_type)
         yield sse_frame(exc)
     except Exception:
         logger.exception("a stream failed")
+        current_request().failed("internal_error")
         yield sse_frame(InternalError("internal server error"))
     finally:
         if not waiter.done():

@@ -57,6 +57,7 @@ from gateway.security import check_model_access, requires_inference
 from gateway.sessions import session_for_recording, title_from
 from gateway.settings import Settings
 from gateway.streaming import EventStream, event_stream, frame
+from telemetry.requests import current_request
 
 T = TypeVar("T")
 logger = logging.getLogger("pocketllm.api")
@@ -270,6 +271,7 @@ class OpenAIController(Controller):
             vectors, used = await engine.embed(texts)
         except EngineError as exc:
             raise from_engine_error(exc) from None
+        current_request().generated(used, 0)
         items = []
         for index, vector in enumerate(vectors):
             if data.encoding_format == "base64":
@@ -391,4 +393,5 @@ def _resolve(models: ModelManager, principal: Principal, name: str) -> ModelRunt
     """The model by id or alias, if this credential may use it (404 unknown, 403 not allowed)."""
     runtime = models.resolve(name)
     check_model_access(principal, name, runtime.id)
+    current_request().identify(name, runtime.id)
     return runtime
