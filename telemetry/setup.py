@@ -26,7 +26,8 @@ from telemetry.metrics import GatewayMetrics, views
 from telemetry.system import SystemSampler
 
 SCOPE = "pocketllm.gateway"
-PROMETHEUS_CONTENT_TYPE = CONTENT_TYPE_LATEST
+PROMETHEUS_CONTENT_TYPE = CONTENT_TYPE_LATEST.replace("; charset=utf-8", "")
+"""The exposition's media type without its charset (the web framework adds ``charset=utf-8``)."""
 
 
 @dataclass(frozen=True, slots=True)

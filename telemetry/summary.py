@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 
 RECENT = 2048
 """How many recent generation requests the percentiles are computed over."""
+PROBE_ROUTES = frozenset({"/health", "/metrics"})
+"""Health checks and scrapes: in the Prometheus counters, not in this summary of the traffic."""
 
 
 def percentiles(samples: Sequence[float], points: Sequence[int] = (50, 95, 99)) -> dict[str, float | None]:
@@ -59,6 +61,8 @@ class RequestSummary:
 
     def add(self, outcome: RequestOutcome) -> None:
         """Count one finished request."""
+        if outcome.route in PROBE_ROUTES:
+            return
         self.requests += 1
         self.by_status[f"{outcome.status // 100}xx"] += 1
         self.cancelled += outcome.cancelled

@@ -1,0 +1,171 @@
+"""``GET /metrics``: after a known amount of traffic, every counter and histogram moved by exactly that."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import MODEL_ID, NO_EOS, ServedApp, make_settings, serve
+
+CHAT = "/v1/chat/completions"
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+@pytest.fixture(scope="module")
+def app(model_path: Path) -> Iterator[ServedApp]:
+    del model_path
+    with serve(make_settings()) as served:
+        yield served
+
+
+def scrape(app: ServedApp) -> Samples:
+    """Every sample of ``/metrics``, parsed by Prometheus' own text parser."""
+    response = httpx.get(f"{app.base_url}/metrics", timeout=30)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    samples: Samples = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    """Sum of the samples named ``name`` whose labels include ``labels``."""
+    wanted = set(labels.items())
+    return sum(v for (n, got), v in samples.items() if n == name and wanted <= got)
+
+
+def delta(before: Samples, after: Samples, name: str, **labels: str) -> float:
+    return value(after, name, **labels) - value(before, name, **labels)
+
+
+def chat(http: httpx.Client, max_tokens: int, **extra: Any) -> httpx.Response:
+    body = {
+        "model": MODEL_ID,
+        "messages": [{"role": "user", "content": "Count to ten"}],
+        "max_tokens": max_tokens,
+        "logit_bias": NO_EOS,
+        "temperature": 0,
+        **extra,
+    }
+    return http.post(CHAT, json=body)
+
+
+def stream_usage(http: httpx.Client, max_tokens: int) -> dict[str, int]:
+    body = {
+        "model": MODEL_ID,
+        "messages": [{"role": "user", "content": "Tell me a story"}],
+        "max_tokens": max_tokens,
+        "logit_bias": NO_EOS,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    with http.stream("POST", CHAT, json=body) as response:
+        assert response.status_code == 200
+        lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    usage = json.loads(lines[-2].removeprefix("data: "))["usage"]
+    return usage
+
+
+def test_counters_and_histograms_move_by_exactly_the_traffic(app: ServedApp) -> None:
+    before = scrape(app)
+    usages = []
+    with httpx.Client(base_url=app.base_url, headers=app.headers, timeout=120) as http:
+        for max_tokens in (3, 5):
+            reply = chat(http, max_tokens)
+            assert reply.status_code == 200, reply.text
+            usages.append(reply.json()["usage"])
+        for max_tokens in (4, 6):
+            usages.append(stream_usage(http, max_tokens))
+        too_long = chat(http, 10**6)
+        assert too_long.status_code == 400
+        assert too_long.json()["error"]["code"] == "context_length_exceeded"
+        # a stream whose client goes away after the first chunk: counted as cancelled
+        body = {"model": MODEL_ID, "messages": [{"role": "user", "content": "Go"}], "max_tokens": 1500}
+        with http.stream("POST", CHAT, json={**body, "logit_bias": NO_EOS, "stream": True}) as response:
+            next(response.iter_lines())
+    assert [u["completion_tokens"] for u in usages] == [3, 5, 4, 6]
+
+    deadline = time.monotonic() + 60
+    after = scrape(app)
+    while delta(before, after, "pocketllm_requests_cancelled_total", http_route=CHAT) < 1:
+        assert time.monotonic() < deadline, "the cancelled stream was never recorded"
+        time.sleep(0.1)
+        after = scrape(app)
+    app.wait_idle()
+    after = scrape(app)
+
+    route = {"http_route": CHAT}
+    model = {"model": MODEL_ID}
+    assert delta(before, after, "pocketllm_requests_total", **route, **model, http_response_status_code="200") == 5
+    assert delta(before, after, "pocketllm_requests_total", **route, **model, http_response_status_code="400") == 1
+    assert delta(before, after, "pocketllm_requests_cancelled_total", **route, **model) == 1
+    assert delta(before, after, "http_server_request_duration_seconds_count", **route) == 6
+
+    gen_ai = {"gen_ai_operation_name": "chat", "gen_ai_request_model": MODEL_ID, "gen_ai_provider_name": "llama.cpp"}
+    duration = "gen_ai_server_request_duration_seconds_count"
+    assert delta(before, after, duration, **gen_ai) == 6
+    assert delta(before, after, duration, **gen_ai, error_type="context_length_exceeded") == 1
+    assert delta(before, after, duration, **gen_ai, error_type="cancelled") == 1
+    # token usage, TTFT and TPOT: the four successful requests only, with the token counts they reported
+    usage = "gen_ai_client_token_usage"
+    assert delta(before, after, f"{usage}_count", **gen_ai, gen_ai_token_type="input") == 4
+    assert delta(before, after, f"{usage}_count", **gen_ai, gen_ai_token_type="output") == 4
+    assert delta(before, after, f"{usage}_sum", **gen_ai, gen_ai_token_type="input") == sum(
+        u["prompt_tokens"] for u in usages
+    )
+    assert delta(before, after, f"{usage}_sum", **gen_ai, gen_ai_token_type="output") == 18
+    assert delta(before, after, "gen_ai_server_time_to_first_token_seconds_count", **gen_ai) == 4
+    assert delta(before, after, "gen_ai_server_time_per_output_token_seconds_count", **gen_ai) == 4
+    # a bucket boundary of minutes exists for LLM latencies, and the +Inf bucket equals the count
+    assert value(after, "gen_ai_server_request_duration_seconds_bucket", **gen_ai, le="600.0") >= 4
+    assert value(after, "gen_ai_server_request_duration_seconds_bucket", **gen_ai, le="+Inf") == value(
+        after, duration, **gen_ai
+    )
+    # nothing queued (requests ran one after another), the pool is idle again
+    assert delta(before, after, "pocketllm_queue_wait_time_seconds_count", **model) == 0
+    assert value(after, "pocketllm_slots_busy", **model) == 0
+    assert value(after, "pocketllm_queue_length", **model) == 0
+    # psutil gauges are there and plausible
+    assert value(after, "process_memory_usage_bytes") > 50 * 2**20
+    assert value(after, "process_thread_count") >= 2
+    assert value(after, "process_unix_file_descriptor_count") >= 3
+    assert 0 <= value(after, "system_memory_utilization") <= 1
+    # no user or key ever becomes a label
+    labels = {k for (_, got) in after for k, _ in got}
+    assert not labels & {"user", "user_id", "username", "key", "key_id", "enduser_id"}
+
+
+def test_a_queued_request_is_measured_once(model_path: Path) -> None:
+    """With one slot, a second stream waits for the first: exactly one queue wait is recorded."""
+    del model_path
+    with serve(make_settings(model={"slots": 1, "n_ctx": 2048})) as app:
+        before = scrape(app)
+        body = {
+            "model": MODEL_ID,
+            "messages": [{"role": "user", "content": "Go"}],
+            "max_tokens": 200,
+            "logit_bias": NO_EOS,
+            "stream": True,
+        }
+        with httpx.Client(base_url=app.base_url, headers=app.headers, timeout=120) as first_http:
+            with first_http.stream("POST", CHAT, json=body) as first:
+                lines = first.iter_lines()
+                next(line for line in lines if line.startswith("data: "))  # it holds the only slot
+                with httpx.Client(base_url=app.base_url, headers=app.headers, timeout=120) as second_http:
+                    second = second_http.post(CHAT, json={**body, "stream": False, "max_tokens": 2})
+                    assert second.status_code == 200
+                assert [line for line in lines if line][-1] == "data: [DONE]"
+        after = scrape(app)
+        model = {"model": MODEL_ID}
+        assert delta(before, after, "pocketllm_queue_wait_time_seconds_count", **model) == 1
+        assert delta(before, after, "pocketllm_requests_total", http_route=CHAT, **model) == 2
