@@ -72,7 +72,7 @@ def stream_usage(http: httpx.Client, max_tokens: int) -> dict[str, int]:
         assert response.status_code == 200
         lines = [line for line in response.iter_lines() if line.startswith("data: ")]
     assert lines[-1] == "data: [DONE]"
-    usage = json.loads(lines[-2].removeprefix("data: "))["usage"]
+    usage: dict[str, int] = json.loads(lines[-2].removeprefix("data: "))["usage"]
     return usage
 
 
@@ -106,12 +106,22 @@ def test_counters_and_histograms_move_by_exactly_the_traffic(app: ServedApp) -> 
 
     route = {"http_route": CHAT}
     model = {"model": MODEL_ID}
-    assert delta(before, after, "pocketllm_requests_total", **route, **model, http_response_status_code="200") == 5
-    assert delta(before, after, "pocketllm_requests_total", **route, **model, http_response_status_code="400") == 1
+    assert (
+        delta(before, after, "pocketllm_requests_total", **route, **model, http_response_status_code="200")
+        == 5
+    )
+    assert (
+        delta(before, after, "pocketllm_requests_total", **route, **model, http_response_status_code="400")
+        == 1
+    )
     assert delta(before, after, "pocketllm_requests_cancelled_total", **route, **model) == 1
     assert delta(before, after, "http_server_request_duration_seconds_count", **route) == 6
 
-    gen_ai = {"gen_ai_operation_name": "chat", "gen_ai_request_model": MODEL_ID, "gen_ai_provider_name": "llama.cpp"}
+    gen_ai = {
+        "gen_ai_operation_name": "chat",
+        "gen_ai_request_model": MODEL_ID,
+        "gen_ai_provider_name": "llama.cpp",
+    }
     duration = "gen_ai_server_request_duration_seconds_count"
     assert delta(before, after, duration, **gen_ai) == 6
     assert delta(before, after, duration, **gen_ai, error_type="context_length_exceeded") == 1
@@ -157,14 +167,14 @@ def test_a_queued_request_is_measured_once(model_path: Path) -> None:
             "logit_bias": NO_EOS,
             "stream": True,
         }
-        with httpx.Client(base_url=app.base_url, headers=app.headers, timeout=120) as first_http:
-            with first_http.stream("POST", CHAT, json=body) as first:
-                lines = first.iter_lines()
-                next(line for line in lines if line.startswith("data: "))  # it holds the only slot
-                with httpx.Client(base_url=app.base_url, headers=app.headers, timeout=120) as second_http:
-                    second = second_http.post(CHAT, json={**body, "stream": False, "max_tokens": 2})
-                    assert second.status_code == 200
-                assert [line for line in lines if line][-1] == "data: [DONE]"
+        first_http = httpx.Client(base_url=app.base_url, headers=app.headers, timeout=120)
+        with first_http, first_http.stream("POST", CHAT, json=body) as first:
+            lines = first.iter_lines()
+            next(line for line in lines if line.startswith("data: "))  # it holds the only slot
+            with httpx.Client(base_url=app.base_url, headers=app.headers, timeout=120) as second_http:
+                second = second_http.post(CHAT, json={**body, "stream": False, "max_tokens": 2})
+                assert second.status_code == 200
+            assert [line for line in lines if line][-1] == "data: [DONE]"
         after = scrape(app)
         model = {"model": MODEL_ID}
         assert delta(before, after, "pocketllm_queue_wait_time_seconds_count", **model) == 1
