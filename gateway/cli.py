@@ -13,15 +13,13 @@ from engine.llamacpp.model import check_gguf
 from engine.registry import RegistryEntry, ensure_model, load_registry, pull, sha256_file
 from gateway.identity_cli import add_commands
 from gateway.settings import Settings, SettingsError, load_settings
+from telemetry.logs import configure_logging
 
 logger = logging.getLogger("pocketllm")
 
 
-def _configure_logging(settings: Settings | None) -> None:
-    level = settings.telemetry.log_level if settings else "INFO"
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+def _configure_logging(settings: Settings) -> None:
+    configure_logging(settings.telemetry.log_level, json_format=settings.telemetry.log_json)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
