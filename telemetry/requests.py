@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace
@@ -27,6 +27,7 @@ from telemetry.metrics import (
     CacheOutcome,
     RequestOutcome,
 )
+from telemetry.summary import PROBE_ROUTES
 
 if TYPE_CHECKING:
     from telemetry.setup import Telemetry
@@ -265,7 +266,8 @@ class RequestRecord:
         text = " ".join(
             f"{k}={v}" for k, v in present.items() if k not in {"method", "route", "status", "duration_ms"}
         )
-        access_logger.info(
+        access_logger.log(
+            logging.DEBUG if self.route in PROBE_ROUTES else logging.INFO,  # health checks, scrapes
             "%s %s %s %.1fms %s",
             self.method,
             self.route,
@@ -310,11 +312,11 @@ def current_request() -> RequestRecord:
     return _current.get()
 
 
-def set_current_request(record: RequestRecord) -> object:
+def set_current_request(record: RequestRecord) -> Token[RequestRecord]:
     """Make ``record`` current; returns a token for ``reset_current_request``."""
     return _current.set(record)
 
 
-def reset_current_request(token: object) -> None:
+def reset_current_request(token: Token[RequestRecord]) -> None:
     """Undo ``set_current_request``."""
-    _current.reset(token)  # type: ignore[arg-type]
+    _current.reset(token)
