@@ -295,41 +295,54 @@ def _choice_params(job: Job, choice: int) -> GenerationParams:
 
 
 async def run_choices(job: Job, slot: int) -> AsyncIterator[ChoiceToken | ChoiceFinished]:
-    """Run every choice of the job on ``slot`` one after another, yielding their events."""
+    """Run every choice of the job on ``slot`` one after another, yielding their events.
+
+    The request's telemetry sees the slot taken, the first token and the token counts.
+    """
     record = current_request()
     record.slot_acquired(job.prompt_tokens)
     if record.log_content:
         record.prompt_text = job.engine.detokenize(job.prompts[0])
-    index = finished_tokens = running_tokens = 0
+    finished_tokens = running_tokens = 0
+    events = _run_choices(job, slot)
     try:
-        for prompt in job.prompts:
-            for _ in range(job.n):
-                params = _choice_params(job, index)
-                if params.max_tokens == 0:
-                    yield ChoiceFinished(index, Finished("length", len(prompt), 0))
-                    index += 1
-                    continue
-                cancel = Cancellation()
-                events = job.engine.generate(slot, prompt, params, cancel)
-                try:
-                    async for event in events:
-                        if isinstance(event, Finished):
-                            finished_tokens, running_tokens = finished_tokens + event.completion_tokens, 0
-                            yield ChoiceFinished(index, event)
-                        else:
-                            record.first_token()
-                            running_tokens += event.token_id >= 0
-                            if index == 0:
-                                record.add_completion_text(event.text)
-                            yield ChoiceToken(index, event)
-                except EngineError as exc:
-                    raise from_engine_error(exc) from None
-                finally:
-                    cancel.cancel()
-                    await events.aclose()  # type: ignore[attr-defined]
-                index += 1
+        async for item in events:
+            if isinstance(item, ChoiceFinished):
+                finished_tokens, running_tokens = finished_tokens + item.event.completion_tokens, 0
+            else:
+                record.first_token()
+                running_tokens += item.event.token_id >= 0
+                if item.index == 0:
+                    record.add_completion_text(item.event.text)
+            yield item
     finally:
+        await events.aclose()  # type: ignore[attr-defined]  # stops the engine at once when closed early
         record.generated(job.prompt_tokens, finished_tokens + running_tokens)
+
+
+async def _run_choices(job: Job, slot: int) -> AsyncIterator[ChoiceToken | ChoiceFinished]:
+    index = 0
+    for prompt in job.prompts:
+        for _ in range(job.n):
+            params = _choice_params(job, index)
+            if params.max_tokens == 0:
+                yield ChoiceFinished(index, Finished("length", len(prompt), 0))
+                index += 1
+                continue
+            cancel = Cancellation()
+            events = job.engine.generate(slot, prompt, params, cancel)
+            try:
+                async for event in events:
+                    if isinstance(event, Finished):
+                        yield ChoiceFinished(index, event)
+                    else:
+                        yield ChoiceToken(index, event)
+            except EngineError as exc:
+                raise from_engine_error(exc) from None
+            finally:
+                cancel.cancel()
+                await events.aclose()  # type: ignore[attr-defined]
+            index += 1
 
 
 async def run_to_completion(job: Job, reservation: Reservation) -> JobOutput:
