@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from auth.sqlite_store import SQLiteStore
 
 __all__ = [
+    "UNLIMITED",
     "ApiKey",
     "ChatMessage",
     "ChatSession",
@@ -32,7 +33,6 @@ __all__ = [
     "SessionExistsError",
     "SessionNotFoundError",
     "StoredApiKey",
-    "UNLIMITED",
     "User",
     "UserExistsError",
 ]
