@@ -27,11 +27,13 @@ from gateway.errors import (
 )
 from gateway.middleware import RequestIdMiddleware
 from gateway.routes.admin import AdminIdentityController
+from gateway.routes.admin_services import AdminServicesController
 from gateway.routes.health import health, index
 from gateway.routes.openai import OpenAIController
 from gateway.routes.pocket import AuthController, ChatController, chat_socket
 from gateway.runtime import ModelManager
 from gateway.security import build_authenticator, provide_principal
+from gateway.services.backends import build_services
 from gateway.settings import Settings
 
 logger = logging.getLogger("pocketllm")
@@ -58,7 +60,8 @@ def create_app(settings: Settings, *, on_load_failure: Callable[[list[str]], Non
         settings: the whole configuration.
         on_load_failure: called with the ids of models that failed to load (the CLI stops the server).
     """
-    models = ModelManager(settings)
+    services = build_services(settings)
+    models = ModelManager(settings, on_reload=services.cache.invalidate_model)
     authenticator = build_authenticator(settings)
 
     @asynccontextmanager
@@ -83,6 +86,7 @@ def create_app(settings: Settings, *, on_load_failure: Callable[[list[str]], Non
         finally:
             loader.cancel()
             await models.close()
+            await services.close()
             await authenticator.store.close()
 
     return Litestar(
@@ -96,10 +100,12 @@ def create_app(settings: Settings, *, on_load_failure: Callable[[list[str]], Non
             ChatController,
             chat_socket,
             AdminIdentityController,
+            AdminServicesController,
         ],
         dependencies={
             "models": Provide(lambda: models, use_cache=True, sync_to_thread=False),
             "settings": Provide(lambda: settings, use_cache=True, sync_to_thread=False),
+            "services": Provide(lambda: services, use_cache=True, sync_to_thread=False),
             "principal": Provide(provide_principal),
         },
         state=State({"authenticator": authenticator}),
