@@ -38,6 +38,18 @@ from gateway.settings import Settings
 
 logger = logging.getLogger("pocketllm")
 
+EXPOSED_HEADERS = [
+    "x-request-id",
+    "x-cache",
+    "retry-after",
+    *(
+        f"x-ratelimit-{what}-{kind}"
+        for what in ("limit", "remaining", "reset")
+        for kind in ("requests", "tokens")
+    ),
+]
+"""Response headers a browser client may read (CORS)."""
+
 
 @get("/docs", include_in_schema=False)
 async def docs_redirect() -> Redirect:
@@ -117,7 +129,7 @@ def create_app(settings: Settings, *, on_load_failure: Callable[[list[str]], Non
             HTTPException: handle_http_exception,
             Exception: handle_unexpected,
         },
-        cors_config=CORSConfig(allow_origins=settings.server.cors_origins, expose_headers=["x-request-id"]),
+        cors_config=CORSConfig(allow_origins=settings.server.cors_origins, expose_headers=EXPOSED_HEADERS),
         openapi_config=OpenAPIConfig(
             title="PocketLLM Gateway",
             version=__version__,
