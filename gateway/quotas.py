@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from auth.principal import Principal
 from auth.store import UNLIMITED, IdentityStore, LimitOverride
 from gateway.errors import RateLimitError
 from gateway.protocol.common import ErrorBody, ErrorEnvelope
+from gateway.services.backends import Services
 from gateway.services.ratelimit import Decision, LimitKind, LimitSpec, RateLimiter, Subject, format_duration
 from gateway.settings import RateLimitSettings
 
@@ -106,6 +108,15 @@ class Admission:
         task.add_done_callback(_log_failure)
         await asyncio.shield(task)  # if this await is cancelled, the task still finishes
 
+    async def releasing(self, body: AsyncIterator[bytes], used: Callable[[], int]) -> AsyncIterator[bytes]:
+        """The stream ``body``; when it ends (finished, failed or cancelled) the ticket is released with
+        ``used()`` tokens."""
+        try:
+            async for chunk in body:
+                yield chunk
+        finally:
+            await self.release(used())
+
 
 def _log_failure(task: asyncio.Future[Any]) -> None:
     if not task.cancelled() and task.exception() is not None:
@@ -117,7 +128,7 @@ UNLIMITED_ADMISSION = Admission(None, None)
 
 
 async def admit(
-    limiter: RateLimiter,
+    services: Services,
     settings: RateLimitSettings,
     store: IdentityStore,
     principal: Principal,
@@ -134,7 +145,9 @@ async def admit(
     subjects = await subjects_for(principal, settings, store)
     if not subjects:
         return UNLIMITED_ADMISSION
-    decision = await limiter.acquire(subjects, tokens=tokens)
+    decision = await services.limiter.acquire(subjects, tokens=tokens)
     if not decision.allowed:
-        raise RateLimitExceededError(decision)
-    return Admission(limiter, decision)
+        error = RateLimitExceededError(decision)
+        services.rejections[error.kind] += 1
+        raise error
+    return Admission(services.limiter, decision)

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
-from functools import partial
 from typing import Any, Literal, TypeVar
 
 import msgspec
@@ -21,8 +18,8 @@ from litestar.params import FromPath, JSONBody
 
 from auth.principal import Principal
 from engine.base import EngineError, TokenEvent
-from gateway import caching
-from gateway.caching import CACHE_HEADER, StreamRecorder
+from gateway.answer import Answer, Events, answer
+from gateway.caching import StreamRecorder
 from gateway.errors import (
     InvalidRequestError,
     NotFoundError,
@@ -30,15 +27,11 @@ from gateway.errors import (
 )
 from gateway.generation import (
     ChoiceFinished,
-    ChoiceToken,
     Job,
     JobOutput,
     check_token_ids,
     prepare_chat,
     prepare_completion,
-    reserve,
-    run_choices,
-    run_to_completion,
     split_inputs,
 )
 from gateway.protocol.chat import (
@@ -57,14 +50,13 @@ from gateway.protocol.common import PromptTokensDetails, Usage
 from gateway.protocol.completions import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest
 from gateway.protocol.embeddings import Embedding, EmbeddingList, EmbeddingRequest, EmbeddingUsage
 from gateway.protocol.models import ModelList, ModelObject
-from gateway.quotas import Admission, admit
 from gateway.runtime import ModelManager, ModelRuntime
 from gateway.security import check_model_access, requires_inference
 from gateway.services.backends import Services
 from gateway.services.cached import CachedCompletion, ReplayChunk
 from gateway.sessions import session_for_recording, title_from
 from gateway.settings import Settings
-from gateway.streaming import EventStream, event_stream, frame, replay_stream
+from gateway.streaming import EventStream, frame
 
 T = TypeVar("T")
 logger = logging.getLogger("pocketllm.api")
@@ -102,26 +94,6 @@ def _completion_logprobs(events: list[TokenEvent], offset: int) -> CompletionLog
         offsets.append(offset)
         offset += len(text)
     return CompletionLogprobs(tokens, logprobs, tops, offsets)
-
-
-async def _until_disconnect(request: Request[Any, Any, Any], work: Awaitable[T]) -> T:
-    """Run ``work`` but cancel it (freeing its slot) if the client goes away first."""
-    task = asyncio.ensure_future(work)
-
-    async def disconnected() -> None:
-        while True:
-            message = await request.receive()
-            if message["type"] == "http.disconnect":
-                return
-
-    watcher = asyncio.ensure_future(disconnected())
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-    return task.result()
 
 
 class OpenAIController(Controller):
@@ -206,8 +178,8 @@ class OpenAIController(Controller):
                 usage=_usage(value.prompt_tokens, value.completion_tokens, 0),
             )
 
-        return await _answer(
-            _Answer(request, job, data, principal, settings, services, frames, headers, record),
+        return await answer(
+            Answer(request, job, data, principal, settings, services, frames, headers, record),
             frames.chat,
             from_output,
             from_cache,
@@ -262,8 +234,8 @@ class OpenAIController(Controller):
             ]
             return build(choices, value.prompt_tokens, value.completion_tokens, 0)
 
-        return await _answer(
-            _Answer(request, job, data, principal, settings, services, frames),
+        return await answer(
+            Answer(request, job, data, principal, settings, services, frames),
             frames.completion,
             from_output,
             from_cache,
@@ -323,10 +295,6 @@ class OpenAIController(Controller):
                 encoded = vector
             items.append(Embedding(index, encoded))
         return EmbeddingList(items, data.model, EmbeddingUsage(used, used))
-
-
-Events = AsyncIterator[ChoiceToken | ChoiceFinished | ReplayChunk]
-"""What the frames are made of: the engine's events, or a cached answer's replay."""
 
 
 class _Frames:
@@ -442,87 +410,6 @@ def _cached_logprobs(job: Job, logprobs: dict[str, Any] | None, shape: type[L]) 
     if not job.params.logprobs or not logprobs:
         return None
     return msgspec.convert(logprobs, shape)
-
-
-@dataclass(slots=True)
-class _Answer:
-    """One prepared chat or text completion request, on its way to a response."""
-
-    request: Request[Any, Any, State]
-    job: Job
-    data: ChatCompletionRequest | CompletionRequest
-    principal: Principal
-    settings: Settings
-    services: Services
-    frames: _Frames
-    headers: dict[str, str] = field(default_factory=dict)
-    record: Callable[[str], Awaitable[None]] | None = None
-
-
-async def _answer(
-    a: _Answer,
-    stream_frames: Callable[[Events], AsyncIterator[bytes]],
-    from_output: Callable[[JobOutput], tuple[Any, list[dict[str, Any] | None]]],
-    from_cache: Callable[[CachedCompletion], Any],
-) -> Response[Any] | EventStream:
-    """Rate limit -> cache lookup -> engine (or the cached answer) -> JSON or SSE.
-
-    The rate-limit ticket is released with the real usage when the response ends, fails, or its client
-    goes away (a stream releases it when the stream ends). A cache hit charges no tokens.
-    """
-    job = a.job
-    store = a.request.app.state.authenticator.store
-    reserved = job.prompt_tokens + job.params.max_tokens * job.choices
-    admission = await admit(a.services.limiter, a.settings.ratelimit, store, a.principal, tokens=reserved)
-    used, handed_off = 0, False
-    try:
-        cache_control = a.request.headers.getall("cache-control", [])
-        found = await caching.lookup(a.services.cache, a.principal, job, a.data, cache_control)
-        headers = {**a.headers, **admission.headers, CACHE_HEADER: found.outcome.value}
-        if found.value is not None:
-            if a.data.stream:
-                body = replay_stream(stream_frames(caching.replay(found.value)))
-                handed_off = True
-                return EventStream(_released(body, admission, lambda: 0), headers)
-            if a.record is not None:
-                await a.record(found.value.choices[0].text)
-            return Response(from_cache(found.value), headers=headers)
-        if found.key is not None:
-            a.frames.store = partial(a.services.cache.store, found)
-        reservation = reserve(job)
-        if a.data.stream:
-            body = event_stream(
-                reservation,
-                a.settings.queue.ping_interval_s,
-                lambda slot: stream_frames(run_choices(job, slot)),
-            )
-            handed_off = True
-            return EventStream(_released(body, admission, lambda: a.frames.recorder.used_tokens), headers)
-        used = job.prompt_tokens  # charged if it fails or its client goes away
-        output: JobOutput = await _until_disconnect(a.request, run_to_completion(job, reservation))
-        used = output.prompt_tokens + output.completion_tokens
-        response, logprobs = from_output(output)
-        if found.key is not None:
-            kind = a.frames.kind
-            entry = caching.completion_from_output(kind, job, output, a.frames.created, logprobs)
-            await a.services.cache.store(found, entry)
-        if a.record is not None:
-            await a.record(output.choices[0].text)
-        return Response(response, headers=headers)
-    finally:
-        if not handed_off:
-            await admission.release(used)
-
-
-async def _released(
-    body: AsyncIterator[bytes], admission: Admission, used: Callable[[], int]
-) -> AsyncIterator[bytes]:
-    """The stream ``body``; when it ends (finished, failed or cancelled) the ticket is released."""
-    try:
-        async for chunk in body:
-            yield chunk
-    finally:
-        await admission.release(used())
 
 
 def _chat_completion(

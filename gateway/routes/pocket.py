@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import msgspec
@@ -144,7 +144,7 @@ async def _start_turn(
     )
     job = await prepare_chat(completion, runtime, settings.limits, session.id if session else None)
     reserved = job.prompt_tokens + job.params.max_tokens
-    admission = await admit(services.limiter, settings.ratelimit, store, principal, tokens=reserved)
+    admission = await admit(services, settings.ratelimit, store, principal, tokens=reserved)
     if session is None:
         try:
             session = await store.create_session(principal.user_id, title_from(data.prompt), runtime.id)
@@ -157,16 +157,6 @@ async def _start_turn(
 
 def _used(job: Job, usage: dict[str, int]) -> int:
     return usage.get("total_tokens", job.prompt_tokens)
-
-
-async def _released(
-    body: AsyncIterator[bytes], admission: Admission, used: Callable[[], int]
-) -> AsyncIterator[bytes]:
-    try:
-        async for chunk in body:
-            yield chunk
-    finally:
-        await admission.release(used())
 
 
 class ChatController(Controller):
@@ -199,7 +189,7 @@ class ChatController(Controller):
                     lambda slot: _chat_frames(job, slot, store, session.id, data.prompt, usage),
                 )
                 handed_off = True
-                return EventStream(_released(body, admission, lambda: _used(job, usage)), admission.headers)
+                return EventStream(admission.releasing(body, lambda: _used(job, usage)), admission.headers)
             try:
                 slot = await acquire(job, reservation)
                 async for item in run_choices(job, slot):

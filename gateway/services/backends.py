@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 
 from gateway.services.cache_backend import CacheBackend, MemoryCacheBackend
 from gateway.services.circuit import OnBackendError
@@ -26,6 +27,8 @@ class Services:
     cache: ResponseCache
     limiter: RateLimiter
     redis: RedisClient | None = None
+    rejections: Counter[str] = field(default_factory=Counter)
+    """Requests refused by the rate limits, by limit (``requests``, ``tokens``, ``concurrency``)."""
 
     async def close(self) -> None:
         """Close the limiter, the cache backend and the Redis connections."""

@@ -57,7 +57,7 @@ def chat_body(content: str, **fields: Any) -> dict[str, Any]:
     return {
         "model": MODEL_ID,
         "messages": [{"role": "user", "content": content}],
-        "max_tokens": 6,
+        "max_tokens": 4,
         "temperature": 0,
         **fields,
     }
