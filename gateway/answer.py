@@ -18,6 +18,7 @@ from litestar.datastructures import State
 from auth.principal import Principal
 from gateway import caching
 from gateway.caching import CACHE_HEADER, StreamRecorder
+from gateway.errors import GatewayError
 from gateway.generation import (
     ChoiceFinished,
     ChoiceToken,
@@ -144,4 +145,16 @@ async def until_disconnect(request: Request[Any, Any, Any], work: Awaitable[T]) 
         watcher.cancel()
         if not task.done():
             task.cancel()
+            # let the cancellation run (the slot is given back) before the caller releases its limits
+            await asyncio.wait({task})
+    if task.cancelled():
+        raise ClientDisconnectedError("the client closed the connection before the response was ready")
     return task.result()
+
+
+class ClientDisconnectedError(GatewayError):
+    """499 (nginx's "client closed request"): the answer has nobody to go to; nothing is logged."""
+
+    status_code = 499
+    error_type = "invalid_request_error"
+    default_code = "client_closed_request"

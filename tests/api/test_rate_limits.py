@@ -185,3 +185,20 @@ def test_default_limits_come_from_settings(model_path: Path) -> None:
         assert chat(served, served.headers, _body()).status_code == 200
         _assert_refused(chat(served, served.headers, _body()), "requests")
         assert chat(served, served.headers, _body(model=MODEL_ID)).headers["retry-after"]
+
+
+def test_a_dropped_non_streaming_request_frees_its_slot(app: ServedApp) -> None:
+    _, headers = new_key(app, "user1", concurrency=1)
+    with pytest.raises(httpx.ReadTimeout):  # 400 tokens take longer than the client waits
+        httpx.post(
+            f"{app.base_url}/v1/chat/completions",
+            json=_body(max_tokens=400, logit_bias=NO_EOS),
+            headers=headers,
+            timeout=1.0,
+        )
+    deadline = time.monotonic() + 30
+    while (response := chat(app, headers, _body())).status_code == 429:
+        assert response.json()["error"]["type"] == "concurrency", response.text
+        assert time.monotonic() < deadline, "the dropped request never released its slot"
+        time.sleep(0.1)
+    assert response.status_code == 200

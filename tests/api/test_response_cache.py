@@ -5,6 +5,7 @@ routes, and invalidation when a model is loaded again."""
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -222,3 +223,32 @@ def test_loading_a_model_again_drops_its_entries(model_path: Path) -> None:
             await models.close()
 
     assert asyncio.run(main()) == [CacheOutcome.MISS, CacheOutcome.HIT, CacheOutcome.MISS]
+
+
+def test_logprobs_are_cached_and_replayed_token_by_token(app: ServedApp) -> None:
+    body = chat_body(_prompt(), logprobs=True, top_logprobs=2, max_tokens=6, logit_bias=NO_EOS)
+    first = chat(app, app.headers, body)
+    hit = chat(app, app.headers, body)
+    assert (first.headers["x-cache"], hit.headers["x-cache"]) == ("miss", "hit")
+    assert hit.json()["choices"][0]["logprobs"] == first.json()["choices"][0]["logprobs"]
+    entries = first.json()["choices"][0]["logprobs"]["content"]
+    assert len(entries) == 6 and all(len(e["top_logprobs"]) == 2 for e in entries)
+    with httpx.stream(
+        "POST",
+        f"{app.base_url}/v1/chat/completions",
+        json={**body, "stream": True},
+        headers=app.headers,
+        timeout=60,
+    ) as response:
+        assert response.headers["x-cache"] == "hit"
+        payloads = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+    streamed = [
+        entry
+        for p in payloads
+        for c in p["choices"]
+        if c.get("logprobs")
+        for entry in c["logprobs"]["content"]
+    ]
+    assert streamed == entries
+    text = "".join(c["delta"].get("content", "") for p in payloads for c in p["choices"])
+    assert text == first.json()["choices"][0]["message"]["content"]
