@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 from auth.errors import SessionExistsError, SessionNotFoundError, StoreClosedError, UserExistsError
 from auth.principal import Role, as_role
-from auth.store import ApiKey, ChatMessage, ChatSession, StoredApiKey, User
+from auth.store import ApiKey, ChatMessage, ChatSession, LimitOverride, StoredApiKey, User
 
 T = TypeVar("T")
 
@@ -47,6 +47,10 @@ MIGRATIONS: list[tuple[str, ...]] = [
     (  # 2: last login time; keys by owner
         "ALTER TABLE users ADD COLUMN last_login_at REAL",
         "CREATE INDEX api_keys_by_user ON api_keys(user_id, created_at)",
+    ),
+    (  # 3: rate-limit overrides per key / user ("key:<id>", "user:<id>"); NULL keeps the default
+        "CREATE TABLE limit_overrides (subject TEXT PRIMARY KEY, rpm INTEGER, tpm INTEGER, "
+        "concurrency INTEGER, updated_at REAL NOT NULL)",
     ),
 ]
 
@@ -261,6 +265,29 @@ class SQLiteStore:
         """See ``IdentityStore.revoke_key``."""
         sql = "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?"
         return await self._change(sql, (self._clock(), key_id)) > 0
+
+    # rate-limit overrides
+    async def get_limit_overrides(self, subjects: Sequence[str]) -> dict[str, LimitOverride]:
+        """See ``IdentityStore.get_limit_overrides``."""
+        wanted = list(dict.fromkeys(subjects))
+        if not wanted:
+            return {}
+        marks = ",".join("?" * len(wanted))
+        sql = f"SELECT subject, rpm, tpm, concurrency FROM limit_overrides WHERE subject IN ({marks})"  # noqa: S608 - placeholders only
+        rows = await self._all(sql, wanted)
+        return {row[0]: LimitOverride(row[1], row[2], row[3]) for row in rows}
+
+    async def set_limit_override(self, subject: str, override: LimitOverride) -> None:
+        """See ``IdentityStore.set_limit_override``."""
+        if override.empty:
+            await self._change("DELETE FROM limit_overrides WHERE subject = ?", (subject,))
+            return
+        await self._change(
+            "INSERT INTO limit_overrides (subject, rpm, tpm, concurrency, updated_at) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT(subject) DO UPDATE SET rpm = excluded.rpm, tpm = excluded.tpm, "
+            "concurrency = excluded.concurrency, updated_at = excluded.updated_at",
+            (subject, override.rpm, override.tpm, override.concurrency, self._clock()),
+        )
 
     # sessions
     async def create_session(

@@ -23,10 +23,12 @@ if TYPE_CHECKING:
     from auth.sqlite_store import SQLiteStore
 
 __all__ = [
+    "UNLIMITED",
     "ApiKey",
     "ChatMessage",
     "ChatSession",
     "IdentityStore",
+    "LimitOverride",
     "SQLiteStore",
     "SessionExistsError",
     "SessionNotFoundError",
@@ -108,6 +110,27 @@ class ChatMessage:
     created_at: float
 
 
+UNLIMITED = -1
+"""A ``LimitOverride`` field with this value lifts the limit altogether."""
+
+
+@dataclass(frozen=True, slots=True)
+class LimitOverride:
+    """Rate limits of one API key or user that replace the configured defaults.
+
+    Each field: ``None`` keeps the default, ``UNLIMITED`` (-1) lifts the limit, ``n >= 0`` is the limit.
+    """
+
+    rpm: int | None = None
+    tpm: int | None = None
+    concurrency: int | None = None
+
+    @property
+    def empty(self) -> bool:
+        """Whether every field keeps its default (such an override is not stored)."""
+        return self.rpm is None and self.tpm is None and self.concurrency is None
+
+
 class IdentityStore(Protocol):
     """Users, API keys, chat sessions and messages."""
 
@@ -161,6 +184,15 @@ class IdentityStore(Protocol):
 
     async def revoke_key(self, key_id: str) -> bool:
         """Revoke a key (idempotent); False when there is no such key."""
+        ...
+
+    async def get_limit_overrides(self, subjects: Sequence[str]) -> dict[str, LimitOverride]:
+        """The stored overrides of these subjects (``"key:<id>"``, ``"user:<id>"``); absent ones are left
+        out."""
+        ...
+
+    async def set_limit_override(self, subject: str, override: LimitOverride) -> None:
+        """Store a subject's override; an ``empty`` one deletes it (back to the defaults)."""
         ...
 
     async def create_session(

@@ -29,14 +29,28 @@ from gateway.middleware import RequestIdMiddleware
 from gateway.observability import build_telemetry, telemetry_middleware
 from gateway.routes.admin import AdminIdentityController
 from gateway.routes.admin_ops import AdminOpsController, FileDigests, prometheus_route
+from gateway.routes.admin_services import AdminServicesController
 from gateway.routes.health import health, index
 from gateway.routes.openai import OpenAIController
 from gateway.routes.pocket import AuthController, ChatController, chat_socket
 from gateway.runtime import ModelManager
 from gateway.security import build_authenticator, provide_principal
+from gateway.services.backends import build_services
 from gateway.settings import Settings
 
 logger = logging.getLogger("pocketllm")
+
+EXPOSED_HEADERS = [
+    "x-request-id",
+    "x-cache",
+    "retry-after",
+    *(
+        f"x-ratelimit-{what}-{kind}"
+        for what in ("limit", "remaining", "reset")
+        for kind in ("requests", "tokens")
+    ),
+]
+"""Response headers a browser client may read (CORS)."""
 
 
 @get("/docs", include_in_schema=False)
@@ -61,7 +75,12 @@ def create_app(settings: Settings, *, on_load_failure: Callable[[list[str]], Non
         on_load_failure: called with the ids of models that failed to load (the CLI stops the server).
     """
     telemetry = build_telemetry(settings)
-    models = ModelManager(settings, observer=telemetry.metrics)
+    services = build_services(
+        settings,
+        on_cache_error=lambda operation, _: telemetry.metrics.redis_error("cache", operation),
+        on_limiter_error=lambda operation, _: telemetry.metrics.redis_error("ratelimit", operation),
+    )
+    models = ModelManager(settings, observer=telemetry.metrics, on_reload=services.cache.invalidate_model)
     digests = FileDigests()
     authenticator = build_authenticator(settings)
 
@@ -87,6 +106,7 @@ def create_app(settings: Settings, *, on_load_failure: Callable[[list[str]], Non
         finally:
             loader.cancel()
             await models.close()
+            await services.close()
             await authenticator.store.close()
             await asyncio.to_thread(telemetry.shutdown)
 
@@ -102,6 +122,7 @@ def create_app(settings: Settings, *, on_load_failure: Callable[[list[str]], Non
             chat_socket,
             AdminIdentityController,
             AdminOpsController,
+            AdminServicesController,
             *(
                 [prometheus_route(require_admin=settings.telemetry.metrics_require_admin)]
                 if settings.telemetry.metrics_enabled
@@ -111,6 +132,7 @@ def create_app(settings: Settings, *, on_load_failure: Callable[[list[str]], Non
         dependencies={
             "models": Provide(lambda: models, use_cache=True, sync_to_thread=False),
             "settings": Provide(lambda: settings, use_cache=True, sync_to_thread=False),
+            "services": Provide(lambda: services, use_cache=True, sync_to_thread=False),
             "principal": Provide(provide_principal),
             "telemetry": Provide(lambda: telemetry, use_cache=True, sync_to_thread=False),
             "digests": Provide(lambda: digests, use_cache=True, sync_to_thread=False),
@@ -124,7 +146,7 @@ def create_app(settings: Settings, *, on_load_failure: Callable[[list[str]], Non
             HTTPException: handle_http_exception,
             Exception: handle_unexpected,
         },
-        cors_config=CORSConfig(allow_origins=settings.server.cors_origins, expose_headers=["x-request-id"]),
+        cors_config=CORSConfig(allow_origins=settings.server.cors_origins, expose_headers=EXPOSED_HEADERS),
         openapi_config=OpenAPIConfig(
             title="PocketLLM Gateway",
             version=__version__,

@@ -6,9 +6,10 @@ import asyncio
 import hashlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from engine.base import Engine, EngineError
 from engine.llamacpp import open_engine
@@ -36,6 +37,8 @@ class ModelRuntime:
     pool: SlotPool | None = None
     digest: str = ""
     """Identifies the exact weights (registry sha256, else a digest of path, size and mtime)."""
+    loads: int = 0
+    """Successful loads in this process (more than one: it was reloaded)."""
 
     @property
     def id(self) -> str:
@@ -59,9 +62,23 @@ class ModelRuntime:
 class ModelManager:
     """All configured models."""
 
-    def __init__(self, settings: Settings, observer: PoolObserver | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        observer: PoolObserver | None = None,
+        on_reload: Callable[[str], Awaitable[Any]] | None = None,
+    ) -> None:
+        """Configure the models (nothing is loaded yet).
+
+        Args:
+            settings: the whole configuration.
+            observer: the pools' metrics observer.
+            on_reload: awaited with a model's id each time it is loaded again (not the first time), e.g.
+                to drop its cached responses.
+        """
         self._settings = settings
         self._observer = observer
+        self._on_reload = on_reload
         self._runtimes: dict[str, ModelRuntime] = {}
         self._names: dict[str, ModelRuntime] = {}
         registry = load_registry()
@@ -127,6 +144,9 @@ class ModelManager:
                 observer=self._observer,
             )
             runtime.state = "ready"
+            runtime.loads += 1
+            if runtime.loads > 1 and self._on_reload is not None:
+                await self._on_reload(runtime.id)
             logger.info(
                 "model %s loaded from %s in %.1fs (%d slots x %d tokens, %d threads, engine %s)",
                 runtime.id,

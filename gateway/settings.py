@@ -94,12 +94,20 @@ class LimitsSettings(Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class RedisSettings(Struct, forbid_unknown_fields=True, kw_only=True):
-    """Redis connection (cache, rate limits)."""
+    """Redis connection (cache, rate limits). No ``host``: both run in-process (one gateway process)."""
 
     host: str | None = None
     port: Port = 6379
     db: Annotated[int, Meta(ge=0)] = 0
     password: str | None = None
+    key_prefix: str = "pocketllm:"
+    """Namespace of every key (the cache uses ``<prefix>cache:``, the limiter ``<prefix>rl:``)."""
+    timeout_s: Seconds = 0.25
+    """Longest wait for one Redis call on a request's path; beyond it the cache is bypassed and the
+    limiter falls back to the in-process one."""
+    connect_timeout_s: Seconds = 0.25
+    retry_after_s: Seconds = 1.0
+    """After a failure, Redis is skipped for this long, then tried again (recovery is automatic)."""
 
 
 class CacheSettings(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -107,7 +115,36 @@ class CacheSettings(Struct, forbid_unknown_fields=True, kw_only=True):
 
     enabled: bool = True
     ttl_s: Seconds = 3600.0
+    """Entry lifetime unless a request's body ``cache.ttl`` sets its own."""
     shared_scope: bool = False
+    """One cache for every user; by default each user (tenant) has a scope of their own."""
+    memory_max_entries: PositiveInt = 10_000
+    """Bounds of the in-process backend (used when no Redis is configured)."""
+    memory_max_bytes: PositiveInt = 64 * 1024 * 1024
+
+
+Limit = Annotated[int, Meta(ge=0)] | None
+"""A limit; ``None`` is unlimited."""
+
+
+class RateLimitSettings(Struct, forbid_unknown_fields=True, kw_only=True):
+    """Default limits per API key and per user (overrides per key/user live in the identity store).
+
+    Flat so that every field has an environment name, e.g. ``POCKETLLM_RATELIMIT__KEY_RPM=60``.
+    """
+
+    enabled: bool = True
+    window_s: Seconds = 60.0
+    """The window of the ``rpm``/``tpm`` limits (a sliding minute)."""
+    key_rpm: Limit = None
+    key_tpm: Limit = None
+    """Tokens per window: prompt + max_tokens reserved at admission, corrected to real usage."""
+    key_concurrency: Limit = None
+    user_rpm: Limit = None
+    user_tpm: Limit = None
+    user_concurrency: Limit = None
+    lease_ttl_s: Seconds = 900.0
+    """A concurrency slot that is never released (crashed process) expires after this."""
 
 
 class ExternalIdPSettings(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -179,6 +216,7 @@ class Settings(Struct, forbid_unknown_fields=True, kw_only=True):
     limits: LimitsSettings = field(default_factory=LimitsSettings)
     redis: RedisSettings = field(default_factory=RedisSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
+    ratelimit: RateLimitSettings = field(default_factory=RateLimitSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
 

@@ -78,3 +78,16 @@ async def event_stream(
         if not waiter.done():
             waiter.cancel()
         reservation.release()
+
+
+async def replay_stream(frames: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The SSE body of an answer that needs no slot (a cache hit): ``frames``, then ``[DONE]``."""
+    try:
+        async for chunk in frames:
+            yield chunk
+        yield DONE
+    except GatewayError as exc:
+        yield sse_frame(exc)
+    except Exception:
+        logger.exception("a replayed stream failed")
+        yield sse_frame(InternalError("internal server error"))

@@ -123,6 +123,13 @@ class RequestRecord:
         self._telemetry.metrics.cache_outcome(outcome)
         self.span.set_attribute("pocketllm.cache", outcome)
 
+    def rate_limited(self, kind: str) -> None:
+        """A rate limit refused the request (``kind``: ``requests``, ``tokens`` or ``concurrency``)."""
+        if self._telemetry is None:
+            return
+        self._telemetry.metrics.rate_limited(kind)
+        self.span.set_attribute("pocketllm.rate_limited", kind)
+
     def queued(self, model: str) -> None:
         """The request asked ``model``'s pool for a slot: the queue wait starts."""
         if not self.active:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
+import msgspec
 import numpy as np
 from litestar import Controller, Request, Response, get, post
 from litestar.datastructures import State
@@ -18,6 +18,8 @@ from litestar.params import FromPath, JSONBody
 
 from auth.principal import Principal
 from engine.base import EngineError, TokenEvent
+from gateway.answer import Answer, Events, answer
+from gateway.caching import StreamRecorder
 from gateway.errors import (
     InvalidRequestError,
     NotFoundError,
@@ -25,15 +27,11 @@ from gateway.errors import (
 )
 from gateway.generation import (
     ChoiceFinished,
-    ChoiceToken,
     Job,
     JobOutput,
     check_token_ids,
     prepare_chat,
     prepare_completion,
-    reserve,
-    run_choices,
-    run_to_completion,
     split_inputs,
 )
 from gateway.protocol.chat import (
@@ -54,9 +52,11 @@ from gateway.protocol.embeddings import Embedding, EmbeddingList, EmbeddingReque
 from gateway.protocol.models import ModelList, ModelObject
 from gateway.runtime import ModelManager, ModelRuntime
 from gateway.security import check_model_access, requires_inference
+from gateway.services.backends import Services
+from gateway.services.cached import CachedCompletion, ReplayChunk
 from gateway.sessions import session_for_recording, title_from
 from gateway.settings import Settings
-from gateway.streaming import EventStream, event_stream, frame
+from gateway.streaming import EventStream, frame
 from telemetry.requests import current_request
 
 T = TypeVar("T")
@@ -97,26 +97,6 @@ def _completion_logprobs(events: list[TokenEvent], offset: int) -> CompletionLog
     return CompletionLogprobs(tokens, logprobs, tops, offsets)
 
 
-async def _until_disconnect(request: Request[Any, Any, Any], work: Awaitable[T]) -> T:
-    """Run ``work`` but cancel it (freeing its slot) if the client goes away first."""
-    task = asyncio.ensure_future(work)
-
-    async def disconnected() -> None:
-        while True:
-            message = await request.receive()
-            if message["type"] == "http.disconnect":
-                return
-
-    watcher = asyncio.ensure_future(disconnected())
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-    return task.result()
-
-
 class OpenAIController(Controller):
     """``/v1`` routes."""
 
@@ -148,10 +128,13 @@ class OpenAIController(Controller):
         models: NamedDependency[ModelManager],
         settings: NamedDependency[Settings],
         principal: NamedDependency[Principal],
+        services: NamedDependency[Services],
     ) -> Response[ChatCompletion] | EventStream:
         """OpenAI chat completions, JSON or SSE (``stream: true``).
 
         With an ``X-Session-Id`` header the exchange is recorded into that chat session of the caller.
+        Rate limits apply before generation (429 ``rate_limit_exceeded``); deterministic requests are
+        answered from the response cache when they can be (``x-cache: hit|miss|bypass``).
         """
         runtime = _resolve(models, principal, data.model)
         session_id = request.headers.get("x-session-id")
@@ -168,24 +151,40 @@ class OpenAIController(Controller):
 
         headers = {"X-Session-Id": session_id} if session_id else {}
         job = await prepare_chat(data, runtime, settings.limits, session_id)
-        reservation = reserve(job)
         created = int(time.time())
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-        if data.stream:
-            include_usage = bool(data.stream_options and data.stream_options.include_usage)
-            frames = _Frames(job, completion_id, created, data.model, include_usage, record)
-            return EventStream(
-                event_stream(
-                    reservation,
-                    settings.queue.ping_interval_s,
-                    lambda slot: frames.chat(run_choices(job, slot)),
-                ),
-                headers,
+        include_usage = bool(data.stream_options and data.stream_options.include_usage)
+        frames = _Frames(job, completion_id, created, data.model, include_usage, record, "chat.completion")
+
+        def from_output(output: JobOutput) -> tuple[ChatCompletion, list[dict[str, Any] | None]]:
+            body = _chat_completion(job, output, completion_id, created, data.model)
+            logprobs = [msgspec.to_builtins(c.logprobs) if c.logprobs else None for c in body.choices]
+            return body, logprobs
+
+        def from_cache(value: CachedCompletion) -> ChatCompletion:
+            return ChatCompletion(
+                id=completion_id,
+                created=created,
+                model=data.model,
+                system_fingerprint=_fingerprint(job),
+                choices=[
+                    ChatChoice(
+                        index=c.index,
+                        message=AssistantMessage("assistant", c.text),
+                        logprobs=_cached_logprobs(job, c.logprobs, ChoiceLogprobs),
+                        finish_reason=c.finish_reason,  # type: ignore[arg-type]
+                    )
+                    for c in value.choices
+                ],
+                usage=_usage(value.prompt_tokens, value.completion_tokens, 0),
             )
-        output: JobOutput = await _until_disconnect(request, run_to_completion(job, reservation))
-        if record is not None:
-            await record(output.choices[0].text)
-        return Response(_chat_completion(job, output, completion_id, created, data.model), headers=headers)
+
+        return await answer(
+            Answer(request, job, data, principal, settings, services, frames, headers, record),
+            frames.chat,
+            from_output,
+            from_cache,
+        )
 
     @post("/completions", summary="Create a text completion", status_code=200)
     async def completions(
@@ -195,36 +194,52 @@ class OpenAIController(Controller):
         models: NamedDependency[ModelManager],
         settings: NamedDependency[Settings],
         principal: NamedDependency[Principal],
-    ) -> Completion | EventStream:
-        """OpenAI (legacy) text completions, JSON or SSE."""
+        services: NamedDependency[Services],
+    ) -> Response[Completion] | EventStream:
+        """OpenAI (legacy) text completions, JSON or SSE; rate limits and the cache as for chat."""
         runtime = _resolve(models, principal, data.model)
         job = await prepare_completion(data, runtime, settings.limits)
-        reservation = reserve(job)
         created = int(time.time())
         completion_id = f"cmpl-{uuid.uuid4().hex}"
-        if data.stream:
-            include_usage = bool(data.stream_options and data.stream_options.include_usage)
-            frames = _Frames(job, completion_id, created, data.model, include_usage)
-            return EventStream(
-                event_stream(
-                    reservation,
-                    settings.queue.ping_interval_s,
-                    lambda slot: frames.completion(run_choices(job, slot)),
-                )
+        include_usage = bool(data.stream_options and data.stream_options.include_usage)
+        frames = _Frames(job, completion_id, created, data.model, include_usage, None, "text_completion")
+
+        def build(choices: list[CompletionChoice], prompt: int, completion: int, cached: int) -> Completion:
+            return Completion(
+                id=completion_id,
+                created=created,
+                model=data.model,
+                choices=choices,
+                system_fingerprint=_fingerprint(job),
+                usage=_usage(prompt, completion, cached),
             )
-        output: JobOutput = await _until_disconnect(request, run_to_completion(job, reservation))
-        choices = []
-        for c in output.choices:
-            echo = job.echo_texts[c.index // job.n] if job.echo_texts else ""
-            logprobs = _completion_logprobs(c.tokens, len(echo)) if job.params.logprobs else None
-            choices.append(CompletionChoice(c.index, c.text, logprobs, c.finish_reason))  # type: ignore[arg-type]
-        return Completion(
-            id=completion_id,
-            created=created,
-            model=data.model,
-            choices=choices,
-            system_fingerprint=_fingerprint(job),
-            usage=_usage(output.prompt_tokens, output.completion_tokens, output.cached_tokens),
+
+        def from_output(output: JobOutput) -> tuple[Completion, list[dict[str, Any] | None]]:
+            choices = []
+            for c in output.choices:
+                echo = job.echo_texts[c.index // job.n] if job.echo_texts else ""
+                logprobs = _completion_logprobs(c.tokens, len(echo)) if job.params.logprobs else None
+                choices.append(CompletionChoice(c.index, c.text, logprobs, c.finish_reason))  # type: ignore[arg-type]
+            body = build(choices, output.prompt_tokens, output.completion_tokens, output.cached_tokens)
+            return body, [msgspec.to_builtins(c.logprobs) if c.logprobs else None for c in choices]
+
+        def from_cache(value: CachedCompletion) -> Completion:
+            choices = [
+                CompletionChoice(
+                    c.index,
+                    (job.echo_texts[c.index // job.n] if job.echo_texts else "") + c.text,
+                    _cached_logprobs(job, c.logprobs, CompletionLogprobs),
+                    c.finish_reason,  # type: ignore[arg-type]
+                )
+                for c in value.choices
+            ]
+            return build(choices, value.prompt_tokens, value.completion_tokens, 0)
+
+        return await answer(
+            Answer(request, job, data, principal, settings, services, frames),
+            frames.completion,
+            from_output,
+            from_cache,
         )
 
     @post("/embeddings", summary="Create embeddings", status_code=200)
@@ -285,7 +300,11 @@ class OpenAIController(Controller):
 
 
 class _Frames:
-    """Builds the SSE frames of one response from choice events (the engine's, or a replay)."""
+    """Builds the SSE frames of one response from choice events (the engine's, or a replay).
+
+    It also records what it sent; once every choice has finished, ``store`` (when set) gets the whole
+    answer for the response cache. A stream that fails or is cancelled never gets that far.
+    """
 
     def __init__(
         self,
@@ -295,6 +314,7 @@ class _Frames:
         model: str,
         include_usage: bool,
         on_complete: Callable[[str], Awaitable[None]] | None = None,
+        kind: Literal["chat.completion", "text_completion"] = "chat.completion",
     ) -> None:
         self.on_complete = on_complete
         self.job = job
@@ -303,8 +323,16 @@ class _Frames:
         self.model = model
         self.include_usage = include_usage
         self.fingerprint = _fingerprint(job)
+        self.kind = kind
+        self.recorder = StreamRecorder(kind, job, created)
+        self.store: Callable[[CachedCompletion], Awaitable[Any]] | None = None
 
-    async def chat(self, events: AsyncIterator[ChoiceToken | ChoiceFinished]) -> AsyncIterator[bytes]:
+    async def _finish(self) -> None:
+        completion = self.recorder.completion()
+        if self.store is not None and completion is not None:
+            await self.store(completion)
+
+    async def chat(self, events: Events) -> AsyncIterator[bytes]:
         """``chat.completion.chunk`` frames: role first, content deltas, finish, optional usage."""
 
         def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> bytes:
@@ -314,29 +342,32 @@ class _Frames:
                 )
             )
 
-        job = self.job
+        job, recorder = self.job, self.recorder
         for index in range(job.choices):
             yield chunk([ChunkChoice(index, ChoiceDelta(role="assistant", content=""))])
-        completion_tokens = cached = 0
-        first_choice: list[str] = []
+        cached = 0
         async for item in events:
-            if isinstance(item, ChoiceToken):
-                event = item.event
-                if item.index == 0:
-                    first_choice.append(event.text)
-                logprobs = _chat_logprobs([event]) if job.params.logprobs and event.token_id >= 0 else None
-                if event.text or logprobs is not None:
-                    yield chunk([ChunkChoice(item.index, ChoiceDelta(content=event.text), logprobs)])
-            else:
-                completion_tokens += item.event.completion_tokens
+            if isinstance(item, ChoiceFinished):
+                recorder.finish(item.index, item.event)
                 cached = max(cached, item.event.cached_tokens)
                 yield chunk([ChunkChoice(item.index, ChoiceDelta(), None, item.event.finish_reason)])
+                continue
+            if isinstance(item, ReplayChunk):
+                text, logprobs = item.text, _cached_logprobs(job, item.logprobs, ChoiceLogprobs)
+            else:
+                event, text = item.event, item.event.text
+                recorder.generated += event.token_id >= 0
+                logprobs = _chat_logprobs([event]) if job.params.logprobs and event.token_id >= 0 else None
+            recorder.text(item.index, text, logprobs)
+            if text or logprobs is not None:
+                yield chunk([ChunkChoice(item.index, ChoiceDelta(content=text), logprobs)])
         if self.on_complete is not None:
-            await self.on_complete("".join(first_choice))
+            await self.on_complete("".join(recorder.texts.get(0, [])))
+        await self._finish()
         if self.include_usage:
-            yield chunk([], _usage(job.prompt_tokens, completion_tokens, cached))
+            yield chunk([], _usage(job.prompt_tokens, recorder.completion_tokens, cached))
 
-    async def completion(self, events: AsyncIterator[ChoiceToken | ChoiceFinished]) -> AsyncIterator[bytes]:
+    async def completion(self, events: Events) -> AsyncIterator[bytes]:
         """``text_completion`` frames: echoed prompts, text deltas, finish, optional usage."""
 
         def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> bytes:
@@ -344,28 +375,43 @@ class _Frames:
                 Completion(self.completion_id, self.created, self.model, choices, self.fingerprint, usage)
             )
 
-        job = self.job
+        job, recorder = self.job, self.recorder
         offsets = dict.fromkeys(range(job.choices), 0)
         if job.echo_texts:
             for index in range(job.choices):
                 offsets[index] = len(job.echo_texts[index // job.n])
                 yield chunk([CompletionChoice(index, job.echo_texts[index // job.n])])
-        completion_tokens = cached = 0
+        cached = 0
         async for item in events:
-            if isinstance(item, ChoiceToken):
-                event = item.event
-                logprobs = None
-                if job.params.logprobs and event.token_id >= 0:
-                    logprobs = _completion_logprobs([event], offsets[item.index])
-                offsets[item.index] += len(event.text)
-                if event.text or logprobs is not None:
-                    yield chunk([CompletionChoice(item.index, event.text, logprobs)])
-            else:
-                completion_tokens += item.event.completion_tokens
+            if isinstance(item, ChoiceFinished):
+                recorder.finish(item.index, item.event)
                 cached = max(cached, item.event.cached_tokens)
                 yield chunk([CompletionChoice(item.index, "", None, item.event.finish_reason)])
+                continue
+            if isinstance(item, ReplayChunk):
+                text, logprobs = item.text, _cached_logprobs(job, item.logprobs, CompletionLogprobs)
+            else:
+                event, text, logprobs = item.event, item.event.text, None
+                recorder.generated += event.token_id >= 0
+                if job.params.logprobs and event.token_id >= 0:
+                    logprobs = _completion_logprobs([event], offsets[item.index])
+            offsets[item.index] += len(text)
+            recorder.text(item.index, text, logprobs)
+            if text or logprobs is not None:
+                yield chunk([CompletionChoice(item.index, text, logprobs)])
+        await self._finish()
         if self.include_usage:
-            yield chunk([], _usage(job.prompt_tokens, completion_tokens, cached))
+            yield chunk([], _usage(job.prompt_tokens, recorder.completion_tokens, cached))
+
+
+L = TypeVar("L", ChoiceLogprobs, CompletionLogprobs)
+
+
+def _cached_logprobs(job: Job, logprobs: dict[str, Any] | None, shape: type[L]) -> L | None:
+    """Stored (plain) logprobs as the wire type, when the request asks for logprobs."""
+    if not job.params.logprobs or not logprobs:
+        return None
+    return msgspec.convert(logprobs, shape)
 
 
 def _chat_completion(

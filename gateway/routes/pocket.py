@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import msgspec
-from litestar import Controller, Request, WebSocket, delete, get, post, websocket
+from litestar import Controller, Request, Response, WebSocket, delete, get, post, websocket
 from litestar.datastructures import State
 from litestar.di import NamedDependency
 from litestar.exceptions import WebSocketDisconnect
@@ -20,8 +20,10 @@ from auth.store import ChatSession, IdentityStore
 from gateway.errors import AuthenticationError, GatewayError, RateLimitError
 from gateway.generation import ChoiceFinished, ChoiceToken, Job, acquire, prepare_chat, reserve, run_choices
 from gateway.protocol.chat import ChatCompletionRequest, ChatMessage
+from gateway.quotas import Admission, admit
 from gateway.runtime import ModelManager
 from gateway.security import authenticate, check_model_access, requires_inference
+from gateway.services.backends import Services
 from gateway.sessions import check_session_id, own_session, session_not_found, title_from
 from gateway.settings import Settings
 from gateway.streaming import EventStream, event_stream, frame
@@ -117,25 +119,44 @@ def _history_messages(history: list[Any], prompt: str) -> list[ChatMessage]:
 
 
 async def _start_turn(
-    store: IdentityStore, principal: Principal, data: ChatRequest, models: ModelManager, settings: Settings
-) -> tuple[ChatSession, Job]:
-    """The session (loaded, or created when none is given) and the job for the next reply in it."""
+    store: IdentityStore,
+    principal: Principal,
+    data: ChatRequest,
+    models: ModelManager,
+    settings: Settings,
+    services: Services,
+) -> tuple[ChatSession, Job, Admission]:
+    """The session (loaded, or created when none is given), the job for the next reply in it, and its
+    rate-limit admission (429 before any new session is created). Release the admission when done."""
     model_name = data.model or models.runtimes[0].id
     runtime = models.resolve(model_name)
     check_model_access(principal, model_name, runtime.id)
+    session: ChatSession | None = None
+    history: list[Any] = []
     if data.session_id is not None:
         session = await own_session(store, principal, data.session_id)
         history = await store.list_messages(session.id)
-    else:
-        session = await store.create_session(principal.user_id, title_from(data.prompt), runtime.id)
-        history = []
     completion = ChatCompletionRequest(
         model=model_name,
         messages=_history_messages(history, data.prompt),
         max_tokens=data.max_tokens,
         temperature=data.temperature,
     )
-    return session, await prepare_chat(completion, runtime, settings.limits, session.id)
+    job = await prepare_chat(completion, runtime, settings.limits, session.id if session else None)
+    reserved = job.prompt_tokens + job.params.max_tokens
+    admission = await admit(services, settings.ratelimit, store, principal, tokens=reserved)
+    if session is None:
+        try:
+            session = await store.create_session(principal.user_id, title_from(data.prompt), runtime.id)
+        except BaseException:
+            await admission.release(0)
+            raise
+        job.session = session.id
+    return session, job, admission
+
+
+def _used(job: Job, usage: dict[str, int]) -> int:
+    return usage.get("total_tokens", job.prompt_tokens)
 
 
 class ChatController(Controller):
@@ -153,32 +174,40 @@ class ChatController(Controller):
         principal: NamedDependency[Principal],
         models: NamedDependency[ModelManager],
         settings: NamedDependency[Settings],
-    ) -> ChatReply | EventStream:
+        services: NamedDependency[Services],
+    ) -> Response[ChatReply] | EventStream:
         """Generate the next reply of a session (a new one when none is given); both turns are stored."""
         store = request.app.state.authenticator.store
-        session, job = await _start_turn(store, principal, data, models, settings)
-        reservation = reserve(job)
-        if data.stream:
-            return EventStream(
-                event_stream(
+        session, job, admission = await _start_turn(store, principal, data, models, settings, services)
+        text, finish, usage, handed_off = "", "stop", dict[str, int](), False
+        try:
+            reservation = reserve(job)
+            if data.stream:
+                body = event_stream(
                     reservation,
                     settings.queue.ping_interval_s,
-                    lambda slot: _chat_frames(job, slot, store, session.id, data.prompt),
+                    lambda slot: _chat_frames(job, slot, store, session.id, data.prompt, usage),
                 )
-            )
-        text, finish, usage = "", "stop", {}
-        try:
-            slot = await acquire(job, reservation)
-            async for item in run_choices(job, slot):
-                if isinstance(item, ChoiceToken):
-                    text += item.event.text
-                else:
-                    finish = item.event.finish_reason
-                    usage = _usage(item)
+                handed_off = True
+                return EventStream(admission.releasing(body, lambda: _used(job, usage)), admission.headers)
+            try:
+                slot = await acquire(job, reservation)
+                async for item in run_choices(job, slot):
+                    if isinstance(item, ChoiceToken):
+                        text += item.event.text
+                    else:
+                        finish = item.event.finish_reason
+                        usage = _usage(item)
+            finally:
+                reservation.release()
         finally:
-            reservation.release()
+            if not handed_off:
+                await admission.release(_used(job, usage))
         await store.add_messages(session.id, [("user", data.prompt), ("assistant", text)])
-        return ChatReply(text, session.id, data.model or job.runtime.id, finish, usage)
+        return Response(
+            ChatReply(text, session.id, data.model or job.runtime.id, finish, usage),
+            headers=admission.headers,
+        )
 
     @get("/history", summary="The caller's sessions")
     async def history(
@@ -251,7 +280,10 @@ def _usage(item: ChoiceFinished) -> dict[str, int]:
     }
 
 
-async def _chat_frames(job: Job, slot: int, store: Any, session_id: str, prompt: str) -> AsyncIterator[bytes]:
+async def _chat_frames(
+    job: Job, slot: int, store: Any, session_id: str, prompt: str, usage: dict[str, int]
+) -> AsyncIterator[bytes]:
+    """The ``/chat`` stream; ``usage`` is filled in when the reply is done."""
     text = ""
     async for item in run_choices(job, slot):
         if isinstance(item, ChoiceToken):
@@ -259,13 +291,14 @@ async def _chat_frames(job: Job, slot: int, store: Any, session_id: str, prompt:
                 text += item.event.text
                 yield frame({"session_id": session_id, "delta": item.event.text})
         else:
+            usage.update(_usage(item))
             await store.add_messages(session_id, [("user", prompt), ("assistant", text)])
             yield frame(
                 {
                     "session_id": session_id,
                     "done": True,
                     "finish_reason": item.event.finish_reason,
-                    "usage": _usage(item),
+                    "usage": usage,
                 }
             )
 
@@ -275,6 +308,7 @@ async def chat_socket(
     socket: WebSocket[Any, Any, State],
     models: NamedDependency[ModelManager],
     settings: NamedDependency[Settings],
+    services: NamedDependency[Services],
 ) -> None:
     """Streaming chat over a WebSocket: authenticate by header or a first ``{"token": ...}`` message, then
     send ``{"prompt", "session_id"?, "model"?}``; replies are ``delta`` frames and a ``done`` frame."""
@@ -291,7 +325,7 @@ async def chat_socket(
             message = await socket.receive_json()
             try:
                 request = msgspec.convert(message, ChatRequest)
-                await _socket_turn(socket, request, principal, store, models, settings)
+                await _socket_turn(socket, request, principal, store, models, settings, services)
             except msgspec.ValidationError as exc:
                 await socket.send_json(
                     {
@@ -333,11 +367,16 @@ async def _socket_turn(
     store: Any,
     models: ModelManager,
     settings: Settings,
+    services: Services,
 ) -> None:
-    session, job = await _start_turn(store, principal, data, models, settings)
-    reservation = reserve(job)
-    text = ""
+    session, job, admission = await _start_turn(store, principal, data, models, settings, services)
+    text, usage = "", dict[str, int]()
     started = time.perf_counter()
+    try:
+        reservation = reserve(job)
+    except BaseException:
+        await admission.release(0)
+        raise
     try:
         slot = await acquire(job, reservation)
         async for item in run_choices(job, slot):
@@ -348,15 +387,17 @@ async def _socket_turn(
                         {"type": "delta", "session_id": session.id, "delta": item.event.text}
                     )
             else:
+                usage = _usage(item)
                 await store.add_messages(session.id, [("user", data.prompt), ("assistant", text)])
                 await socket.send_json(
                     {
                         "type": "done",
                         "session_id": session.id,
                         "finish_reason": item.event.finish_reason,
-                        "usage": _usage(item),
+                        "usage": usage,
                         "seconds": round(time.perf_counter() - started, 3),
                     }
                 )
     finally:
         reservation.release()
+        await admission.release(_used(job, usage))

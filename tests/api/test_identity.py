@@ -345,8 +345,10 @@ def test_access_matrix_from_the_route_table(app: ServedApp) -> None:
         methods = sorted(route.methods - {"OPTIONS", "HEAD"}, key=lambda m: (m == "DELETE", m))
         routes += [(method, path) for method in methods]
     assert len(routes) >= 10, routes
-    bodies = {("POST", "/admin/users"): {"username": "zed", "password": "zed-password"},
-              ("POST", "/admin/keys"): {"username": "user1"}}
+    bodies = {
+        ("POST", "/admin/users"): {"username": "zed", "password": "zed-password"},
+        ("POST", "/admin/keys"): {"username": "user1"},
+    }
     for method, path in routes:
         body = bodies.get((method, path))
         for credential, expected in ((None, 401), (revoked["key"], 401)):

@@ -82,3 +82,25 @@ def test_bad_config_files(tmp_path: Path) -> None:
     )
     with pytest.raises(SettingsError, match="reuses the model name"):
         load_settings(dup, env={})
+
+
+def test_rate_limit_and_redis_settings(tmp_path: Path) -> None:
+    defaults = load_settings(env={})
+    limits = defaults.ratelimit
+    assert limits.enabled and limits.window_s == 60.0
+    assert (limits.key_rpm, limits.key_tpm, limits.user_concurrency) == (None, None, None)  # unlimited
+    config = tmp_path / "c.toml"
+    config.write_text('[ratelimit]\nuser_tpm = 10000\nkey_concurrency = 4\n[redis]\nhost = "r"\n')
+    settings = load_settings(
+        config,
+        env={
+            "POCKETLLM_RATELIMIT__KEY_RPM": "20",
+            "POCKETLLM_REDIS__KEY_PREFIX": "gw1:",
+            "POCKETLLM_REDIS__TIMEOUT_S": "0.5",
+        },
+    )
+    assert (settings.ratelimit.key_rpm, settings.ratelimit.user_tpm) == (20, 10000)
+    assert settings.ratelimit.key_concurrency == 4
+    assert (settings.redis.host, settings.redis.key_prefix, settings.redis.timeout_s) == ("r", "gw1:", 0.5)
+    with pytest.raises(SettingsError, match="key_rpm"):
+        load_settings(env={"POCKETLLM_RATELIMIT__KEY_RPM": "-1"})

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from auth.errors import SessionExistsError, SessionNotFoundError, StoreClosedError, UserExistsError
-from auth.store import ApiKey, IdentityStore, StoredApiKey
+from auth.store import UNLIMITED, ApiKey, IdentityStore, LimitOverride, StoredApiKey
 from tests.unit.auth.conftest import StoreOpener
 
 pytestmark = pytest.mark.anyio
@@ -255,3 +255,33 @@ async def test_a_closed_store_refuses_work(open_store: StoreOpener) -> None:
     await opened.close()  # idempotent
     with pytest.raises(StoreClosedError):
         await opened.list_users()
+
+
+async def test_limit_overrides_are_stored_replaced_and_cleared(open_store: StoreOpener) -> None:
+    store = open_store()
+    try:
+        assert await store.get_limit_overrides([]) == {}
+        assert await store.get_limit_overrides(["key:k1", "user:u1"]) == {}
+        await store.set_limit_override("key:k1", LimitOverride(rpm=20))
+        await store.set_limit_override("user:u1", LimitOverride(tpm=1000, concurrency=UNLIMITED))
+        await store.set_limit_override("user:u2", LimitOverride(rpm=1))
+        found = await store.get_limit_overrides(["key:k1", "user:u1", "user:nobody", "key:k1"])
+        assert found == {
+            "key:k1": LimitOverride(rpm=20),
+            "user:u1": LimitOverride(tpm=1000, concurrency=UNLIMITED),
+        }
+        await store.set_limit_override("key:k1", LimitOverride(rpm=0, concurrency=2))  # replaced whole
+        assert (await store.get_limit_overrides(["key:k1"]))["key:k1"] == LimitOverride(rpm=0, concurrency=2)
+        await store.set_limit_override("user:u1", LimitOverride())  # empty: back to the defaults
+        await store.set_limit_override("user:gone", LimitOverride())  # clearing nothing is fine
+        assert await store.get_limit_overrides(["user:u1", "user:gone"]) == {}
+    finally:
+        await store.close()
+    reopened = open_store()  # they survive a restart
+    try:
+        assert await reopened.get_limit_overrides(["key:k1", "user:u2"]) == {
+            "key:k1": LimitOverride(rpm=0, concurrency=2),
+            "user:u2": LimitOverride(rpm=1),
+        }
+    finally:
+        await reopened.close()

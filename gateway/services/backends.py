@@ -1,0 +1,107 @@
+"""The response cache and the rate limiter for the settings: Redis when configured, else in-process."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+
+from gateway.services.cache_backend import CacheBackend, MemoryCacheBackend
+from gateway.services.circuit import OnBackendError
+from gateway.services.ratelimit import RateLimiter
+from gateway.services.ratelimit_fallback import FallbackRateLimiter
+from gateway.services.ratelimit_memory import MemoryRateLimiter
+from gateway.services.redis_cache import RedisCacheBackend
+from gateway.services.redis_client import RedisClient, create_redis_client
+from gateway.services.redis_ratelimit import RedisRateLimiter
+from gateway.services.response_cache import ResponseCache
+from gateway.settings import Settings
+
+logger = logging.getLogger("gateway.services")
+
+
+@dataclass(slots=True)
+class Services:
+    """The cache and the limiter of one gateway process, and the Redis client they share (if any)."""
+
+    cache: ResponseCache
+    limiter: RateLimiter
+    redis: RedisClient | None = None
+    rejections: Counter[str] = field(default_factory=Counter)
+    """Requests refused by the rate limits, by limit (``requests``, ``tokens``, ``concurrency``)."""
+
+    async def close(self) -> None:
+        """Close the limiter, the cache backend and the Redis connections."""
+        await self.limiter.close()
+        await self.cache.backend.close()
+        if self.redis is not None:
+            await self.redis.aclose()
+
+
+def build_services(
+    settings: Settings,
+    *,
+    on_cache_error: OnBackendError | None = None,
+    on_limiter_error: OnBackendError | None = None,
+) -> Services:
+    """The cache and limiter for ``settings`` (no connection is made until the first call).
+
+    With ``redis.host`` set: the cache lives in Redis (bypassed while Redis fails) and the limiter is
+    Redis's, falling back to an in-process limiter while Redis fails (fail open, per process). Without
+    it: both are in-process.
+
+    Args:
+        settings: the whole configuration.
+        on_cache_error: metrics hook for each failed cache backend call ``(operation, error)``.
+        on_limiter_error: metrics hook for each failed Redis limiter call.
+    """
+    redis_settings, limits = settings.redis, settings.ratelimit
+    memory_limiter = MemoryRateLimiter(window_s=limits.window_s, lease_ttl_s=limits.lease_ttl_s)
+    redis: RedisClient | None = None
+    backend: CacheBackend
+    limiter: RateLimiter
+    if redis_settings.host:
+        redis = create_redis_client(
+            redis_settings.host,
+            redis_settings.port,
+            redis_settings.db,
+            redis_settings.password,
+            socket_timeout_s=redis_settings.timeout_s,
+            connect_timeout_s=redis_settings.connect_timeout_s,
+        )
+        backend = RedisCacheBackend(
+            redis, prefix=f"{redis_settings.key_prefix}cache:", timeout_s=redis_settings.timeout_s
+        )
+        limiter = FallbackRateLimiter(
+            RedisRateLimiter(
+                redis,
+                prefix=f"{redis_settings.key_prefix}rl:",
+                window_s=limits.window_s,
+                lease_ttl_s=limits.lease_ttl_s,
+                timeout_s=redis_settings.timeout_s,
+            ),
+            memory_limiter,
+            retry_after_s=redis_settings.retry_after_s,
+            on_backend_error=on_limiter_error,
+        )
+        logger.info(
+            "response cache and rate limits on redis %s:%d db %d (prefix %r)",
+            redis_settings.host,
+            redis_settings.port,
+            redis_settings.db,
+            redis_settings.key_prefix,
+        )
+    else:
+        backend = MemoryCacheBackend(
+            max_entries=settings.cache.memory_max_entries, max_bytes=settings.cache.memory_max_bytes
+        )
+        limiter = memory_limiter
+    cache = ResponseCache(
+        backend,
+        default_ttl_s=settings.cache.ttl_s,
+        shared_scope=settings.cache.shared_scope,
+        enabled=settings.cache.enabled,
+        retry_after_s=redis_settings.retry_after_s,
+        on_backend_error=on_cache_error,
+    )
+    return Services(cache, limiter, redis)
