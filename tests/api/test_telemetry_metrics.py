@@ -79,13 +79,21 @@ def stream_usage(http: httpx.Client, max_tokens: int) -> dict[str, int]:
 def test_counters_and_histograms_move_by_exactly_the_traffic(app: ServedApp) -> None:
     before = scrape(app)
     usages = []
+    reply_choices: list[Any] = []
     with httpx.Client(base_url=app.base_url, headers=app.headers, timeout=120) as http:
         for max_tokens in (3, 5):
             reply = chat(http, max_tokens)
             assert reply.status_code == 200, reply.text
+            assert reply.headers["x-cache"] == "miss"
             usages.append(reply.json()["usage"])
+            reply_choices.append(reply.json()["choices"])
         for max_tokens in (4, 6):
             usages.append(stream_usage(http, max_tokens))
+        # the first request again: answered by the response cache, no generation
+        hit = chat(http, 3)
+        assert hit.status_code == 200, hit.text
+        assert hit.headers["x-cache"] == "hit"
+        assert hit.json()["choices"] == reply_choices[0]
         too_long = chat(http, 10**6)
         assert too_long.status_code == 400
         assert too_long.json()["error"]["code"] == "context_length_exceeded"
@@ -108,14 +116,19 @@ def test_counters_and_histograms_move_by_exactly_the_traffic(app: ServedApp) -> 
     model = {"model": MODEL_ID}
     assert (
         delta(before, after, "pocketllm_requests_total", **route, **model, http_response_status_code="200")
-        == 5
+        == 6
     )
     assert (
         delta(before, after, "pocketllm_requests_total", **route, **model, http_response_status_code="400")
         == 1
     )
     assert delta(before, after, "pocketllm_requests_cancelled_total", **route, **model) == 1
-    assert delta(before, after, "http_server_request_duration_seconds_count", **route) == 6
+    assert delta(before, after, "http_server_request_duration_seconds_count", **route) == 7
+    # cache: two deterministic misses, one hit; the sampled streams (no temperature) bypass it
+    cache = "pocketllm_cache_requests_total"
+    assert delta(before, after, cache, outcome="miss") == 2
+    assert delta(before, after, cache, outcome="hit") == 1
+    assert delta(before, after, cache, outcome="bypass") == 3
 
     gen_ai = {
         "gen_ai_operation_name": "chat",
@@ -123,10 +136,10 @@ def test_counters_and_histograms_move_by_exactly_the_traffic(app: ServedApp) -> 
         "gen_ai_provider_name": "llama.cpp",
     }
     duration = "gen_ai_server_request_duration_seconds_count"
-    assert delta(before, after, duration, **gen_ai) == 6
+    assert delta(before, after, duration, **gen_ai) == 7
     assert delta(before, after, duration, **gen_ai, error_type="context_length_exceeded") == 1
     assert delta(before, after, duration, **gen_ai, error_type="cancelled") == 1
-    # token usage, TTFT and TPOT: the four successful requests only, with the token counts they reported
+    # token usage, TTFT and TPOT: the four generations only (not the cache hit), with their token counts
     usage = "gen_ai_client_token_usage"
     assert delta(before, after, f"{usage}_count", **gen_ai, gen_ai_token_type="input") == 4
     assert delta(before, after, f"{usage}_count", **gen_ai, gen_ai_token_type="output") == 4
