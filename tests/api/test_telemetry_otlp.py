@@ -132,9 +132,12 @@ def test_spans_and_metrics_reach_the_receiver_and_the_traceparent_is_honoured(
     assert attributes["gen_ai.usage.input_tokens"] == usage["prompt_tokens"]
     assert attributes["gen_ai.usage.output_tokens"] == usage["completion_tokens"] == 4
     children = {s.name: s for s in ours if s.parent_span_id == root.span_id}
-    assert set(children) == {"auth", "queue wait", "prompt processing", "generation"}
+    assert set(children) == {"auth", "cache", "queue wait", "prompt processing", "generation"}
+    assert attributes["pocketllm.cache"] in {"miss", "bypass"}
     assert _attributes(children["generation"])["gen_ai.usage.output_tokens"] == 4
-    # stages are in order: the queue wait ends before prompt processing, which ends before generation
+    # stages are in order: auth, cache lookup, queue wait, prompt processing, generation
+    assert children["auth"].end_time_unix_nano <= children["cache"].start_time_unix_nano
+    assert children["cache"].end_time_unix_nano <= children["queue wait"].start_time_unix_nano
     assert children["queue wait"].end_time_unix_nano <= children["prompt processing"].start_time_unix_nano
     assert children["prompt processing"].end_time_unix_nano <= children["generation"].start_time_unix_nano
     assert root.start_time_unix_nano <= children["auth"].start_time_unix_nano
