@@ -18,6 +18,7 @@ from litestar.response import Redirect
 
 from auth.service import ensure_default_users
 from gateway import __version__
+from gateway.draining import Drainer
 from gateway.errors import (
     GatewayError,
     handle_gateway_error,
@@ -60,6 +61,7 @@ def create_app(settings: Settings, *, on_load_failure: Callable[[list[str]], Non
     """
     models = ModelManager(settings)
     authenticator = build_authenticator(settings)
+    drainer = Drainer(models, settings.server.drain_timeout_s)
 
     @asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
@@ -102,9 +104,9 @@ def create_app(settings: Settings, *, on_load_failure: Callable[[list[str]], Non
             "settings": Provide(lambda: settings, use_cache=True, sync_to_thread=False),
             "principal": Provide(provide_principal),
         },
-        state=State({"authenticator": authenticator}),
+        state=State({"authenticator": authenticator, "drainer": drainer}),
         lifespan=[lifespan],
-        middleware=[RequestIdMiddleware],
+        middleware=[RequestIdMiddleware, drainer.middleware],
         exception_handlers={
             GatewayError: handle_gateway_error,
             ValidationException: handle_validation_error,

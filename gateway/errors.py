@@ -22,7 +22,7 @@ from engine.base import (
     ModelLoadError,
     TemplateError,
 )
-from engine.pool import QueueFullError, QueueTimeoutError
+from engine.pool import QueueFullError, QueueTimeoutError, ShuttingDownError
 from gateway.protocol.common import ErrorBody, ErrorEnvelope
 
 logger = logging.getLogger("pocketllm.errors")
@@ -144,6 +144,8 @@ def from_engine_error(exc: EngineError, retry_after: int = 1) -> GatewayError:
         return ServiceUnavailableError(str(exc), code="queue_full", retry_after=retry_after)
     if isinstance(exc, QueueTimeoutError):
         return ServiceUnavailableError(str(exc), code="queue_timeout", retry_after=retry_after)
+    if isinstance(exc, ShuttingDownError):
+        return ServiceUnavailableError(str(exc), code="shutting_down", retry_after=retry_after)
     if isinstance(exc, ContextOverflowError):
         return ContextLengthError(str(exc), param="messages")
     if isinstance(exc, GrammarError):

@@ -306,6 +306,7 @@ async def run_choices(job: Job, slot: int) -> AsyncIterator[ChoiceToken | Choice
             events = job.engine.generate(slot, prompt, params, cancel)
             try:
                 async for event in events:
+                    job.pool.raise_if_aborted()
                     if isinstance(event, Finished):
                         yield ChoiceFinished(index, event)
                     else:
