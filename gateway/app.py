@@ -26,7 +26,7 @@ from gateway.errors import (
     handle_unexpected,
     handle_validation_error,
 )
-from gateway.middleware import RequestIdMiddleware
+from gateway.middleware import JsonBodyMiddleware, RequestIdMiddleware
 from gateway.routes.admin import AdminIdentityController
 from gateway.routes.health import health, index
 from gateway.routes.openai import OpenAIController
@@ -106,7 +106,7 @@ def create_app(settings: Settings, *, on_load_failure: Callable[[list[str]], Non
         },
         state=State({"authenticator": authenticator, "drainer": drainer}),
         lifespan=[lifespan],
-        middleware=[RequestIdMiddleware, drainer.middleware],
+        middleware=[RequestIdMiddleware, drainer.middleware, JsonBodyMiddleware],
         exception_handlers={
             GatewayError: handle_gateway_error,
             ValidationException: handle_validation_error,
