@@ -35,6 +35,7 @@ from gateway.generation import (
     run_choices,
     run_to_completion,
     split_inputs,
+    tokenize_checked,
 )
 from gateway.protocol.chat import (
     AssistantMessage,
@@ -260,7 +261,10 @@ class OpenAIController(Controller):
                 f"`input` may hold at most {settings.limits.max_embedding_inputs} items", param="input"
             )
         for text in texts:
-            if len(engine.tokenize(text)) > runtime.n_ctx_per_slot:
+            if (
+                len(await tokenize_checked(engine, text, runtime.n_ctx_per_slot, "input"))
+                > runtime.n_ctx_per_slot
+            ):
                 raise InvalidRequestError(
                     f"an input is longer than the model's context of {runtime.n_ctx_per_slot} tokens",
                     param="input",
