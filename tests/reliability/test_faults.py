@@ -119,8 +119,10 @@ def test_engine_error_mid_stream(three_slots: ServedApp, faulty: FaultyEngine, e
     # the slot came back and the model still serves
     state = three_slots.wait_idle(2.0)
     assert (state["busy"], state["queued"]) == (0, 0)
-    after = _read_stream(base, headers, _chat("Hello again.", 8))
-    assert _completed(after, 8)
+    # every slot (the faulty one included) still runs a request to the end
+    with ThreadPoolExecutor(3) as pool:
+        after = [pool.submit(_read_stream, base, headers, _chat(f"Again {i}.", 8)) for i in range(3)]
+        assert all(_completed(f.result(120), 8) for f in after)
 
 
 def test_engine_error_in_json_request(three_slots: ServedApp, faulty: FaultyEngine) -> None:
