@@ -150,22 +150,33 @@ async def run_wave(
     max_tokens: int,
     spread_s: float,
     seed: int,
+    burst: int = 8,
     first_index: int = 0,
 ) -> list[Outcome]:
-    """All ``roles`` as concurrent clients, arriving at random over ``spread_s`` seconds.
+    """All ``roles`` as concurrent clients.
 
-    Clients that drop while queued arrive together once the first arrivals have filled the slots and
-    started a queue (at 15% of the spread).
+    ``burst`` clients arrive at once (filling the slots and starting a queue), then the clients that
+    drop while queued (so that they do find a queue with room), then the rest at random over
+    ``spread_s`` seconds.
     """
     rng = random.Random(seed)
+    delays: list[float] = []
+    burst_left = burst
+    for role in roles:
+        if role == "drop_queued":
+            delays.append(0.1)
+        elif burst_left:
+            burst_left -= 1
+            delays.append(0.0)
+        else:
+            delays.append(rng.uniform(0.2, spread_s))
     limits = httpx.Limits(max_connections=len(roles) + 8, max_keepalive_connections=len(roles) + 8)
     async with httpx.AsyncClient(
-        base_url=base_url, headers=headers, timeout=httpx.Timeout(180.0), limits=limits
+        base_url=base_url, headers=headers, timeout=httpx.Timeout(600.0), limits=limits
     ) as http:
 
         async def delayed(role: Role, index: int) -> Outcome:
-            delay = spread_s * 0.15 if role == "drop_queued" else rng.uniform(0, spread_s)
-            await asyncio.sleep(delay)
+            await asyncio.sleep(delays[index])
             return await run_client(http, role, first_index + index, max_tokens)
 
         return await asyncio.gather(*(delayed(role, i) for i, role in enumerate(roles)))
