@@ -101,6 +101,9 @@ class ModelInfo:
     chat_template: str | None
     description: str
     metadata: dict[str, str] = field(default_factory=dict)
+    max_token_bytes: int = 0
+    """The longest token's text in bytes (special tokens included); 0 if unknown. A text longer than
+    ``n_ctx * max_token_bytes`` cannot fit into ``n_ctx`` tokens, whatever it holds."""
 
 
 class EngineError(Exception):

@@ -28,6 +28,10 @@ class QueueTimeoutError(EngineError):
     """The request waited longer than the configured limit for a slot."""
 
 
+class ShuttingDownError(EngineError):
+    """The server is shutting down and gave up waiting for this request (``SlotPool.abort``)."""
+
+
 class PoolObserver(Protocol):
     """Hooks for metrics (telemetry implements them; the pool imports nothing from it)."""
 
@@ -115,6 +119,7 @@ class SlotPool:
         self._last_used: dict[int, float] = dict.fromkeys(range(slots), 0.0)
         self._idle = asyncio.Event()
         self._idle.set()
+        self._aborted: EngineError | None = None
 
     @property
     def busy(self) -> int:
@@ -137,6 +142,8 @@ class SlotPool:
 
     def reserve(self, prompt: Sequence[int] = (), session: str | None = None) -> Reservation:
         """Take a slot now or a place in the queue; raises ``QueueFullError`` when neither is possible."""
+        if self._aborted is not None:
+            raise self._aborted
         reservation = Reservation(self, prompt, session)
         if self._free and not self._waiting:
             self._assign(reservation)
@@ -147,6 +154,26 @@ class SlotPool:
         self._waiting.append(reservation)
         self._observer.queue_changed(self.model, len(self._waiting))
         return reservation
+
+    def abort(self, reason: str) -> None:
+        """Refuse new reservations, fail the queued ones and make running ones stop at their next token.
+
+        Running requests notice through ``raise_if_aborted``, which the generation loop calls per token.
+        """
+        self._aborted = ShuttingDownError(reason)
+        while self._waiting:
+            waiter = self._waiting.popleft()
+            if waiter._future is not None and not waiter._future.done():
+                waiter._future.set_exception(ShuttingDownError(reason))
+                waiter._future.exception()  # retrieved: a waiter that went away must not log it
+        self._observer.queue_changed(self.model, 0)
+        if not self.busy:
+            self._idle.set()
+
+    def raise_if_aborted(self) -> None:
+        """Raise ``ShuttingDownError`` once ``abort`` was called."""
+        if self._aborted is not None:
+            raise ShuttingDownError(str(self._aborted))
 
     def retry_after(self) -> int:
         """A sensible Retry-After (seconds) for a refused request."""

@@ -18,6 +18,7 @@ from litestar.response import Redirect
 
 from auth.service import ensure_default_users
 from gateway import __version__
+from gateway.draining import Drainer
 from gateway.errors import (
     GatewayError,
     handle_gateway_error,
@@ -25,7 +26,7 @@ from gateway.errors import (
     handle_unexpected,
     handle_validation_error,
 )
-from gateway.middleware import RequestIdMiddleware
+from gateway.middleware import JsonBodyMiddleware, RequestIdMiddleware
 from gateway.observability import build_telemetry, telemetry_middleware
 from gateway.routes.admin import AdminIdentityController
 from gateway.routes.admin_ops import AdminOpsController, FileDigests, prometheus_route
@@ -83,6 +84,7 @@ def create_app(settings: Settings, *, on_load_failure: Callable[[list[str]], Non
     models = ModelManager(settings, observer=telemetry.metrics, on_reload=services.cache.invalidate_model)
     digests = FileDigests()
     authenticator = build_authenticator(settings)
+    drainer = Drainer(models, settings.server.drain_timeout_s)
 
     @asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
@@ -137,9 +139,15 @@ def create_app(settings: Settings, *, on_load_failure: Callable[[list[str]], Non
             "telemetry": Provide(lambda: telemetry, use_cache=True, sync_to_thread=False),
             "digests": Provide(lambda: digests, use_cache=True, sync_to_thread=False),
         },
-        state=State({"authenticator": authenticator}),
+        state=State({"authenticator": authenticator, "drainer": drainer}),
         lifespan=[lifespan],
-        middleware=[RequestIdMiddleware, telemetry_middleware(telemetry)],
+        # telemetry sees the drainer's 503s; the body check runs after both
+        middleware=[
+            RequestIdMiddleware,
+            telemetry_middleware(telemetry),
+            drainer.middleware,
+            JsonBodyMiddleware,
+        ],
         exception_handlers={
             GatewayError: handle_gateway_error,
             ValidationException: handle_validation_error,

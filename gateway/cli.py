@@ -87,11 +87,13 @@ def serve(args: argparse.Namespace) -> int:
         port=port,
         log_level=settings.telemetry.log_level.lower(),
         lifespan="on",
-        timeout_graceful_shutdown=int(settings.server.drain_timeout_s),
+        # the app drains first (gateway.draining); this only bounds what is left after it
+        timeout_graceful_shutdown=5,
         access_log=False,
         log_config=None,
     )
     server = _Server(config)
+    server.drainer = app.state.drainer  # type: ignore[union-attr]
     logger.info(
         "PocketLLM Gateway listening on http://%s:%d (models: %s)",
         host,
@@ -103,17 +105,49 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def _server_class() -> type:
+    import asyncio  # noqa: PLC0415
+    import socket  # noqa: PLC0415
+
     import uvicorn  # noqa: PLC0415
 
-    class Server(uvicorn.Server):
-        """uvicorn's server, except that SIGTERM/SIGINT end the process with status 0 after draining.
+    from gateway.draining import Drainer  # noqa: PLC0415
 
-        (uvicorn re-raises a captured signal after shutdown, so the process would die of it.)
+    class Server(uvicorn.Server):
+        """uvicorn's server, draining on SIGTERM/SIGINT, then ending the process with status 0.
+
+        The first signal starts the app's drain (new requests get 503 while the listener stays open;
+        running ones finish within ``server.drain_timeout_s`` or are aborted with an error frame), and
+        the server stops once it is over. A second signal stops at once. (uvicorn would also re-raise a
+        captured signal after shutdown, so the process would die of it: the list is cleared.)
         """
 
+        drainer: Drainer | None = None
+        _loop: asyncio.AbstractEventLoop | None = None
+        _drain_task: asyncio.Task[None] | None = None
+        _drain_requested = False
+
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            self._loop = asyncio.get_running_loop()
+            await super().startup(sockets=sockets)
+
         def handle_exit(self, sig: int, frame: object) -> None:
-            super().handle_exit(sig, frame)  # type: ignore[arg-type]
-            self._captured_signals.clear()
+            loop = self._loop
+            if self.drainer is None or loop is None or not self.started or self._drain_requested:
+                super().handle_exit(sig, frame)  # type: ignore[arg-type]
+                self._captured_signals.clear()
+                return
+            self._drain_requested = True
+            loop.call_soon_threadsafe(self._start_drain)
+
+        def _start_drain(self) -> None:
+            if self._drain_task is None and self._loop is not None:
+                self._drain_task = self._loop.create_task(self._drain(), name="pocketllm-drain")
+
+        async def _drain(self) -> None:
+            assert self.drainer is not None
+            finished = await self.drainer.drain()
+            logger.info("drained (%s); stopping", "all requests finished" if finished else "some aborted")
+            self.should_exit = True
 
     return Server
 

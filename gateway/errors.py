@@ -22,7 +22,7 @@ from engine.base import (
     ModelLoadError,
     TemplateError,
 )
-from engine.pool import QueueFullError, QueueTimeoutError
+from engine.pool import QueueFullError, QueueTimeoutError, ShuttingDownError
 from gateway.protocol.common import ErrorBody, ErrorEnvelope
 from telemetry.requests import current_request
 
@@ -99,8 +99,9 @@ class ModelNotFoundError(NotFoundError):
     default_code = "model_not_found"
 
     def __init__(self, model: str) -> None:
+        shown = model if len(model) <= 256 else f"{model[:256]}..."  # never echo a huge input back
         super().__init__(
-            f"The model `{model}` does not exist or you do not have access to it.", param="model"
+            f"The model `{shown}` does not exist or you do not have access to it.", param="model"
         )
 
 
@@ -149,6 +150,8 @@ def from_engine_error(exc: EngineError, retry_after: int = 1) -> GatewayError:
         return ServiceUnavailableError(str(exc), code="queue_full", retry_after=retry_after)
     if isinstance(exc, QueueTimeoutError):
         return ServiceUnavailableError(str(exc), code="queue_timeout", retry_after=retry_after)
+    if isinstance(exc, ShuttingDownError):
+        return ServiceUnavailableError(str(exc), code="shutting_down", retry_after=retry_after)
     if isinstance(exc, ContextOverflowError):
         return ContextLengthError(str(exc), param="messages")
     if isinstance(exc, GrammarError):

@@ -86,6 +86,28 @@ class ChoiceFinished:
     event: Finished
 
 
+def check_fits(engine: Engine, text: str, n_ctx: int, param: str) -> None:
+    """Refuse, without tokenizing it, a text that cannot fit into ``n_ctx`` tokens whatever it holds.
+
+    No token is longer than ``max_token_bytes``, so a longer text needs more tokens than the context
+    has. Tokenizing is not linear (a text full of special tokens such as ``<|im_end|>`` takes minutes
+    of a core for a megabyte), so a body of the maximum size must never reach the tokenizer.
+    """
+    longest = engine.info.max_token_bytes
+    if longest and len(text) > n_ctx * longest:
+        raise ContextLengthError(
+            f"This model's maximum context length is {n_ctx} tokens. However, your {param} "
+            f"({len(text)} characters) is longer than {n_ctx} tokens could be. Please reduce its length.",
+            param=param,
+        )
+
+
+async def tokenize_checked(engine: Engine, text: str, n_ctx: int, param: str) -> list[int]:
+    """``check_fits``, then tokenize (off the event loop when the text is long)."""
+    check_fits(engine, text, n_ctx, param)
+    return await _tokenize(engine, text)
+
+
 async def _tokenize(engine: Engine, text: str, *, add_special: bool = True) -> list[int]:
     if len(text) > _TOKENIZE_OFF_LOOP_CHARS:
         return await asyncio.to_thread(engine.tokenize, text, add_special=add_special)
@@ -185,6 +207,12 @@ async def prepare_chat(
     n = _check_n(request.n, limits)
     if request.top_logprobs and not request.logprobs:
         raise InvalidRequestError("`top_logprobs` requires `logprobs` to be true", param="top_logprobs")
+    if len(request.messages) > runtime.n_ctx_per_slot:  # every message takes at least one token
+        raise ContextLengthError(
+            f"This model's maximum context length is {runtime.n_ctx_per_slot} tokens. However, you sent "
+            f"{len(request.messages)} messages. Please reduce the number of messages.",
+            param="messages",
+        )
     messages = [
         {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in request.messages
     ]
@@ -202,7 +230,7 @@ async def prepare_chat(
             grammar = await asyncio.to_thread(engine.grammar_for, request.response_format.type, schema)
     except EngineError as exc:
         raise from_engine_error(exc) from None
-    prompt = await _tokenize(engine, prompt_text)
+    prompt = await tokenize_checked(engine, prompt_text, runtime.n_ctx_per_slot, "messages")
     requested = request.max_completion_tokens or request.max_tokens
     max_tokens = _budget(runtime, len(prompt), requested, limits.max_tokens_default, "messages")
     params = GenerationParams(
@@ -238,7 +266,7 @@ async def prepare_completion(
     for item in items:
         if isinstance(item, str):
             texts.append(item)
-            prompts.append(await _tokenize(engine, item))
+            prompts.append(await tokenize_checked(engine, item, runtime.n_ctx_per_slot, "prompt"))
         else:
             prompts.append(check_token_ids(item, engine.info.n_vocab, "prompt"))
             texts.append(engine.detokenize(item))
@@ -333,6 +361,7 @@ async def _run_choices(job: Job, slot: int) -> AsyncIterator[ChoiceToken | Choic
             events = job.engine.generate(slot, prompt, params, cancel)
             try:
                 async for event in events:
+                    job.pool.raise_if_aborted()
                     if isinstance(event, Finished):
                         yield ChoiceFinished(index, event)
                     else:

@@ -198,6 +198,18 @@ class ModelManager:
             runtime.state = "unloaded"
             logger.info("model %s unloaded", runtime.id)
 
+    async def drained(self) -> None:
+        """Return once no model has a request running or queued."""
+        for runtime in self._runtimes.values():
+            if runtime.pool is not None:
+                await runtime.pool.drained()
+
+    def abort(self, reason: str) -> None:
+        """Fail every queued request and stop running ones at their next token (shutdown)."""
+        for runtime in self._runtimes.values():
+            if runtime.pool is not None:
+                runtime.pool.abort(reason)
+
     async def close(self) -> None:
         """Free every engine."""
         for runtime in self._runtimes.values():

@@ -116,8 +116,17 @@ class ModelText:
             chat_template=template,
             description=model.desc(),
             metadata={k: v for k, v in metadata.items() if not k.startswith("tokenizer.ggml.")},
+            max_token_bytes=self._longest_token(model.n_vocab()),
         )
         self.path = path
+
+    def _longest_token(self, n_vocab: int) -> int:
+        buffer = ctypes.create_string_buffer(1024)
+        longest = 1
+        for token in range(n_vocab):
+            length = llama_cpp.llama_token_to_piece(self._vocab, token, buffer, len(buffer), 0, True)
+            longest = max(longest, abs(length))
+        return longest
 
     def _piece_text(self, token: int) -> str:
         if token < 0:

@@ -33,6 +33,7 @@ from gateway.generation import (
     prepare_chat,
     prepare_completion,
     split_inputs,
+    tokenize_checked,
 )
 from gateway.protocol.chat import (
     AssistantMessage,
@@ -276,7 +277,10 @@ class OpenAIController(Controller):
                 f"`input` may hold at most {settings.limits.max_embedding_inputs} items", param="input"
             )
         for text in texts:
-            if len(engine.tokenize(text)) > runtime.n_ctx_per_slot:
+            if (
+                len(await tokenize_checked(engine, text, runtime.n_ctx_per_slot, "input"))
+                > runtime.n_ctx_per_slot
+            ):
                 raise InvalidRequestError(
                     f"an input is longer than the model's context of {runtime.n_ctx_per_slot} tokens",
                     param="input",

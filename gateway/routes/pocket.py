@@ -11,7 +11,7 @@ from litestar import Controller, Request, Response, WebSocket, delete, get, post
 from litestar.datastructures import State
 from litestar.di import NamedDependency
 from litestar.exceptions import WebSocketDisconnect
-from litestar.params import FromPath, FromQuery, JSONBody
+from litestar.params import FromPath, JSONBody, QueryParameter
 from msgspec import Meta, Struct
 
 from auth.principal import Principal
@@ -214,8 +214,9 @@ class ChatController(Controller):
         self,
         request: Request[Any, Any, State],
         principal: NamedDependency[Principal],
-        limit: FromQuery[Annotated[int, Meta(ge=1, le=100)]] = 20,
-        offset: FromQuery[Annotated[int, Meta(ge=0)]] = 0,
+        # QueryParameter, not Meta: Litestar does not apply msgspec Meta constraints to query parameters
+        limit: Annotated[int, QueryParameter(ge=1, le=100)] = 20,
+        offset: Annotated[int, QueryParameter(ge=0, le=2**62)] = 0,
     ) -> dict[str, Any]:
         """Newest first, paginated."""
         sessions, total = await request.app.state.authenticator.store.list_sessions(

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from engine.pool import QueueFullError, QueueTimeoutError, SlotPool
+from engine.pool import QueueFullError, QueueTimeoutError, ShuttingDownError, SlotPool
 
 
 def run(coro: object) -> object:
@@ -117,5 +117,29 @@ def test_affinity_prefers_session_then_a_long_prefix_then_lru() -> None:
         again = pool.reserve([1, 2, 3], session="s1")
         assert again.slot == slot
         again.release()
+
+    run(main())
+
+
+def test_abort_fails_queued_refuses_new_and_flags_running() -> None:
+    async def main() -> None:
+        pool = SlotPool("m", 1, max_queue=5, max_wait_s=5)
+        running = pool.reserve()
+        queued = pool.reserve()
+        waiter = asyncio.create_task(queued.wait())
+        await asyncio.sleep(0.01)
+        pool.raise_if_aborted()  # nothing yet
+        pool.abort("shutting down")
+        with pytest.raises(ShuttingDownError):
+            await waiter
+        assert pool.waiting == 0
+        with pytest.raises(ShuttingDownError):
+            pool.reserve()
+        with pytest.raises(ShuttingDownError):
+            pool.raise_if_aborted()
+        queued.release()
+        running.release()
+        assert pool.busy == 0
+        await asyncio.wait_for(pool.drained(), 1)
 
     run(main())
