@@ -1,13 +1,11 @@
-"""Faults: an engine error mid-stream, SIGTERM with streams in flight.
-
-(The Redis outage fault belongs beside these once the cache and limiter are wired into requests.)
-"""
+"""Faults: an engine error mid-stream, SIGTERM with streams in flight, Redis stopped and restarted mid-load."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -215,3 +213,126 @@ def test_sigterm_drains_streams_in_flight(model_path: Path) -> None:
         if process.poll() is None:
             process.kill()
             process.communicate(timeout=30)
+
+
+def _scrape_sum(base_url: str, name: str, **labels: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families  # noqa: PLC0415
+
+    text = httpx.get(f"{base_url}/metrics", timeout=30).text
+    wanted = set(labels.items())
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and wanted <= set(sample.labels.items())
+    )
+
+
+def test_redis_stopped_and_restarted_mid_load(model_path: Path) -> None:
+    """Six clients keep sending cacheable JSON and streaming requests while the test's own Redis is
+    stopped and started again: no 5xx and no error frame at any time, every lookup made while Redis is
+    down is a bypass, the limiter falls back to the in-process one (Redis errors counted), and the
+    cache serves hits again once Redis is back."""
+    import asyncio  # noqa: PLC0415
+
+    from tests.unit.services.conftest import RedisServer  # noqa: PLC0415
+
+    del model_path
+    redis = RedisServer()
+    redis.start()
+    try:
+        settings = make_settings(
+            redis={"host": "127.0.0.1", "port": redis.port, "timeout_s": 0.3, "retry_after_s": 0.3},
+            ratelimit={"key_rpm": 100_000, "key_concurrency": 64},
+        )
+        with serve(settings) as app:
+            prompts = [f"Name a colour, {i}." for i in range(3)]
+            # (phase the request began and ended in, or "mixed"), status, x-cache, complete and error-free
+            seen: list[tuple[str, int, str, bool]] = []
+            latencies: dict[str, list[float]] = {}
+            phase = "before"
+
+            def note(started_in: str, began: float, response: httpx.Response, ok: bool) -> None:
+                ended_in = started_in if phase == started_in else "mixed"
+                latencies.setdefault(ended_in, []).append(time.perf_counter() - began)
+                seen.append((ended_in, response.status_code, response.headers.get("x-cache", ""), ok))
+
+            async def client(index: int, stop: asyncio.Event) -> None:
+                async with httpx.AsyncClient(base_url=app.base_url, headers=app.headers, timeout=120) as http:
+                    turn = 0
+                    while not stop.is_set():
+                        started_in, began = phase, time.perf_counter()
+                        body = {
+                            "model": MODEL_ID,
+                            "messages": [{"role": "user", "content": prompts[(index + turn) % 3]}],
+                            "max_tokens": 4,
+                            "temperature": 0,
+                            "stream": turn % 2 == 1,
+                        }
+                        turn += 1
+                        if not body["stream"]:
+                            response = await http.post(CHAT, json=body)
+                            note(
+                                started_in,
+                                began,
+                                response,
+                                response.status_code != 200 or bool(response.json()["choices"]),
+                            )
+                            continue
+                        async with http.stream("POST", CHAT, json=body) as response:
+                            lines = [
+                                line async for line in response.aiter_lines() if line.startswith("data: ")
+                            ]
+                        complete = lines[-1] == "data: [DONE]" and not any(
+                            '"error"' in line for line in lines
+                        )
+                        note(started_in, began, response, response.status_code != 200 or complete)
+
+            async def until(condition: Any, what: str) -> None:
+                deadline = time.monotonic() + 120
+                while not condition():
+                    assert time.monotonic() < deadline, what
+                    await asyncio.sleep(0.05)
+
+            def count(wanted_phase: str, outcome: str | None = None) -> int:
+                return sum(1 for p, _, c, _ in seen if p == wanted_phase and outcome in (None, c))
+
+            async def drive() -> None:
+                # driven by progress, not by the clock: the machine may be slow
+                nonlocal phase
+                stop = asyncio.Event()
+                clients = [asyncio.create_task(client(i, stop)) for i in range(6)]
+                await until(lambda: count("before", "hit") >= 6, "no cache hits before the outage")
+                await asyncio.to_thread(redis.stop)
+                phase = "down"
+                await until(lambda: count("down") >= 12, "too few requests during the outage")
+                phase = "restarting"
+                await asyncio.to_thread(redis.start)
+                phase = "after"
+                await until(lambda: count("after", "hit") >= 1, "no cache hit after Redis came back")
+                stop.set()
+                await asyncio.gather(*clients)
+
+            asyncio.run(drive())
+            app.wait_idle()
+
+            statuses = [s for _, s, _, _ in seen]
+            assert all(s == 200 for s in statuses), sorted(set(statuses))
+            assert all(ok for *_, ok in seen), "a response was incomplete or carried an error frame"
+            by_phase = {p: [c for q, _, c, _ in seen if q == p] for p in ("before", "down", "after")}
+            assert "hit" in by_phase["before"]
+            assert by_phase["down"] and set(by_phase["down"]) == {"bypass"}
+            assert "hit" in by_phase["after"]
+            # the limiter degraded to the in-process one rather than failing requests
+            assert _scrape_sum(app.base_url, "pocketllm_redis_errors_total", component="ratelimit") >= 1
+            assert _scrape_sum(app.base_url, "pocketllm_redis_errors_total", component="cache") >= 1
+            print(
+                f"\nredis outage under load: {len(seen)} requests "
+                + ", ".join(
+                    f"{p}: {len(v)} ({v.count('hit')} hits, latency p50 "
+                    f"{statistics.median(latencies.get(p, [0.0])):.2f}s)"
+                    for p, v in by_phase.items()
+                )
+            )
+    finally:
+        redis.stop()
