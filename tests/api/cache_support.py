@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 
-from tests.conftest import MODEL_ID, ServedApp, create_key
+from tests.conftest import MODEL_ID, ServedApp, create_key, make_settings, serve
 from tests.unit.services.conftest import _delete_prefix
 
 
@@ -68,3 +70,15 @@ def chat(app: ServedApp, headers: dict[str, str], body: dict[str, Any], **extra:
     return httpx.post(
         f"{app.base_url}/v1/chat/completions", json=body, headers={**headers, **extra}, timeout=120
     )
+
+
+@contextlib.contextmanager
+def serve_on_shared_redis() -> Iterator[ServedApp]:
+    """The gateway on the shared Redis under a key prefix of its own, dropped afterwards."""
+    prefix = unique_prefix()
+    settings = make_settings(redis={"host": "127.0.0.1", "key_prefix": prefix, "timeout_s": 2.0})
+    try:
+        with serve(settings) as served:
+            yield served
+    finally:
+        drop_prefix(prefix)

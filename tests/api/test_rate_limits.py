@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from tests.api.cache_support import admin, chat, chat_body, drop_prefix, new_key, new_user, unique_prefix
+from tests.api.cache_support import admin, chat, chat_body, new_key, new_user, serve_on_shared_redis
 from tests.conftest import MODEL_ID, NO_EOS, ServedApp, create_key, make_settings, serve
 
 
@@ -22,13 +22,8 @@ from tests.conftest import MODEL_ID, NO_EOS, ServedApp, create_key, make_setting
 def app(model_path: Path) -> Iterator[ServedApp]:
     """The gateway on the shared Redis; no default limits (each test sets a key's or user's own)."""
     del model_path
-    prefix = unique_prefix()
-    settings = make_settings(redis={"host": "127.0.0.1", "key_prefix": prefix, "timeout_s": 2.0})
-    try:
-        with serve(settings) as served:
-            yield served
-    finally:
-        drop_prefix(prefix)
+    with serve_on_shared_redis() as served:
+        yield served
 
 
 def _body(**fields: Any) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from gateway.services.cache_backend import MemoryCacheBackend
 from gateway.services.cache_key import CachePolicy
 from gateway.services.cached import CachedChoice, CachedCompletion
 from gateway.services.response_cache import CacheOutcome, ResponseCache
-from tests.api.cache_support import admin, chat, chat_body, drop_prefix, new_key, new_user, unique_prefix
+from tests.api.cache_support import admin, chat, chat_body, new_key, new_user, serve_on_shared_redis
 from tests.conftest import MODEL_ID, NO_EOS, ServedApp, make_settings, serve
 
 
@@ -28,13 +28,8 @@ from tests.conftest import MODEL_ID, NO_EOS, ServedApp, make_settings, serve
 def app(model_path: Path) -> Iterator[ServedApp]:
     """The gateway on the shared Redis."""
     del model_path
-    prefix = unique_prefix()
-    settings = make_settings(redis={"host": "127.0.0.1", "key_prefix": prefix, "timeout_s": 2.0})
-    try:
-        with serve(settings) as served:
-            yield served
-    finally:
-        drop_prefix(prefix)
+    with serve_on_shared_redis() as served:
+        yield served
 
 
 def _prompt() -> str:
