@@ -66,6 +66,11 @@ def test_requests_per_minute_on_json_and_streaming(app: ServedApp) -> None:
     with pytest.raises(openai.RateLimitError) as caught:
         client.chat.completions.create(**_body(stream=True))
     assert caught.value.status_code == 429 and caught.value.code == "rate_limit_exceeded"
+    # a refused request with a new X-Session-Id leaves no empty session behind
+    session = f"refused-{uuid.uuid4().hex[:8]}"
+    _assert_refused(chat(app, headers, _body(), **{"X-Session-Id": session}), "requests")
+    history = httpx.get(f"{app.base_url}/chat/history/{session}", headers=headers, timeout=30)
+    assert history.status_code == 404, history.text
 
 
 def test_tokens_per_minute_reserve_prompt_and_max_tokens(app: ServedApp) -> None:
