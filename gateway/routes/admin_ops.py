@@ -15,6 +15,7 @@ from engine.registry import load_registry, sha256_file
 from gateway.errors import ServiceUnavailableError
 from gateway.runtime import ModelManager, ModelRuntime
 from gateway.security import requires_admin
+from gateway.services.backends import Services
 from gateway.settings import Settings
 from telemetry.setup import PROMETHEUS_CONTENT_TYPE, Telemetry
 
@@ -104,11 +105,20 @@ class AdminOpsController(Controller):
 
     @get("/metrics", summary="Gateway metrics (JSON)")
     async def metrics(
-        self, models: NamedDependency[ModelManager], telemetry: NamedDependency[Telemetry]
+        self,
+        models: NamedDependency[ModelManager],
+        telemetry: NamedDependency[Telemetry],
+        services: NamedDependency[Services],
     ) -> dict[str, Any]:
         """Uptime, requests, errors, tokens, latency/TTFT percentiles, per-model slots, cache, system."""
+        snapshot = telemetry.metrics.summary.snapshot()
+        backend = await services.cache.stats()
+        snapshot["cache"] = {
+            **snapshot["cache"],
+            **{name: backend[name] for name in ("backend", "enabled", "available", "entries", "bytes")},
+        }
         return {
-            **telemetry.metrics.summary.snapshot(),
+            **snapshot,
             "models": {r.id: model_load(r) for r in models.runtimes},
             "system": await asyncio.to_thread(telemetry.system.snapshot),
         }
