@@ -4,72 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import signal
 import subprocess
 import sys
-import tempfile
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
 
-from tests.conftest import MODEL_ID, NO_EOS, create_key, free_port, login
+from tests.conftest import MODEL_ID, NO_EOS, free_port
+from tests.serve_process import server_env, start_server, wait_healthy
 
 pytestmark = pytest.mark.e2e
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("POCKETLLM_", "MODEL_"))}
-    env["POCKETLLM_DATA_DIR"] = tempfile.mkdtemp(prefix="pocketllm-e2e-")
-    env.update(extra)
-    return env
-
-
-def _start(port: int, env: dict[str, str], *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port), *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
-def _wait_healthy(process: subprocess.Popen[str], base_url: str, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            output, _ = process.communicate()
-            raise AssertionError(f"server exited early:\n{output}")
-        try:
-            if httpx.get(f"{base_url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError("server never became healthy")
-
-
-@pytest.fixture(scope="module")
-def server(model_path: Path) -> Iterator[tuple[str, str]]:
-    """A running ``pocketllm serve`` and an API key of the default user made through the admin route."""
-    del model_path
-    port = free_port()
-    process = _start(port, _env(MODEL_SLOTS="2", MODEL_N_CTX="4096", MODEL_N_THREADS="2"))
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_healthy(process, base_url)
-        key = create_key(base_url, login(base_url, "admin", "admin123"), "user1")["key"]
-        yield base_url, key
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.communicate(timeout=30)
 
 
 def test_openai_sync_client(server: tuple[str, str]) -> None:
@@ -150,10 +97,10 @@ def test_curl_streams_sse(server: tuple[str, str]) -> None:
 def test_sigterm_stops_cleanly(model_path: Path) -> None:
     del model_path
     port = free_port()
-    process = _start(port, _env(MODEL_SLOTS="1", MODEL_N_CTX="2048"))
+    process = start_server(port, server_env(MODEL_SLOTS="1", MODEL_N_CTX="2048"))
     base_url = f"http://127.0.0.1:{port}"
     try:
-        _wait_healthy(process, base_url)
+        wait_healthy(process, base_url)
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=30)
         assert process.returncode == 0, output
@@ -177,17 +124,17 @@ def _run_serve(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 
 
 def test_bad_setting_stops_startup_naming_it() -> None:
-    result = _run_serve(_env(MODEL_SLOTS="many"))
+    result = _run_serve(server_env(MODEL_SLOTS="many"))
     assert result.returncode == 2
     assert "models[0].slots" in result.stderr
-    result = _run_serve(_env(POCKETLLM_SERVER__PORTS="1"))
+    result = _run_serve(server_env(POCKETLLM_SERVER__PORTS="1"))
     assert result.returncode == 2
     assert "ports" in result.stderr
 
 
 def test_missing_model_file_is_a_clear_error(tmp_path: Path) -> None:
     missing = tmp_path / "nope.gguf"
-    result = _run_serve(_env(MODEL_PATH=str(missing)))
+    result = _run_serve(server_env(MODEL_PATH=str(missing)))
     assert result.returncode == 1
     assert str(missing) in result.stderr
     assert "does not exist" in result.stderr
@@ -196,11 +143,11 @@ def test_missing_model_file_is_a_clear_error(tmp_path: Path) -> None:
 def test_corrupt_model_file_is_a_clear_error(tmp_path: Path) -> None:
     not_gguf = tmp_path / "text.gguf"
     not_gguf.write_text("hello")
-    result = _run_serve(_env(MODEL_PATH=str(not_gguf)))
+    result = _run_serve(server_env(MODEL_PATH=str(not_gguf)))
     assert result.returncode == 1
     assert str(not_gguf) in result.stderr and "not a GGUF file" in result.stderr
     truncated = tmp_path / "truncated.gguf"
     truncated.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\x00" * 64)
-    result = _run_serve(_env(MODEL_PATH=str(truncated)))
+    result = _run_serve(server_env(MODEL_PATH=str(truncated)))
     assert result.returncode == 1
     assert str(truncated) in result.stdout + result.stderr

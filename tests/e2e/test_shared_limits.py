@@ -14,7 +14,7 @@ import pytest
 
 from tests.api.cache_support import drop_prefix
 from tests.conftest import MODEL_ID, create_key, free_port, login
-from tests.e2e.test_server_process import _env, _start, _wait_healthy
+from tests.serve_process import server_env, start_server, wait_healthy
 
 pytestmark = pytest.mark.e2e
 
@@ -26,7 +26,7 @@ def two_gateways(model_path: Path) -> Iterator[list[str]]:
     """Two processes sharing one data directory (the same users and keys) and one Redis key prefix."""
     del model_path
     prefix = f"pocketllm-test:{uuid.uuid4().hex}:"
-    env = _env(
+    env = server_env(
         MODEL_SLOTS="1",
         MODEL_N_CTX="1024",
         MODEL_N_THREADS="1",
@@ -40,9 +40,9 @@ def two_gateways(model_path: Path) -> Iterator[list[str]]:
     try:
         for _ in range(2):  # one after the other: the first creates the database and default users
             port = free_port()
-            processes.append(_start(port, env))
+            processes.append(start_server(port, env))
             urls.append(f"http://127.0.0.1:{port}")
-            _wait_healthy(processes[-1], urls[-1])
+            wait_healthy(processes[-1], urls[-1])
         yield urls
     finally:
         for process in processes:

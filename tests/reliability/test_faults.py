@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import statistics
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -23,6 +19,7 @@ from engine.base import EngineCrashedError
 from gateway.runtime import ModelManager
 from tests.conftest import MODEL_ID, NO_EOS, ServedApp, create_key, free_port, login, make_settings, serve
 from tests.reliability.faults import FAULT_MARKER, FaultyEngine
+from tests.serve_process import server_env, start_server, wait_healthy
 
 pytestmark = pytest.mark.reliability
 CHAT = "/v1/chat/completions"
@@ -144,40 +141,20 @@ def test_engine_error_in_json_request(three_slots: ServedApp, faulty: FaultyEngi
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 4
 
 
-def _serve_process(port: int, drain_timeout_s: float) -> subprocess.Popen[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("POCKETLLM_", "MODEL_"))}
-    env.update(
-        POCKETLLM_DATA_DIR=tempfile.mkdtemp(prefix="pocketllm-sigterm-"),
-        MODEL_SLOTS="2",
-        MODEL_N_CTX="8192",
-        MODEL_N_THREADS="2",
-        POCKETLLM_SERVER__DRAIN_TIMEOUT_S=str(drain_timeout_s),
-    )
-    return subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
 def test_sigterm_drains_streams_in_flight(model_path: Path) -> None:
     del model_path
     drain_timeout_s = 10.0
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    process = _serve_process(port, drain_timeout_s)
+    env = server_env(
+        MODEL_SLOTS="2",
+        MODEL_N_CTX="8192",
+        MODEL_N_THREADS="2",
+        POCKETLLM_SERVER__DRAIN_TIMEOUT_S=str(drain_timeout_s),
+    )
+    process = start_server(port, env)
     try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            assert process.poll() is None, process.communicate()[0]
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+        wait_healthy(process, base)
         headers = {
             "Authorization": f"Bearer {create_key(base, login(base, 'admin', 'admin123'), 'user1')['key']}"
         }
