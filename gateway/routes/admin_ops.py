@@ -163,7 +163,13 @@ class AdminOpsController(Controller):
 def prometheus_route(*, require_admin: bool) -> HTTPRouteHandler:
     """``GET /metrics``: Prometheus text exposition, open or behind the admin guard."""
 
-    @get("/metrics", guards=[requires_admin] if require_admin else [], tags=["Service"], summary="Prometheus")
+    @get(
+        "/metrics",
+        guards=[requires_admin] if require_admin else [],
+        media_type=PROMETHEUS_CONTENT_TYPE,
+        tags=["Service"],
+        summary="Prometheus",
+    )
     async def prometheus_metrics(telemetry: NamedDependency[Telemetry]) -> Response[bytes]:
         """Every metric in the Prometheus text format."""
         return Response(telemetry.prometheus_exposition(), media_type=PROMETHEUS_CONTENT_TYPE)

@@ -55,7 +55,8 @@ from tests.conftest import MODEL_ID, ServedApp, make_settings, serve
 pytestmark = pytest.mark.reliability
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "25"))
-PUBLIC = {"GET /", "GET /health", "POST /auth/login", "GET /auth/test"}  # /auth/test: PocketLLM's, public
+# /auth/test: PocketLLM's, public; /metrics: open by default for scrapers (telemetry.metrics_require_admin)
+PUBLIC = {"GET /", "GET /health", "POST /auth/login", "GET /auth/test", "GET /metrics"}
 # Operations answering JSON or SSE: Litestar documents their 200 as ``oneOf: [<type>, {}]`` (the stream
 # is ``{}``), which no JSON body can satisfy (it matches both). Their JSON answers are checked against
 # the wire type itself instead.
