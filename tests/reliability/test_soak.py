@@ -32,7 +32,8 @@ def soaked(model_path: Path) -> Iterator[ServedApp]:
     del model_path
     settings = make_settings(
         model={"slots": 4, "n_ctx": 4 * 512},
-        queue={"max_queue": 16, "max_wait_s": 120.0, "ping_interval_s": 0.2},
+        # the wait limit is far above what a wave needs, so only a starved machine could time one out
+        queue={"max_queue": 16, "max_wait_s": 600.0, "ping_interval_s": 0.2},
     )
     with serve(settings) as app:
         yield app
