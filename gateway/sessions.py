@@ -36,12 +36,16 @@ async def own_session(store: IdentityStore, principal: Principal, session_id: st
     return session
 
 
-async def check_recordable(store: IdentityStore, principal: Principal, session_id: str) -> None:
-    """Refuse, before any work, an ``X-Session-Id`` that is malformed (400) or another user's (404)."""
+async def recordable_session(
+    store: IdentityStore, principal: Principal, session_id: str
+) -> ChatSession | None:
+    """Before any work: the caller's session ``session_id``, or ``None`` when it does not exist yet;
+    400 for a malformed id, 404 when it is another user's."""
     check_session_id(session_id, "X-Session-Id")
     mine = await store.get_session(session_id, principal.user_id)
     if mine is None and await store.session_owner(session_id) is not None:
         raise session_not_found()
+    return mine
 
 
 async def session_for_recording(

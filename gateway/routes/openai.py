@@ -55,7 +55,7 @@ from gateway.runtime import ModelManager, ModelRuntime
 from gateway.security import check_model_access, requires_inference
 from gateway.services.backends import Services
 from gateway.services.cached import CachedCompletion, ReplayChunk
-from gateway.sessions import check_recordable, session_for_recording, title_from
+from gateway.sessions import recordable_session, session_for_recording, title_from
 from gateway.settings import Settings
 from gateway.streaming import EventStream, frame
 from telemetry.requests import current_request
@@ -143,11 +143,11 @@ class OpenAIController(Controller):
         if session_id is not None:
             store = request.app.state.authenticator.store
             prompt = data.messages[-1].text()
-            await check_recordable(store, principal, session_id)
+            existing = await recordable_session(store, principal, session_id)
 
             async def record(reply: str) -> None:
-                # created only now: a request refused (rate limit, queue) or failed leaves no session
-                session = await session_for_recording(
+                # a new session is created only now: a refused or failed request leaves none behind
+                session = existing or await session_for_recording(
                     store, principal, session_id, runtime.id, title_from(prompt)
                 )
                 await store.add_messages(session.id, [("user", prompt), ("assistant", reply)])
