@@ -70,6 +70,32 @@ def test_greedy_output_equals_the_sequential_engine(
         assert ours[1].completion_tokens == reference[1].completion_tokens
 
 
+def test_greedy_with_logit_bias_equals_the_sequential_engine(
+    batched: BatchedEngine, sequential: SequentialEngine
+) -> None:
+    """The batched engine's argmax shortcut honours logit_bias exactly as a sampler chain does."""
+
+    async def first_token(engine: BatchedEngine | SequentialEngine, prompt: list[int]) -> int:
+        async for event in engine.generate(
+            0, prompt, GenerationParams(max_tokens=1, temperature=0), Cancellation()
+        ):
+            if isinstance(event, TokenEvent) and event.token_id >= 0:
+                return event.token_id
+        raise AssertionError("no token")
+
+    prompt = _chat(batched, "Name a colour.")
+    banned = asyncio.run(first_token(batched, prompt))
+    assert banned == asyncio.run(first_token(sequential, prompt))
+    # the favourite first token banned, EOS banned, and a nudge to an arbitrary token: another answer
+    params = GenerationParams(max_tokens=24, temperature=0, logit_bias={**NO_EOS, banned: -100.0, 314: 2.5})
+    plain = asyncio.run(_run(batched, 0, prompt, GenerationParams(max_tokens=24, temperature=0)))
+    ours = asyncio.run(_run(batched, 1, prompt, params))
+    reference = asyncio.run(_run(sequential, 0, prompt, params))
+    assert ours[0] == reference[0]
+    assert ours[0] != plain[0]
+    assert ours[1] is not None and ours[1].completion_tokens == 24
+
+
 def test_four_sequences_run_together_and_a_late_one_starts_at_once(batched: BatchedEngine) -> None:
     params = GenerationParams(max_tokens=64, temperature=0.8, seed=1, logit_bias=NO_EOS)
 
