@@ -84,8 +84,9 @@ class Outbox:
     """Events a worker thread produced in one step, handed to their event loops with one wake-up each.
 
     The batched engine emits one token per running sequence per step; waking the event loop once per
-    step instead of once per token cuts its wake-ups (four to one with four slots) and lets it do the work while the worker is
-    back inside ``llama_decode`` (which releases the GIL) rather than between two samples.
+    step instead of once per token cuts its wake-ups (four to one with four slots) and lets it do
+    that work while the worker is back inside ``llama_decode`` (which releases the GIL) rather than
+    between two samples, where the worker waited for the GIL.
     """
 
     def __init__(self) -> None:
