@@ -87,7 +87,9 @@ def test_a_streaming_hit_replays_a_real_multi_chunk_stream(app: ServedApp) -> No
     state2, pieces2, finish2, usage2, roles2 = _stream(client, content, logit_bias=NO_EOS)
     assert state2 == "hit" and roles2 == 1
     assert "".join(pieces2) == "".join(pieces) and finish2 == finish
-    assert len(pieces2) >= 3  # several content chunks, not one blob
+    # several content chunks, not one blob (a greedy answer to a random name is sometimes two words long)
+    assert len(pieces2) >= min(3, len("".join(pieces).split()))
+    assert len(pieces2) >= 2
     assert (usage2.prompt_tokens, usage2.completion_tokens) == (usage.prompt_tokens, usage.completion_tokens)
     # the entry a stream stored answers a JSON request too, and the raw SSE ends with [DONE]
     json_hit = client.chat.completions.with_raw_response.create(
