@@ -259,13 +259,22 @@ def main() -> None:
     if "gateway" in results and "llama-server" in results:
         lines += [
             "",
-            "| concurrency | gateway / llama-server tokens/s | gateway / llama-server TTFT p50 |",
-            "|---|---|---|",
+            "| concurrency | gateway / llama-server tokens/s | gateway / llama-server TTFT p50 "
+            "| tokens/s ratio per round |",
+            "|---|---|---|---|",
         ]
         for ours, theirs in zip(results["gateway"], results["llama-server"], strict=True):
+            # each round ran both targets back to back: its ratio is a paired comparison
+            paired = [
+                a.tokens_per_s / b.tokens_per_s
+                for a, b in zip(
+                    runs["gateway"][ours.concurrency], runs["llama-server"][ours.concurrency], strict=True
+                )
+            ]
             lines.append(
                 f"| {ours.concurrency} | **{ours.tokens_per_s / theirs.tokens_per_s:.2f}x** | "
-                f"{ours.pct('ttft', 50) / theirs.pct('ttft', 50):.2f}x |"
+                f"{ours.pct('ttft', 50) / theirs.pct('ttft', 50):.2f}x | "
+                f"{' / '.join(f'{r:.2f}' for r in paired)} |"
             )
     cpu = next(
         (
