@@ -61,8 +61,7 @@ class _Job:
     cancel: Cancellation
     channel: EventChannel
     sampler: LlamaSampler | None = None
-    greedy: bool = False
-    """Pick the best logit in numpy instead of running a sampler chain (see ``_argmax``)."""
+    """``None`` for plain greedy: the best logit is picked in numpy (see ``_argmax``)."""
     pending: list[int] = field(default_factory=list)
     """Prompt tokens not decoded yet."""
     next_token: int | None = None
@@ -219,8 +218,7 @@ class BatchedEngine(TextFacade):
         prompt, params = job.prompt, job.params
         if len(prompt) + params.max_tokens > self._n_ctx_per_slot:
             raise ContextOverflowError(len(prompt), params.max_tokens, self._n_ctx_per_slot)
-        job.sampler = self._sampler(params)
-        job.greedy = _is_plain_greedy(params)
+        job.sampler = None if _is_plain_greedy(params) else self._sampler(params)
         job.stopper = StopMatcher(params.stop)
         cached = min(self.prefix_match(job.slot, prompt), max(0, len(prompt) - MIN_PROMPT_SUFFIX))
         if not self._ctx.kv_cache_seq_rm(job.slot, cached, -1):
@@ -319,9 +317,8 @@ class BatchedEngine(TextFacade):
         batch.logits[index] = logits
 
     def _sample(self, job: _Job) -> None:
-        assert job.sampler is not None
         assert job.stopper is not None
-        token = self._argmax(job) if job.greedy else job.sampler.sample(self._ctx, job.row)
+        token = self._argmax(job) if job.sampler is None else job.sampler.sample(self._ctx, job.row)
         if self._text.is_eog(token):
             self._finish(job, "stop")
             return

@@ -17,6 +17,7 @@ from engine.llamacpp.model import ModelText, grammar_for_response_format
 
 Emit = Callable[[GenerationEvent | BaseException], None]
 logger = logging.getLogger("pocketllm.engine")
+_Item = tuple["EventChannel", GenerationEvent | BaseException]
 
 
 class TextFacade:
@@ -75,7 +76,7 @@ class EventChannel:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
 
 
-def _deliver(items: list[tuple[EventChannel, GenerationEvent | BaseException]]) -> None:
+def _deliver(items: list[_Item]) -> None:
     for channel, event in items:
         channel.queue.put_nowait(event)
 
@@ -90,7 +91,7 @@ class Outbox:
     """
 
     def __init__(self) -> None:
-        self._items: list[tuple[EventChannel, GenerationEvent | BaseException]] = []
+        self._items: list[_Item] = []
 
     def put(self, channel: EventChannel, event: GenerationEvent | BaseException) -> None:
         """Queue ``event`` for ``channel`` until the next ``flush``."""
@@ -101,8 +102,7 @@ class Outbox:
         if not self._items:
             return
         items, self._items = self._items, []
-        loops: dict[asyncio.AbstractEventLoop, list[tuple[EventChannel, GenerationEvent | BaseException]]]
-        loops = {}
+        loops: dict[asyncio.AbstractEventLoop, list[_Item]] = {}
         for item in items:
             loops.setdefault(item[0].loop, []).append(item)
         for loop, batch in loops.items():
