@@ -56,6 +56,8 @@ def bench_inprocess(
     """(ttft_s, tokens_per_s) per prompt, llama-cpp-python's own streaming chat completion."""
     from llama_cpp import Llama  # noqa: PLC0415
 
+    import engine.llamacpp  # noqa: F401, PLC0415  # the gateway's model defaults (engine/llamacpp/cpu.py)
+
     llm = Llama(str(model), n_ctx=2048, n_threads=threads, n_threads_batch=threads, verbose=False)
     bias = {int(k): v for k, v in NO_EOS.items()}
     out = []

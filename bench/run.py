@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.build_llama_server import DEFAULT_CACHE, build  # noqa: E402
 from bench.loadgen import PhaseResult, run_phase  # noqa: E402
+from engine.llamacpp.cpu import weight_repack  # noqa: E402
 from engine.registry import ensure_model, load_registry  # noqa: E402
 
 MODEL_ID = "smollm2-135m-instruct"
@@ -109,17 +110,21 @@ def target_command(
                 "--port",
                 str(port),
                 "--no-webui",
+                # the same kernels as the gateway: no repacking where ggml's AMX kernels would crash
+                *([] if weight_repack() else ["--no-repack"]),
             ],
             env,
             "/health",
             MODEL_ID,
         )
     if name == "llama-cpp-python":
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         return (
             [
                 sys.executable,
-                "-m",
-                "llama_cpp.server",
+                "-c",
+                # llama-cpp-python's server on the model defaults the gateway uses (see engine/llamacpp/cpu.py)
+                "import runpy, engine.llamacpp; runpy.run_module('llama_cpp.server', run_name='__main__')",
                 "--model",
                 str(model),
                 "--n_threads",
@@ -293,7 +298,8 @@ def main() -> None:
         f"--threads {args.threads} --slots {args.slots} --requests-per-client {args.requests_per_client} "
         f"--rounds {args.rounds} "
         f"--write`  \nMachine: {os.cpu_count()} cores, {cpu}; llama-cpp-python {llama_cpp.__version__} "
-        f"(llama-server built from its vendored llama.cpp); model {MODEL_ID} Q4_1; {args.slots} slots x "
+        f"(llama-server built from its vendored llama.cpp); weight repacking "
+        f"{'on' if weight_repack() else 'off (ggml built with AMX)'}; model {MODEL_ID} Q4_1; {args.slots} slots x "
         f"{args.ctx_per_slot} tokens ({'llama-cpp-python server: 1 slot' if 'llama-cpp-python' in targets else ''}); "
         f"greedy, EOS banned, {args.max_tokens} tokens per request, each client sends "
         f"{args.requests_per_client} requests back to back.\n\n" + "\n".join(lines) + "\n"

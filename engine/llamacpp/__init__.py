@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engine.llamacpp.batched import BatchedEngine
-from engine.llamacpp.sequential import SequentialEngine
+from engine.llamacpp import cpu
+
+cpu.apply()  # before any model loads (see cpu.py: ggml's AMX kernels crash on some CPUs)
+
+from engine.llamacpp.batched import BatchedEngine  # noqa: E402
+from engine.llamacpp.sequential import SequentialEngine  # noqa: E402
 
 ENGINES: dict[str, type[BatchedEngine] | type[SequentialEngine]] = {
     "batched": BatchedEngine,

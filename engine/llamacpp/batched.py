@@ -40,6 +40,7 @@ from engine.base import (
     TopLogprob,
 )
 from engine.llamacpp.common import Embedder, EventChannel, Outbox, TextFacade, relay
+from engine.llamacpp.cpu import model_params
 from engine.llamacpp.model import ModelText, check_gguf
 from engine.llamacpp.threadpool import Threadpool
 from engine.text import IncrementalDetokenizer, StopMatcher
@@ -107,9 +108,7 @@ class BatchedEngine(TextFacade):
         self._n_batch = n_batch
         self._slots = slots
         try:
-            self._model = LlamaModel(
-                path_model=str(path), params=llama_cpp.llama_model_default_params(), verbose=False
-            )
+            self._model = LlamaModel(path_model=str(path), params=model_params(), verbose=False)
             params = llama_cpp.llama_context_default_params()
             params.n_ctx = slots * n_ctx_per_slot
             params.n_batch = n_batch

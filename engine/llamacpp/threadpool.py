@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import ctypes
 import logging
-from pathlib import Path
 
-import llama_cpp
+from engine.llamacpp.cpu import LIBRARY_DIR
 
 logger = logging.getLogger("pocketllm.engine")
 
@@ -33,7 +32,7 @@ class _ThreadpoolParams(ctypes.Structure):
 
 
 def _libraries() -> tuple[ctypes.CDLL, ctypes.CDLL, ctypes.CDLL] | None:
-    lib = Path(llama_cpp.__file__).parent / "lib"
+    lib = LIBRARY_DIR
     try:
         base = ctypes.CDLL(str(lib / "libggml-base.so"))
         cpu = ctypes.CDLL(str(lib / "libggml-cpu.so"))
