@@ -86,6 +86,30 @@ def _is_plain_greedy(params: GenerationParams) -> bool:
     )
 
 
+def plan_step(running: dict[int, _Job], n_batch: int) -> list[tuple[_Job, list[int]]]:
+    """What each running sequence puts into the next decode step, in slot (sequence id) order.
+
+    A generating sequence puts its last sampled token; a sequence still reading its prompt puts the
+    next chunk of it (taken off ``pending``), within what the generating ones leave of ``n_batch``.
+
+    The order matters: with one KV stream per slot, llama.cpp splits a batch into micro-batches of
+    *consecutive* sequence ids, each a full pass over the weights. Slots 0-1-2-3 in that order take
+    one pass; the same four as 2-0-3-1 take two and as 3-2-1-0 four (measured on this model: 30
+    against 42 and 47 ms per step), which is what admission order made of the batch before.
+    """
+    jobs = [running[slot] for slot in sorted(running)]
+    budget = n_batch - sum(job.next_token is not None for job in jobs)
+    plan: list[tuple[_Job, list[int]]] = []
+    for job in jobs:
+        if job.next_token is not None:
+            plan.append((job, [job.next_token]))
+        elif job.pending and budget > 0:
+            chunk, job.pending = job.pending[:budget], job.pending[budget:]
+            budget -= len(chunk)
+            plan.append((job, chunk))
+    return plan
+
+
 class BatchedEngine(TextFacade):
     """All slots of one model in one llama.cpp context, stepped together by one worker thread."""
 
@@ -266,28 +290,15 @@ class BatchedEngine(TextFacade):
     def _step(self) -> None:
         batch = self._batch
         n = 0
-        added: list[tuple[_Job, list[int]]] = []
-        for job in self._running.values():
-            job.row = -1
-            if job.next_token is not None:
-                self._put(n, job.next_token, len(self._cache[job.slot]), job.slot, True)
-                job.row = n
-                added.append((job, [job.next_token]))
-                job.next_token = None
-                n += 1
-        for job in self._running.values():
-            if not job.pending or n >= self._n_batch:
-                continue
-            chunk = job.pending[: self._n_batch - n]
+        added = plan_step(self._running, self._n_batch)
+        for job, tokens in added:
             start = len(self._cache[job.slot])
-            last = len(chunk) == len(job.pending)
-            for i, token in enumerate(chunk):
-                self._put(n, token, start + i, job.slot, last and i == len(chunk) - 1)
+            wants_logits = job.next_token is not None or not job.pending  # generating, or prompt read
+            for i, token in enumerate(tokens):
+                self._put(n, token, start + i, job.slot, wants_logits and i == len(tokens) - 1)
                 n += 1
-            if last:
-                job.row = n - 1
-            job.pending = job.pending[len(chunk) :]
-            added.append((job, chunk))
+            job.row = n - 1 if wants_logits else -1
+            job.next_token = None
         batch.n_tokens = n
         status = llama_cpp.llama_decode(self._ctx.ctx, batch)
         if status != 0:
@@ -303,7 +314,7 @@ class BatchedEngine(TextFacade):
         with self._cache_lock:
             for job, tokens in added:
                 self._cache[job.slot].extend(tokens)
-        for job in list(self._running.values()):
+        for job, _ in added:
             if job.row >= 0:
                 self._sample(job)
 
