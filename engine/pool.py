@@ -20,6 +20,11 @@ MIN_SHARED_PREFIX = 16
 """A cached prefix shorter than this is no reason to pick a slot."""
 
 
+def _runs(slots: set[int]) -> int:
+    """How many runs of adjacent numbers ``slots`` falls into ({0, 1, 3}: two)."""
+    return sum(1 for slot in slots if slot - 1 not in slots)
+
+
 class QueueFullError(EngineError):
     """Every slot is busy and the queue is at its bound."""
 
@@ -180,25 +185,31 @@ class SlotPool:
         return max(1, min(30, int(self.max_wait_s / 4)))
 
     def _choose(self, reservation: Reservation) -> int:
-        """Pick a free slot, keeping KV caches where they are useful.
+        """Pick a free slot, keeping KV caches where they are useful and busy slots side by side.
 
         1. the slot that last ran this session (its cache holds the conversation so far);
         2. the slot whose cache shares the longest prefix with the prompt, if that prefix is at least
            half the prompt (the same system prompt and history: llama-server's similarity rule);
-        3. otherwise the least recently used slot, sparing slots that hold another session.
+        3. otherwise a slot that holds no other session's conversation.
+        Among slots equal so far, the one that leaves the busy slots in the fewest runs of adjacent
+        slots, then the least recently used. The batched engine decodes a run of adjacent slots in one
+        pass over the weights and each further run in another: two sequences on slots 0 and 2 take
+        about 10% longer per step than on 0 and 1, three on 0, 1 and 3 15-30% longer than on 0-1-2.
         """
         free = self._free
         if reservation.session is not None:
             for slot in free:
                 if self._last_session.get(slot) == reservation.session:
                     return slot
+        busy = set(range(self._slots)).difference(free)
+        runs = {slot: _runs(busy | {slot}) for slot in free}
         prompt = reservation.prompt
         if self._prefix_match is not None and prompt:
             scores = {slot: self._prefix_match(slot, prompt) for slot in free}
-            best = max(free, key=lambda slot: (scores[slot], -self._last_used[slot]))
+            best = max(free, key=lambda slot: (scores[slot], -runs[slot], -self._last_used[slot]))
             if scores[best] >= max(MIN_SHARED_PREFIX, len(prompt) // 2):
                 return best
-        return min(free, key=lambda slot: (slot in self._last_session, self._last_used[slot]))
+        return min(free, key=lambda slot: (slot in self._last_session, runs[slot], self._last_used[slot]))
 
     def _assign(self, reservation: Reservation) -> None:
         slot = self._choose(reservation)

@@ -121,6 +121,28 @@ def test_affinity_prefers_session_then_a_long_prefix_then_lru() -> None:
     run(main())
 
 
+def test_busy_slots_are_kept_side_by_side() -> None:
+    """The batched engine decodes adjacent slots in one pass: a new request joins next to busy ones."""
+    system = list(range(100, 140))
+
+    async def main() -> None:
+        pool = SlotPool("m", 4, max_queue=0, max_wait_s=1, prefix_match=lambda slot, prompt: 40)
+        first = [pool.reserve([*system, i]) for i in range(4)]
+        assert [r.slot for r in first] == [0, 1, 2, 3]
+        for index in (0, 2, 1, 3):  # least recently used now: 0, then 2, then 1, then 3
+            first[index].release()
+            await asyncio.sleep(0.001)
+        a = pool.reserve([*system, 7])
+        b = pool.reserve([*system, 8])
+        assert (a.slot, b.slot) == (0, 1)  # LRU alone would have put b on slot 2
+        a.release()
+        c = pool.reserve([7, 7, 7])  # no shared prefix: a slot next to the busy one, LRU among those
+        assert c.slot == 2
+        assert pool.busy == 2
+
+    run(main())
+
+
 def test_abort_fails_queued_refuses_new_and_flags_running() -> None:
     async def main() -> None:
         pool = SlotPool("m", 1, max_queue=5, max_wait_s=5)
