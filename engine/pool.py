@@ -191,10 +191,12 @@ class SlotPool:
         2. the slot whose cache shares the longest prefix with the prompt, if that prefix is at least
            half the prompt (the same system prompt and history: llama-server's similarity rule);
         3. otherwise a slot that holds no other session's conversation.
-        Among slots equal so far, the one that leaves the busy slots in the fewest runs of adjacent
-        slots, then the least recently used. The batched engine decodes a run of adjacent slots in one
-        pass over the weights and each further run in another: two sequences on slots 0 and 2 take
-        about 10% longer per step than on 0 and 1, three on 0, 1 and 3 15-30% longer than on 0-1-2.
+        Among slots equal so far (for 2, caching within ``MIN_SHARED_PREFIX`` tokens of the best),
+        the one that leaves the busy slots in the fewest runs of adjacent slots, then the longest
+        prefix, then the least recently used. The batched engine decodes a run of adjacent slots in
+        one pass over the weights and each further run in another: two sequences on slots 0 and 2
+        take about 10% longer per step than on 0 and 1, three on 0, 1 and 3 15-30% longer than on
+        0-1-2, for every step of the request; a few more cached tokens save their prompt pass once.
         """
         free = self._free
         if reservation.session is not None:
@@ -206,9 +208,10 @@ class SlotPool:
         prompt = reservation.prompt
         if self._prefix_match is not None and prompt:
             scores = {slot: self._prefix_match(slot, prompt) for slot in free}
-            best = max(free, key=lambda slot: (scores[slot], -runs[slot], -self._last_used[slot]))
-            if scores[best] >= max(MIN_SHARED_PREFIX, len(prompt) // 2):
-                return best
+            top = max(scores.values())
+            if top >= max(MIN_SHARED_PREFIX, len(prompt) // 2):
+                near = [slot for slot in free if scores[slot] > top - MIN_SHARED_PREFIX]
+                return min(near, key=lambda slot: (runs[slot], -scores[slot], self._last_used[slot]))
         return min(free, key=lambda slot: (slot in self._last_session, runs[slot], self._last_used[slot]))
 
     def _assign(self, reservation: Reservation) -> None:

@@ -143,6 +143,25 @@ def test_busy_slots_are_kept_side_by_side() -> None:
     run(main())
 
 
+def test_a_slightly_longer_cached_prefix_does_not_split_the_busy_slots() -> None:
+    cached = {(1, "a"): 40, (3, "a"): 42, (1, "b"): 40, (3, "b"): 60}
+
+    def prefix(slot: int, prompt: Sequence[int]) -> int:
+        return cached.get((slot, "ab"[prompt[0]]), 0)
+
+    async def main() -> None:
+        pool = SlotPool("m", 4, max_queue=0, max_wait_s=1, prefix_match=prefix)
+        running = pool.reserve([])
+        assert running.slot == 0
+        close_call = pool.reserve([0] * 50)  # 42 tokens cached on slot 3, 40 on slot 1 next to slot 0
+        assert close_call.slot == 1
+        close_call.release()
+        far_better = pool.reserve([1] * 70)  # 60 against 40: the cache wins
+        assert far_better.slot == 3
+
+    run(main())
+
+
 def test_abort_fails_queued_refuses_new_and_flags_running() -> None:
     async def main() -> None:
         pool = SlotPool("m", 1, max_queue=5, max_wait_s=5)
