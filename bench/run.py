@@ -36,6 +36,7 @@ from engine.llamacpp.cpu import weight_repack  # noqa: E402
 from engine.registry import ensure_model, load_registry  # noqa: E402
 
 MODEL_ID = "smollm2-135m-instruct"
+DEFAULT_TARGETS = "gateway,llama-server,llama-cpp-python"
 
 
 def free_port() -> int:
@@ -197,7 +198,7 @@ def main() -> None:
     parser.add_argument(
         "--rounds", type=int, default=3, help="interleaved rounds; rows show the median round"
     )
-    parser.add_argument("--targets", default="gateway,llama-server,llama-cpp-python")
+    parser.add_argument("--targets", default=DEFAULT_TARGETS)
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
@@ -297,6 +298,7 @@ def main() -> None:
         f"Command: `python bench/run.py --concurrency {args.concurrency} --max-tokens {args.max_tokens} "
         f"--threads {args.threads} --slots {args.slots} --requests-per-client {args.requests_per_client} "
         f"--rounds {args.rounds} "
+        f"{'' if args.targets == DEFAULT_TARGETS else f'--targets {args.targets} '}"
         f"--write`  \nMachine: {os.cpu_count()} cores, {cpu}; llama-cpp-python {llama_cpp.__version__} "
         f"(llama-server built from its vendored llama.cpp); weight repacking "
         f"{'on' if weight_repack() else 'off (ggml built with AMX)'}; model {MODEL_ID} Q4_1; {args.slots} slots x "
