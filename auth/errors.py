@@ -1,7 +1,8 @@
 """The exceptions of the identity layer.
 
 Every message is safe to show a caller: none contains a token, a key, a password or a hash. The HTTP
-layer maps them to responses (``AuthenticationError`` -> 401, ``LoginThrottledError`` -> 429, ...).
+layer maps them to responses (``AuthenticationError`` -> 401, ``LoginThrottledError`` -> 429,
+``StoreUnavailableError`` -> 503, ...).
 """
 
 from __future__ import annotations
@@ -53,6 +54,14 @@ class InsecureConfigurationError(AuthError, ValueError):
 
 class StoreClosedError(AuthError, RuntimeError):
     """The identity store has been closed."""
+
+
+class StoreUnavailableError(AuthError, ConnectionError):
+    """The identity store cannot be reached now (a server down, no free connection in time).
+
+    A transient condition: the HTTP layer answers 503 (with ``Retry-After``), never 500; the store
+    reconnects by itself when the server is back.
+    """
 
 
 AuthenticationFailedError = AuthenticationError

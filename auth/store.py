@@ -178,6 +178,11 @@ class IdentityStore(Protocol):
         """The key with this digest, revoked or not."""
         ...
 
+    async def get_key_and_owner(self, key_hash: str) -> tuple[StoredApiKey, User] | None:
+        """The key with this digest and its owner, in one round trip (the hot path of API-key
+        authentication)."""
+        ...
+
     async def list_keys(self, user_id: str | None = None) -> list[ApiKey]:
         """Keys oldest first, of one user when ``user_id`` is given."""
         ...
@@ -227,6 +232,14 @@ class IdentityStore(Protocol):
 
     async def list_messages(self, session_id: str) -> list[ChatMessage]:
         """A session's messages in the order they were added."""
+        ...
+
+    async def open(self) -> None:
+        """Connect and migrate now (idempotent); a backend that opened in its constructor does nothing.
+
+        Raises:
+            StoreUnavailableError: the backend cannot be reached.
+        """
         ...
 
     async def close(self) -> None:

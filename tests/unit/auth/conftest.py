@@ -2,24 +2,51 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import itertools
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from auth.passwords import ScryptParams
+from auth.postgres_store import PostgresStore
 from auth.sqlite_store import SQLiteStore
 from auth.store import IdentityStore
+from tests.postgres import create_schema, temporary_database, unreachable_reason
 
 # Where the parameter value is not what a test is about, hashing at N=2^10 keeps the suite fast.
 FAST = ScryptParams(n=2**10)
 
 StoreOpener = Callable[[], IdentityStore]
 
-# A second backend joins the contract suite by adding an entry: a function of a fresh directory that
-# returns a function opening the store there (called twice by the restart test).
-BACKENDS: dict[str, Callable[[Path], StoreOpener]] = {
-    "sqlite": lambda path: lambda: SQLiteStore(path),
+_schemas = itertools.count(1)
+
+
+@pytest.fixture(scope="session")
+def postgres_database() -> Iterator[str]:
+    """A database of this test run on the shared PostgreSQL server, dropped at the end."""
+    reason = unreachable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    with temporary_database() as url:
+        yield url
+
+
+def _sqlite(request: pytest.FixtureRequest, tmp_path: Path) -> StoreOpener:
+    return lambda: SQLiteStore(tmp_path)
+
+
+def _postgres(request: pytest.FixtureRequest, tmp_path: Path) -> StoreOpener:
+    # each test gets an empty schema of the run's database: the same state a fresh SQLite file gives
+    url = create_schema(request.getfixturevalue("postgres_database"), f"test_{next(_schemas)}")
+    return lambda: PostgresStore(url)
+
+
+# A backend joins the contract suite by adding an entry: a function of the test's request and a fresh
+# directory that returns a function opening the store there (called twice by the restart test).
+BACKENDS: dict[str, Callable[[pytest.FixtureRequest, Path], StoreOpener]] = {
+    "sqlite": _sqlite,
+    "postgresql": _postgres,
 }
 
 
@@ -32,7 +59,7 @@ def anyio_backend() -> str:
 @pytest.fixture(params=sorted(BACKENDS))
 def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> StoreOpener:
     """Opens the backend's store on this test's own location (the same one every call)."""
-    return BACKENDS[request.param](tmp_path)
+    return BACKENDS[request.param](request, tmp_path)
 
 
 @pytest.fixture

@@ -1,0 +1,305 @@
+"""``IdentityStore`` in SQL, shared by the SQLite and PostgreSQL backends.
+
+Every query is written here once, with ``?`` placeholders; a backend supplies four primitives (fetch
+one row, fetch all rows, execute one statement, a guarded write in one transaction) and translates the
+placeholders and its driver's errors. A unique-constraint refusal becomes ``DuplicateRowError``; a
+backend that cannot be reached raises ``StoreUnavailableError``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+from auth.errors import SessionExistsError, SessionNotFoundError, UserExistsError
+from auth.migrations import SCHEMA_VERSION, Dialect
+from auth.principal import Role, as_role
+from auth.store import ApiKey, ChatMessage, ChatSession, LimitOverride, StoredApiKey, User
+
+Row = Sequence[Any]
+
+TITLE_MAX = 200
+
+_USER_COLUMNS = "id, username, role, created_at, disabled_at, password_hash, last_login_at"
+_KEY_COLUMNS = "id, user_id, last4, scopes, models, created_at, expires_at, revoked_at, key_hash"
+_SELECT_USER = f"SELECT {_USER_COLUMNS} FROM users"
+_SELECT_KEY = f"SELECT {_KEY_COLUMNS} FROM api_keys"
+_SELECT_KEY_AND_OWNER = (
+    "SELECT k.id, k.user_id, k.last4, k.scopes, k.models, k.created_at, k.expires_at, k.revoked_at, "
+    "k.key_hash, u.id, u.username, u.role, u.created_at, u.disabled_at, u.password_hash, u.last_login_at "
+    "FROM api_keys k JOIN users u ON u.id = k.user_id WHERE k.key_hash = ?"
+)
+_SELECT_SESSION = (
+    "SELECT s.id, s.user_id, s.title, s.model, s.created_at, s.updated_at, "
+    "(SELECT COUNT(*) FROM messages m WHERE m.session_id = s.id) FROM sessions s"
+)
+
+
+class DuplicateRowError(Exception):
+    """A unique constraint refused a row (raised by a backend's primitives, handled here)."""
+
+
+def _user(row: Row) -> User:
+    return User(row[0], row[1], as_role(row[2]), row[3], row[4], row[5], row[6])
+
+
+def _key(row: Row) -> StoredApiKey:
+    scopes = tuple(s for s in row[3].split(",") if s)
+    models = tuple(json.loads(row[4])) if row[4] is not None else None
+    return StoredApiKey(row[0], row[1], row[2], scopes, models, row[5], row[6], row[7], row[8])
+
+
+def _public(key: StoredApiKey) -> ApiKey:
+    return ApiKey(
+        key.id, key.user_id, key.last4, key.scopes, key.models, key.created_at, key.expires_at, key.revoked_at
+    )
+
+
+class SqlStore(ABC):
+    """The queries of ``IdentityStore``; subclasses connect them to a database.
+
+    Ids are uuid4 hex strings; timestamps are unix float seconds.
+    """
+
+    dialect: ClassVar[Dialect]
+    insertion_order: ClassVar[str]
+    """The column that breaks ties of equal timestamps in listings (SQLite: ``rowid``, else the id)."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        """Set the clock.
+
+        Args:
+            clock: the source of timestamps (unix seconds).
+        """
+        self._clock = clock
+
+    @property
+    def schema_version(self) -> int:
+        """The schema version after migrations."""
+        return SCHEMA_VERSION
+
+    @abstractmethod
+    async def _fetch_one(self, sql: str, args: Sequence[Any] = ()) -> Row | None:
+        """The first row of a query, or None."""
+
+    @abstractmethod
+    async def _fetch_all(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
+        """Every row of a query."""
+
+    @abstractmethod
+    async def _execute(self, sql: str, args: Sequence[Any]) -> int:
+        """Run one statement in its own transaction; the number of rows it changed."""
+
+    @abstractmethod
+    async def _execute_if_changed(
+        self, guard: str, guard_args: Sequence[Any], then: str, then_rows: Sequence[Sequence[Any]]
+    ) -> bool:
+        """In one transaction: run ``guard``; when it changed a row, run ``then`` once per row of
+        ``then_rows`` and commit (True); otherwise roll back (False)."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Release the backend; idempotent."""
+
+    # users
+    async def create_user(self, username: str, password_hash: str | None, role: Role) -> User:
+        """See ``IdentityStore.create_user``."""
+        user = User(uuid.uuid4().hex, username, as_role(role), self._clock(), None, password_hash)
+        try:
+            await self._execute(
+                "INSERT INTO users (id, username, role, created_at, password_hash) VALUES (?, ?, ?, ?, ?)",
+                (user.id, user.username, user.role, user.created_at, password_hash),
+            )
+        except DuplicateRowError:
+            raise UserExistsError(f"the user {username!r} exists already") from None
+        return user
+
+    async def get_user(self, user_id: str) -> User | None:
+        """See ``IdentityStore.get_user``."""
+        row = await self._fetch_one(_SELECT_USER + " WHERE id = ?", (user_id,))
+        return _user(row) if row else None
+
+    async def get_user_by_name(self, username: str) -> User | None:
+        """See ``IdentityStore.get_user_by_name``."""
+        row = await self._fetch_one(_SELECT_USER + " WHERE username = ?", (username,))
+        return _user(row) if row else None
+
+    async def list_users(self) -> list[User]:
+        """See ``IdentityStore.list_users``."""
+        rows = await self._fetch_all(f"{_SELECT_USER} ORDER BY created_at, {self.insertion_order}")
+        return [_user(row) for row in rows]
+
+    async def disable_user(self, user_id: str) -> User | None:
+        """See ``IdentityStore.disable_user``."""
+        sql = "UPDATE users SET disabled_at = COALESCE(disabled_at, ?) WHERE id = ?"
+        await self._execute(sql, (self._clock(), user_id))
+        return await self.get_user(user_id)
+
+    async def set_password_hash(self, user_id: str, password_hash: str) -> None:
+        """See ``IdentityStore.set_password_hash``."""
+        await self._execute("UPDATE users SET password_hash = ? WHERE id = ?", (password_hash, user_id))
+
+    async def touch_user(self, user_id: str, at: float | None = None) -> None:
+        """See ``IdentityStore.touch_user``."""
+        when = self._clock() if at is None else float(at)
+        await self._execute("UPDATE users SET last_login_at = ? WHERE id = ?", (when, user_id))
+
+    # keys
+    async def create_key(
+        self,
+        user_id: str,
+        key_hash: str,
+        last4: str,
+        scopes: Sequence[str],
+        models: Sequence[str] | None,
+        expires_at: float | None,
+    ) -> ApiKey:
+        """See ``IdentityStore.create_key``."""
+        key = StoredApiKey(
+            uuid.uuid4().hex,
+            user_id,
+            last4,
+            tuple(scopes),
+            tuple(models) if models is not None else None,
+            self._clock(),
+            float(expires_at) if expires_at is not None else None,
+            None,
+            key_hash,
+        )
+        await self._execute(
+            "INSERT INTO api_keys (id, user_id, key_hash, last4, scopes, models, created_at, expires_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                key.id,
+                user_id,
+                key_hash,
+                last4,
+                ",".join(key.scopes),
+                json.dumps(list(key.models)) if key.models is not None else None,
+                key.created_at,
+                key.expires_at,
+            ),
+        )
+        return _public(key)
+
+    async def get_key_by_hash(self, key_hash: str) -> StoredApiKey | None:
+        """See ``IdentityStore.get_key_by_hash``."""
+        row = await self._fetch_one(_SELECT_KEY + " WHERE key_hash = ?", (key_hash,))
+        return _key(row) if row else None
+
+    async def get_key_and_owner(self, key_hash: str) -> tuple[StoredApiKey, User] | None:
+        """See ``IdentityStore.get_key_and_owner``."""
+        row = await self._fetch_one(_SELECT_KEY_AND_OWNER, (key_hash,))
+        return (_key(row[:9]), _user(row[9:])) if row else None
+
+    async def list_keys(self, user_id: str | None = None) -> list[ApiKey]:
+        """See ``IdentityStore.list_keys``."""
+        order = f" ORDER BY created_at, {self.insertion_order}"
+        if user_id is None:
+            rows = await self._fetch_all(_SELECT_KEY + order)
+        else:
+            rows = await self._fetch_all(_SELECT_KEY + " WHERE user_id = ?" + order, (user_id,))
+        return [_public(_key(row)) for row in rows]
+
+    async def revoke_key(self, key_id: str) -> bool:
+        """See ``IdentityStore.revoke_key``."""
+        sql = "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?"
+        return await self._execute(sql, (self._clock(), key_id)) > 0
+
+    # rate-limit overrides
+    async def get_limit_overrides(self, subjects: Sequence[str]) -> dict[str, LimitOverride]:
+        """See ``IdentityStore.get_limit_overrides``."""
+        wanted = list(dict.fromkeys(subjects))
+        if not wanted:
+            return {}
+        marks = ",".join("?" * len(wanted))
+        sql = f"SELECT subject, rpm, tpm, concurrency FROM limit_overrides WHERE subject IN ({marks})"
+        rows = await self._fetch_all(sql, wanted)
+        return {row[0]: LimitOverride(row[1], row[2], row[3]) for row in rows}
+
+    async def set_limit_override(self, subject: str, override: LimitOverride) -> None:
+        """See ``IdentityStore.set_limit_override``."""
+        if override.empty:
+            await self._execute("DELETE FROM limit_overrides WHERE subject = ?", (subject,))
+            return
+        await self._execute(
+            "INSERT INTO limit_overrides (subject, rpm, tpm, concurrency, updated_at) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT(subject) DO UPDATE SET rpm = excluded.rpm, tpm = excluded.tpm, "
+            "concurrency = excluded.concurrency, updated_at = excluded.updated_at",
+            (subject, override.rpm, override.tpm, override.concurrency, self._clock()),
+        )
+
+    # sessions
+    async def create_session(
+        self, user_id: str, title: str, model: str, session_id: str | None = None
+    ) -> ChatSession:
+        """See ``IdentityStore.create_session``."""
+        now = self._clock()
+        session = ChatSession(session_id or uuid.uuid4().hex, user_id, title[:TITLE_MAX], model, now, now, 0)
+        try:
+            await self._execute(
+                "INSERT INTO sessions (id, user_id, title, model, created_at, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (session.id, user_id, session.title, model, now, now),
+            )
+        except DuplicateRowError:
+            raise SessionExistsError("a chat session with this id exists already") from None
+        return session
+
+    async def get_session(self, session_id: str, user_id: str) -> ChatSession | None:
+        """See ``IdentityStore.get_session``."""
+        row = await self._fetch_one(
+            _SELECT_SESSION + " WHERE s.id = ? AND s.user_id = ?", (session_id, user_id)
+        )
+        return ChatSession(*row) if row else None
+
+    async def session_owner(self, session_id: str) -> str | None:
+        """See ``IdentityStore.session_owner``."""
+        row = await self._fetch_one("SELECT user_id FROM sessions WHERE id = ?", (session_id,))
+        return str(row[0]) if row else None
+
+    async def list_sessions(self, user_id: str, limit: int, offset: int) -> tuple[list[ChatSession], int]:
+        """See ``IdentityStore.list_sessions``."""
+        if limit < 0 or offset < 0:
+            raise ValueError("limit and offset must not be negative")
+        rows = await self._fetch_all(
+            f"{_SELECT_SESSION} WHERE s.user_id = ? ORDER BY s.updated_at DESC, s.created_at DESC, "
+            f"s.{self.insertion_order} DESC LIMIT ? OFFSET ?",
+            (user_id, limit, offset),
+        )
+        total = await self._fetch_one("SELECT COUNT(*) FROM sessions WHERE user_id = ?", (user_id,))
+        return [ChatSession(*row) for row in rows], int(total[0]) if total else 0
+
+    async def delete_session(self, session_id: str, user_id: str) -> bool:
+        """See ``IdentityStore.delete_session``."""
+        sql = "DELETE FROM sessions WHERE id = ? AND user_id = ?"
+        return await self._execute(sql, (session_id, user_id)) > 0
+
+    async def count_sessions(self) -> tuple[int, dict[str, int]]:
+        """See ``IdentityStore.count_sessions``."""
+        rows = await self._fetch_all(
+            "SELECT u.username, COUNT(s.id) FROM users u JOIN sessions s ON s.user_id = u.id "
+            "GROUP BY u.username ORDER BY u.username"
+        )
+        per_user = {str(name): int(count) for name, count in rows}
+        return sum(per_user.values()), per_user
+
+    async def add_messages(self, session_id: str, messages: Sequence[tuple[str, str]]) -> None:
+        """See ``IdentityStore.add_messages``."""
+        now = self._clock()
+        if not await self._execute_if_changed(
+            "UPDATE sessions SET updated_at = ? WHERE id = ?",
+            (now, session_id),
+            "INSERT INTO messages (session_id, role, content, created_at) VALUES (?, ?, ?, ?)",
+            [(session_id, role, content, now) for role, content in messages],
+        ):
+            raise SessionNotFoundError("no such chat session")
+
+    async def list_messages(self, session_id: str) -> list[ChatMessage]:
+        """See ``IdentityStore.list_messages``."""
+        sql = "SELECT role, content, created_at FROM messages WHERE session_id = ? ORDER BY id"
+        return [ChatMessage(*row) for row in await self._fetch_all(sql, (session_id,))]
