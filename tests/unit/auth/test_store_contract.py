@@ -83,6 +83,21 @@ async def test_keys_are_stored_by_digest(store: IdentityStore) -> None:
     assert await store.get_key_by_hash("d2" * 32) is None
 
 
+async def test_a_key_and_its_owner_come_in_one_lookup(store: IdentityStore) -> None:
+    bob = await store.create_user("bob", "bobs-hash", "user")
+    key = await store.create_key(bob.id, "d1" * 32, "abcd", ["inference"], None, None)
+    found = await store.get_key_and_owner("d1" * 32)
+    assert found is not None
+    record, owner = found
+    assert record == await store.get_key_by_hash("d1" * 32) and record.id == key.id
+    assert owner == bob
+    await store.disable_user(bob.id)
+    await store.revoke_key(key.id)
+    again = await store.get_key_and_owner("d1" * 32)
+    assert again is not None and again[0].revoked and again[1].disabled
+    assert await store.get_key_and_owner("d2" * 32) is None
+
+
 async def test_listing_keys_never_shows_a_digest(store: IdentityStore) -> None:
     bob = await store.create_user("bob", None, "user")
     eve = await store.create_user("eve", None, "admin")
