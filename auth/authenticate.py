@@ -1,7 +1,14 @@
 """Credentials to principals, and passwords to tokens; free of any web framework.
 
 The HTTP layer hands over header strings (``Authorization``, ``x-api-key``) and maps
-``AuthenticationError`` to 401 and ``LoginThrottledError`` to 429.
+``AuthenticationError`` to 401, ``LoginThrottledError`` to 429, ``LoginBusyError`` and
+``StoreUnavailableError`` to 503.
+
+API-key authentication costs at most one round trip to the store (the key and its owner in one query),
+and none while the lookup is in the in-memory cache: a key revoked or a user disabled through another
+replica (or directly in the store) is refused here within ``key_cache_ttl_s`` (2 s by default; 0 turns
+the cache off and makes every change seen at once, at one round trip per request). Changes made through
+this authenticator (``revoke_key``, ``disable_user``) empty the cache at once.
 """
 
 from __future__ import annotations
@@ -9,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,8 +30,8 @@ from auth.keys import (
 )
 from auth.passwords import ScryptParams, dummy_verify, hash_password, needs_rehash, verify_password
 from auth.principal import ALL_SCOPES, SCOPE_ADMIN, SCOPE_INFERENCE, Principal, as_role
-from auth.store import ApiKey, IdentityStore, User
-from auth.throttle import LoginThrottle
+from auth.store import ApiKey, IdentityStore, StoredApiKey, User
+from auth.throttle import LoginThrottle, PasswordHashGate, Throttle
 from auth.tokens import (
     ExternalProvider,
     TokenSettings,
@@ -67,6 +75,55 @@ def credential_from_headers(authorization: str | None, api_key: str | None) -> s
     return None
 
 
+KeyLookup = tuple[StoredApiKey, User]
+
+
+class KeyCache:
+    """Recent API-key lookups (key record and owner by the key's digest), each kept ``ttl_s`` seconds.
+
+    Only keys that exist are kept (a key just created on another replica works at once); at most
+    ``max_entries``, the least recently used dropped first.
+    """
+
+    def __init__(
+        self, ttl_s: float, max_entries: int = 10_000, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        """Configure the cache (``ttl_s`` 0 keeps nothing)."""
+        if ttl_s < 0 or max_entries < 1:
+            raise ValueError("the key cache needs ttl_s >= 0 and max_entries >= 1")
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        self._clock = clock
+        self._entries: OrderedDict[str, tuple[float, KeyLookup]] = OrderedDict()
+
+    def get(self, digest: str) -> KeyLookup | None:
+        """The lookup while it is fresh."""
+        entry = self._entries.get(digest)
+        if entry is None:
+            return None
+        if self._clock() >= entry[0]:
+            del self._entries[digest]
+            return None
+        self._entries.move_to_end(digest)
+        return entry[1]
+
+    def put(self, digest: str, lookup: KeyLookup) -> None:
+        """Keep a lookup for ``ttl_s``."""
+        if self.ttl_s <= 0:
+            return
+        self._entries[digest] = (self._clock() + self.ttl_s, lookup)
+        self._entries.move_to_end(digest)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        """Forget every lookup (after a revocation or a change of a user made here)."""
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 class Authenticator:
     """Turns request credentials into principals; logs users in; creates users and keys."""
 
@@ -76,8 +133,12 @@ class Authenticator:
         tokens: TokenSettings,
         passwords: ScryptParams | None = None,
         external: ExternalProvider | None = None,
-        throttle: LoginThrottle | None = None,
+        throttle: Throttle | None = None,
         clock: Callable[[], float] = time.time,
+        *,
+        key_cache_ttl_s: float = 2.0,
+        max_concurrent_hashes: int = 2,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         """Wire the authenticator.
 
@@ -86,8 +147,12 @@ class Authenticator:
             tokens: our own JWT settings.
             passwords: password-hashing parameters (OWASP's scrypt when None).
             external: an external identity provider whose tokens are accepted too.
-            throttle: the login throttle (5 failures in 300 s when None).
+            throttle: the login throttle (in process, ``ThrottlePolicy``'s defaults when None).
             clock: unix seconds, for key expiry and last-login times (tokens always use wall time).
+            key_cache_ttl_s: how long an API-key lookup is reused: the bound on how late a change made
+                elsewhere is seen (0: no cache).
+            max_concurrent_hashes: password hashes at once; a login beyond them gets ``LoginBusyError``.
+            monotonic: monotonic seconds, for the key cache (injectable for tests).
         """
         if external is not None and external.issuer == tokens.issuer:
             raise ValueError("the external identity provider's issuer must differ from our own")
@@ -95,7 +160,9 @@ class Authenticator:
         self.tokens = tokens
         self.passwords = passwords or ScryptParams()
         self.external = external
-        self.throttle = throttle or LoginThrottle()
+        self.throttle: Throttle = throttle or LoginThrottle()
+        self.key_cache = KeyCache(key_cache_ttl_s, clock=monotonic)
+        self.hash_gate = PasswordHashGate(max_concurrent_hashes)
         self._clock = clock
 
     async def authenticate(self, authorization: str | None, api_key: str | None = None) -> Principal:
@@ -126,14 +193,19 @@ class Authenticator:
         if not is_well_formed_api_key(key):
             raise AuthenticationError("invalid API key")
         digest = hash_api_key(key)
-        record = await self.store.get_key_by_hash(digest)
-        if record is None or not constant_time_equals(record.key_hash, digest):
-            raise AuthenticationError("invalid API key")
+        found = self.key_cache.get(digest)
+        if found is None:
+            found = await self.store.get_key_and_owner(digest)
+            if found is None or not constant_time_equals(found[0].key_hash, digest):
+                raise AuthenticationError("invalid API key")
+            self.key_cache.put(digest, found)
+        record, user = found
         if record.revoked:
             raise AuthenticationError("this API key has been revoked")
         if record.expired(self._clock()):
             raise AuthenticationError("this API key has expired")
-        user = await self._active_user(record.user_id)
+        if user.disabled:
+            raise AuthenticationError(_NO_ACCOUNT)
         scopes = frozenset(record.scopes)
         if user.role != "admin":
             scopes -= {SCOPE_ADMIN}  # the owner may have lost the role since the key was made
@@ -186,27 +258,55 @@ class Authenticator:
             ``(user, token)``.
 
         Raises:
-            LoginThrottledError: too many recent failures for the username or the address.
+            LoginBusyError: every password-hash slot is taken (nothing was counted).
+            LoginThrottledError: the (address, username) pair must wait, or the address has failed too
+                often.
             AuthenticationError: wrong credentials (one message for every reason).
         """
-        decision = self.throttle.check(username, client)
-        if decision.blocked:
-            raise LoginThrottledError(decision.retry_after)
-        user = await self.store.get_user_by_name(username)
-        if user is None or user.password_hash is None or user.disabled:
-            await asyncio.to_thread(dummy_verify, self.passwords)
-            self.throttle.record_failure(username, client)
-            raise AuthenticationError(_BAD_LOGIN)
-        if not await asyncio.to_thread(verify_password, password, user.password_hash):
-            self.throttle.record_failure(username, client)
-            raise AuthenticationError(_BAD_LOGIN)
-        self.throttle.record_success(username)
-        if needs_rehash(user.password_hash, self.passwords):
-            digest = await asyncio.to_thread(hash_password, password, self.passwords)
-            await self.store.set_password_hash(user.id, digest)
+        with self.hash_gate.slot():
+            decision = await self.throttle.attempt(username, client)
+            if decision.blocked:
+                raise LoginThrottledError(decision.retry_after)
+            user = await self.store.get_user_by_name(username)
+            if user is None or user.password_hash is None or user.disabled:
+                await asyncio.to_thread(dummy_verify, self.passwords)
+                raise AuthenticationError(_BAD_LOGIN)
+            if not await asyncio.to_thread(verify_password, password, user.password_hash):
+                raise AuthenticationError(_BAD_LOGIN)
+            await self.throttle.succeeded(username, client, decision)
+            if needs_rehash(user.password_hash, self.passwords):
+                digest = await asyncio.to_thread(hash_password, password, self.passwords)
+                await self.store.set_password_hash(user.id, digest)
         await self.store.touch_user(user.id, self._clock())
         # wall time, not ``clock``: pyjwt checks exp/nbf/iat against wall time
         return user, issue_token(user.id, user.username, user.role, self.tokens)
+
+    async def revoke_key(self, key_id: str) -> bool:
+        """Revoke a key; refused here at once (other replicas within ``key_cache_ttl_s``).
+
+        Args:
+            key_id: the key's id.
+
+        Returns:
+            False when there is no such key.
+        """
+        revoked = await self.store.revoke_key(key_id)
+        self.key_cache.clear()
+        return revoked
+
+    async def disable_user(self, user_id: str) -> User | None:
+        """Disable a user; their keys are refused here at once (other replicas within
+        ``key_cache_ttl_s``).
+
+        Args:
+            user_id: the user's id.
+
+        Returns:
+            The user, or None when there is no such user.
+        """
+        user = await self.store.disable_user(user_id)
+        self.key_cache.clear()
+        return user
 
     async def create_user(self, username: str, password: str, role: str = "user") -> User:
         """A new user with a hashed password.

@@ -21,7 +21,7 @@ class InvalidTokenError(AuthenticationError):
 
 
 class LoginThrottledError(AuthError):
-    """Too many failed logins for the username or the client address.
+    """Too many failed logins for the (address, username) pair or the client address.
 
     Attributes:
         retry_after: whole seconds until a login may be tried again (at least 1).
@@ -29,6 +29,18 @@ class LoginThrottledError(AuthError):
 
     def __init__(self, retry_after: int) -> None:
         super().__init__("too many failed logins")
+        self.retry_after = retry_after
+
+
+class LoginBusyError(AuthError):
+    """Every password-hash slot of this process is taken: the login is refused at once (503).
+
+    Attributes:
+        retry_after: whole seconds after which to try again.
+    """
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__("too many logins at once; try again shortly")
         self.retry_after = retry_after
 
 

@@ -1,137 +1,317 @@
-"""Login throttling: after repeated failures for one username or one client address, refuse for a while.
+"""Login throttling: progressive delays per (address, user), a failure limit per address, a bound on
+concurrent password hashes.
 
-In-process and in memory (one gateway process; a restart forgets). Memory is bounded: checking never
-creates an entry, entries are pruned as their failures age out, and past ``max_entries`` tracked
-names the oldest are dropped first.
+The policy (``ThrottlePolicy``):
+
+- Per (client address, username): the first ``free_failures`` failed logins cost nothing; after that
+  each attempt must wait ``base_delay_s * 2**(failures - free_failures)`` seconds (at most
+  ``max_delay_s``) after the previous one. The owner logging in from another address is not slowed down
+  by someone guessing their password elsewhere: there is no lock-out of a user as such. The count is
+  forgotten after ``window_s`` without an attempt, and cleared by a successful login.
+- Per client address: at most ``max_client_failures`` failed logins within a sliding ``window_s``,
+  whatever the usernames (password spraying from one address).
+- An attempt is counted as a failure *before* the password is checked, in the same step as the check
+  (atomically), and a success takes it back; so parallel guesses cannot slip past the delay.
+
+Backends: ``LoginThrottle`` (in process, in memory) and ``auth.redis_throttle.RedisLoginThrottle``
+(shared by every replica); ``FallbackLoginThrottle`` uses the shared one and falls back to the local one
+while Redis is down. ``PasswordHashGate`` bounds the scrypt hashes that run at once (each holds
+``128 * n * r`` bytes: 128 MiB at OWASP's parameters) and refuses at once beyond it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import time
+import uuid
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
+
+from auth.errors import LoginBusyError
+
+logger = logging.getLogger("pocketllm.auth.throttle")
+
+
+@dataclass(frozen=True, slots=True)
+class ThrottlePolicy:
+    """How logins are throttled (see the module documentation).
+
+    Attributes:
+        free_failures: failures per (address, user) before delays start.
+        window_s: how long a failure counts (per address), and the quiet time after which a pair's
+            count is forgotten.
+        base_delay_s: the first delay.
+        max_delay_s: the longest delay.
+        max_client_failures: failures per address within ``window_s``; 4 x ``free_failures`` when None,
+            because many users may share an address (NAT, a proxy).
+    """
+
+    free_failures: int = 5
+    window_s: float = 300.0
+    base_delay_s: float = 1.0
+    max_delay_s: float = 60.0
+    max_client_failures: int | None = None
+
+    def __post_init__(self) -> None:
+        """Refuse nonsense limits."""
+        if (
+            self.free_failures < 1
+            or self.window_s <= 0
+            or self.base_delay_s <= 0
+            or self.max_delay_s < self.base_delay_s
+            or (self.max_client_failures is not None and self.max_client_failures < 1)
+        ):
+            raise ValueError("throttle limits must be at least 1, and the window and delays positive")
+
+    @property
+    def client_limit(self) -> int:
+        """Failures per address within the window."""
+        return 4 * self.free_failures if self.max_client_failures is None else self.max_client_failures
+
+    def delay(self, failures: int) -> float:
+        """The wait after the previous attempt of a pair with this many failures."""
+        if failures < self.free_failures:
+            return 0.0
+        return min(self.base_delay_s * 2.0 ** min(failures - self.free_failures, 64), self.max_delay_s)
 
 
 @dataclass(frozen=True, slots=True)
 class ThrottleDecision:
-    """The answer of ``LoginThrottle.check``.
+    """The answer of ``attempt``.
 
     Attributes:
         blocked: whether the login must be refused without checking the password.
         retry_after: whole seconds until it may be tried again (0 when not blocked).
+        ticket: identifies the counted attempt (a success takes it back).
+        backend: the throttle that counted it.
     """
 
     blocked: bool
     retry_after: int
+    ticket: str = ""
+    backend: str = ""
+
+
+def blocked_for(wait_s: float) -> ThrottleDecision:
+    """A refusal for ``wait_s`` seconds (rounded up to whole seconds, never 0)."""
+    return ThrottleDecision(True, max(1, math.ceil(wait_s)))
+
+
+class ThrottleBackendError(ConnectionError):
+    """A shared throttle's backend cannot be reached (the fallback takes over)."""
+
+
+class Throttle(Protocol):
+    """What the authenticator needs of a login throttle."""
+
+    name: str
+
+    async def attempt(self, username: str, client: str) -> ThrottleDecision:
+        """Whether a login may be tried now; when it may, it is counted as a failure until
+        ``succeeded``."""
+        ...
+
+    async def succeeded(self, username: str, client: str, decision: ThrottleDecision) -> None:
+        """Take back an allowed attempt's failure and forget the pair's count."""
+        ...
+
+
+def pair_key(username: str, client: str) -> str:
+    """The throttle's key of an (address, user) pair (names compare case-insensitively)."""
+    return f"{client}\0{username.casefold()}"
 
 
 class LoginThrottle:
-    """Sliding window of failed logins per username and per client address."""
+    """The throttle in this process's memory (one replica; a restart forgets).
+
+    Memory is bounded: a refused attempt creates nothing, pairs and addresses are pruned as they age
+    out, and past ``max_entries`` of either the oldest are dropped first.
+    """
+
+    name = "memory"
 
     def __init__(
         self,
-        max_failures: int = 5,
+        free_failures: int = 5,
         window_s: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
         max_client_failures: int | None = None,
         max_entries: int = 100_000,
+        *,
+        policy: ThrottlePolicy | None = None,
     ) -> None:
         """Configure the throttle.
 
         Args:
-            max_failures: failures within the window after which a username is blocked.
-            window_s: the window, in seconds.
-            clock: monotonic seconds (injectable for tests).
-            max_client_failures: the same for one client address; 4 x ``max_failures`` when None,
-                because many users may share an address (NAT, a proxy) and one of them must not be
-                able to lock all the others out with a handful of wrong passwords.
-            max_entries: how many usernames and addresses are tracked at most.
+            free_failures: ``ThrottlePolicy.free_failures``.
+            window_s: ``ThrottlePolicy.window_s``.
+            clock: seconds (monotonic; injectable for tests).
+            max_client_failures: ``ThrottlePolicy.max_client_failures``.
+            max_entries: how many pairs and addresses are tracked at most (each).
+            policy: the whole policy (instead of the three fields above).
         """
-        if max_failures < 1 or window_s <= 0 or (max_client_failures is not None and max_client_failures < 1):
-            raise ValueError("failure limits must be at least 1 and window_s positive")
-        self.max_failures = max_failures
-        self.max_client_failures = 4 * max_failures if max_client_failures is None else max_client_failures
-        self.window_s = window_s
+        self.policy = policy or ThrottlePolicy(
+            free_failures, window_s, max_client_failures=max_client_failures
+        )
         self.max_entries = max_entries
         self._clock = clock
-        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
-        self._longest = max(self.max_failures, self.max_client_failures)
+        self._pairs: OrderedDict[str, tuple[int, float]] = OrderedDict()
+        self._clients: OrderedDict[str, deque[tuple[float, str]]] = OrderedDict()
 
-    @staticmethod
-    def _user_key(username: str) -> str:
-        return "user:" + username.casefold()
+    def _pair(self, key: str, now: float) -> tuple[int, float]:
+        state = self._pairs.get(key)
+        if state is not None and now - state[1] >= self.policy.window_s:
+            del self._pairs[key]
+            return 0, 0.0
+        return state or (0, 0.0)
 
-    @staticmethod
-    def _client_key(client: str) -> str:
-        return "client:" + client
-
-    def _recent(self, key: str, now: float) -> deque[float] | None:
-        failures = self._failures.get(key)
+    def _client(self, client: str, now: float) -> deque[tuple[float, str]]:
+        failures = self._clients.get(client)
         if failures is None:
-            return None
-        horizon = now - self.window_s
-        while failures and failures[0] <= horizon:
+            return deque()
+        horizon = now - self.policy.window_s
+        while failures and failures[0][0] <= horizon:
             failures.popleft()
         if not failures:
-            del self._failures[key]
-            return None
+            del self._clients[client]
         return failures
 
-    def check(self, username: str, client: str) -> ThrottleDecision:
-        """Whether a login for ``username`` from ``client`` may be tried now.
+    async def attempt(self, username: str, client: str) -> ThrottleDecision:
+        """See ``Throttle.attempt``."""
+        return self.attempt_now(username, client)
 
-        Args:
-            username: the name sent (compared case-insensitively).
-            client: the client address.
-
-        Returns:
-            The decision, with the wait when blocked.
-        """
+    def attempt_now(self, username: str, client: str) -> ThrottleDecision:
+        """``attempt`` without the event loop (one atomic step: nothing awaits in between)."""
         now = self._clock()
-        wait = 0.0
-        for key, limit in (
-            (self._user_key(username), self.max_failures),
-            (self._client_key(client), self.max_client_failures),
-        ):
-            failures = self._recent(key, now)
-            if failures is not None and len(failures) >= limit:
-                # blocked until the failure that makes the count reach the limit ages out
-                wait = max(wait, failures[-limit] + self.window_s - now)
-        if wait <= 0:
-            return ThrottleDecision(False, 0)
-        return ThrottleDecision(True, max(1, math.ceil(wait)))
+        key = pair_key(username, client)
+        failures, last = self._pair(key, now)
+        wait = last + self.policy.delay(failures) - now if failures else 0.0
+        recent = self._client(client, now)
+        limit = self.policy.client_limit
+        if len(recent) >= limit:
+            wait = max(wait, recent[-limit][0] + self.policy.window_s - now)
+        if wait > 0:
+            return blocked_for(wait)
+        ticket = uuid.uuid4().hex
+        self._pairs[key] = (failures + 1, now)
+        self._pairs.move_to_end(key)
+        recent.append((now, ticket))
+        self._clients[client] = recent
+        self._clients.move_to_end(client)
+        for table in (self._pairs, self._clients):
+            while len(table) > self.max_entries:
+                table.popitem(last=False)
+        return ThrottleDecision(False, 0, ticket, self.name)
 
-    def record_failure(self, username: str, client: str) -> None:
-        """Count a failed login against the username and the client address.
-
-        Args:
-            username: the name sent.
-            client: the client address.
-        """
-        now = self._clock()
-        for key in (self._user_key(username), self._client_key(client)):
-            failures = self._recent(key, now)
-            if failures is None:
-                failures = self._failures[key] = deque(maxlen=self._longest)
-            failures.append(now)
-            self._failures.move_to_end(key)
-        while len(self._failures) > self.max_entries:
-            self._failures.popitem(last=False)
-
-    def record_success(self, username: str) -> None:
-        """Clear the username's failures after a successful login (the address keeps its count).
-
-        Args:
-            username: the name that logged in.
-        """
-        self._failures.pop(self._user_key(username), None)
-
-    def retry_after(self, username: str, client: str) -> int:
-        """Seconds until a login may be tried (0: now); shorthand for ``check(...).retry_after``."""
-        return self.check(username, client).retry_after
+    async def succeeded(self, username: str, client: str, decision: ThrottleDecision) -> None:
+        """See ``Throttle.succeeded``."""
+        self._pairs.pop(pair_key(username, client), None)
+        recent = self._clients.get(client)
+        if recent is not None:
+            for item in recent:
+                if item[1] == decision.ticket:
+                    recent.remove(item)
+                    break
+            if not recent:
+                del self._clients[client]
 
     def tracked(self) -> int:
-        """How many usernames and addresses currently hold failures (for tests and metrics)."""
-        return len(self._failures)
+        """How many pairs and addresses currently hold failures (for tests and metrics)."""
+        return len(self._pairs) + len(self._clients)
+
+
+class FallbackLoginThrottle:
+    """The shared throttle while it answers, the local one while it does not (never raises).
+
+    During an outage each replica throttles on its own: the limits hold per replica instead of across
+    them. The shared throttle is tried again ``retry_after_s`` after a failure; a warning is logged
+    once per outage.
+    """
+
+    def __init__(self, primary: Throttle, fallback: Throttle, retry_after_s: float = 1.0) -> None:
+        """Combine two throttles (their ``name`` must differ: a decision names the one that counted it).
+
+        Args:
+            primary: the shared throttle; may raise ``ThrottleBackendError``.
+            fallback: the local throttle; must not raise.
+            retry_after_s: how long the primary is skipped after a failure.
+        """
+        if primary.name == fallback.name:
+            raise ValueError("the primary and the fallback throttle need different names")
+        self.primary = primary
+        self.fallback = fallback
+        self.name = f"{primary.name}+{fallback.name}"
+        self.retry_after_s = retry_after_s
+        self._skip_until = 0.0
+        self.in_outage = False
+
+    def _failed(self, operation: str, error: ThrottleBackendError) -> None:
+        self._skip_until = time.monotonic() + self.retry_after_s
+        if not self.in_outage:
+            self.in_outage = True
+            logger.warning(
+                "login throttle (%s) unavailable (%s: %s); throttling in this process, retrying every %.1fs",
+                self.primary.name,
+                operation,
+                error,
+                self.retry_after_s,
+            )
+
+    async def attempt(self, username: str, client: str) -> ThrottleDecision:
+        """See ``Throttle.attempt``."""
+        if time.monotonic() >= self._skip_until:
+            try:
+                decision = await self.primary.attempt(username, client)
+            except ThrottleBackendError as exc:
+                self._failed("attempt", exc)
+            else:
+                if self.in_outage:
+                    self.in_outage = False
+                    logger.info("login throttle (%s) recovered", self.primary.name)
+                return decision
+        return await self.fallback.attempt(username, client)
+
+    async def succeeded(self, username: str, client: str, decision: ThrottleDecision) -> None:
+        """See ``Throttle.succeeded``: at the throttle that counted the attempt."""
+        if decision.backend != self.primary.name:
+            await self.fallback.succeeded(username, client, decision)
+            return
+        try:
+            await self.primary.succeeded(username, client, decision)
+        except ThrottleBackendError as exc:
+            self._failed("succeeded", exc)
+
+
+class PasswordHashGate:
+    """At most ``limit`` password hashes at once in this process; beyond it a login is refused at once
+    (``LoginBusyError``) instead of queueing memory-hungry work."""
+
+    def __init__(self, limit: int = 2) -> None:
+        """Set the bound.
+
+        Args:
+            limit: hashes at once (each holds 128 MiB at OWASP's scrypt parameters).
+        """
+        if limit < 1:
+            raise ValueError("the hash limit must be at least 1")
+        self.limit = limit
+        self.running = 0
+
+    @contextlib.contextmanager
+    def slot(self) -> Iterator[None]:
+        """Hold one of the slots for the duration of the block.
+
+        Raises:
+            LoginBusyError: every slot is taken.
+        """
+        if self.running >= self.limit:
+            raise LoginBusyError(1)
+        self.running += 1
+        try:
+            yield
+        finally:
+            self.running -= 1

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import jwt
 import pytest
@@ -12,7 +14,13 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from auth import service
 from auth.authenticate import Authenticator, credential_from_headers
-from auth.errors import AuthenticationError, KeyPolicyError, LoginThrottledError, UserExistsError
+from auth.errors import (
+    AuthenticationError,
+    KeyPolicyError,
+    LoginBusyError,
+    LoginThrottledError,
+    UserExistsError,
+)
 from auth.keys import KEY_PREFIX
 from auth.passwords import ScryptParams, parse_hash, verify_password
 from auth.sqlite_store import SQLiteStore
@@ -30,7 +38,9 @@ IDP = "https://idp.example"
 
 @pytest.fixture
 async def auth(store: IdentityStore, clock: FakeClock) -> Authenticator:
-    return Authenticator(store, TOKENS, FAST, throttle=LoginThrottle(clock=clock), clock=clock)
+    return Authenticator(
+        store, TOKENS, FAST, throttle=LoginThrottle(clock=clock), clock=clock, monotonic=clock
+    )
 
 
 @pytest.fixture
@@ -82,10 +92,83 @@ async def test_a_revoked_key_is_refused_on_its_next_call(auth: Authenticator, al
     issued = await auth.create_key(alice)
     other = await auth.create_key(alice)
     assert (await auth.authenticate(f"Bearer {issued.key}")).key_id == issued.record.id
-    assert await auth.store.revoke_key(issued.record.id)
+    assert await auth.revoke_key(issued.record.id)
     with pytest.raises(AuthenticationError, match="revoked"):
         await auth.authenticate(f"Bearer {issued.key}")
     assert (await auth.authenticate(f"Bearer {other.key}")).key_id == other.record.id
+    assert not await auth.revoke_key("0" * 32)
+
+
+class CountingStore:
+    """A real store that counts the calls made to it (each call is one round trip)."""
+
+    def __init__(self, store: IdentityStore) -> None:
+        self.store = store
+        self.calls: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.store, name)
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            self.calls.append(name)
+            return await method(*args, **kwargs)
+
+        return counted
+
+
+async def test_an_api_key_costs_at_most_one_round_trip(store: IdentityStore, clock: FakeClock) -> None:
+    counting = CountingStore(store)
+    cached = Authenticator(counting, TOKENS, FAST, clock=clock, monotonic=clock)  # type: ignore[arg-type]
+    uncached = Authenticator(counting, TOKENS, FAST, clock=clock, key_cache_ttl_s=0)  # type: ignore[arg-type]
+    user = await cached.create_user("alice", "pw", "user")
+    issued = await cached.create_key(user)
+    counting.calls.clear()
+    for _ in range(3):
+        assert (await uncached.authenticate(None, issued.key)).user_id == user.id
+    assert counting.calls == ["get_key_and_owner"] * 3
+    counting.calls.clear()
+    for _ in range(3):
+        assert (await cached.authenticate(None, issued.key)).user_id == user.id
+        clock.advance(0.5)
+    assert counting.calls == ["get_key_and_owner"]  # then from memory
+    clock.advance(1.0)  # 2 s after the lookup: stale
+    await cached.authenticate(None, issued.key)
+    assert counting.calls == ["get_key_and_owner"] * 2
+    for bad in (issued.key[:-1] + ("A" if issued.key[-1] != "A" else "B"),) * 2:
+        with pytest.raises(AuthenticationError, match="invalid API key"):
+            await cached.authenticate(None, bad)
+    assert counting.calls == ["get_key_and_owner"] * 4  # unknown keys are never cached
+
+
+async def test_a_change_made_on_another_replica_is_seen_within_the_cache_ttl(
+    store: IdentityStore, clock: FakeClock
+) -> None:
+    here = Authenticator(store, TOKENS, FAST, clock=clock, monotonic=clock, key_cache_ttl_s=2.0)
+    there = Authenticator(store, TOKENS, FAST, clock=clock, monotonic=clock, key_cache_ttl_s=2.0)
+    alice = await here.create_user("alice", "pw", "user")
+    bob = await here.create_user("bob", "pw", "user")
+    alices, bobs = await here.create_key(alice), await here.create_key(bob)
+    for key in (alices.key, bobs.key):
+        await here.authenticate(None, key)
+        await there.authenticate(None, key)
+    assert await there.revoke_key(alices.record.id)
+    await there.disable_user(bob.id)
+    for key, why in ((alices.key, "revoked"), (bobs.key, "disabled")):
+        with pytest.raises(AuthenticationError, match=why):
+            await there.authenticate(None, key)  # where it was done: at once
+        assert await here.authenticate(None, key)  # elsewhere: the cached lookup, for now
+    clock.advance(2.0)
+    for key, why in ((alices.key, "revoked"), (bobs.key, "disabled")):
+        with pytest.raises(AuthenticationError, match=why):
+            await here.authenticate(None, key)  # within the stated bound
+
+
+async def test_the_key_cache_is_bounded(auth: Authenticator, alice: User) -> None:
+    auth.key_cache.max_entries = 3
+    keys = [await auth.create_key(alice) for _ in range(5)]
+    for issued in keys:
+        await auth.authenticate(None, issued.key)
+    assert len(auth.key_cache) == 3
 
 
 async def test_an_expired_key_is_refused(auth: Authenticator, alice: User, clock: FakeClock) -> None:
@@ -102,7 +185,7 @@ async def test_a_disabled_user_is_refused_with_keys_and_tokens(auth: Authenticat
     issued = await auth.create_key(alice)
     _, token = await auth.login("alice", "alice-password", "c")
     assert await auth.authenticate(f"Bearer {token}")
-    await auth.store.disable_user(alice.id)
+    await auth.disable_user(alice.id)
     for header in (f"Bearer {issued.key}", f"Bearer {token}"):
         with pytest.raises(AuthenticationError, match="disabled"):
             await auth.authenticate(header)
@@ -168,25 +251,46 @@ async def test_login(auth: Authenticator, alice: User, clock: FakeClock) -> None
     assert "wrong-password" not in str(wrong.value)
 
 
-async def test_repeated_failed_logins_are_throttled(
+async def test_repeated_failed_logins_slow_the_guesser_not_the_owner(
     auth: Authenticator, alice: User, clock: FakeClock
 ) -> None:
     for _ in range(5):
         with pytest.raises(AuthenticationError):
             await auth.login("alice", "guess", "10.0.0.2")
     with pytest.raises(LoginThrottledError) as throttled:
-        await auth.login("alice", "alice-password", "10.0.0.3")  # even the right password
-    assert throttled.value.retry_after == 300
-    clock.advance(301)
-    assert (await auth.login("alice", "alice-password", "10.0.0.3"))[0].id == alice.id
+        await auth.login("alice", "alice-password", "10.0.0.2")  # even the right password must wait
+    assert throttled.value.retry_after == 1
+    assert (await auth.login("alice", "alice-password", "10.0.0.3"))[0].id == alice.id  # the owner elsewhere
+    clock.advance(1)
+    with pytest.raises(AuthenticationError):
+        await auth.login("alice", "guess", "10.0.0.2")
+    with pytest.raises(LoginThrottledError) as again:
+        await auth.login("alice", "guess", "10.0.0.2")
+    assert again.value.retry_after == 2  # the delay doubles
+    clock.advance(2)
+    assert (await auth.login("alice", "alice-password", "10.0.0.2"))[0].id == alice.id
 
 
-async def test_a_successful_login_clears_the_username_failures(auth: Authenticator, alice: User) -> None:
-    for round_ in range(3):
-        for attempt in range(4):
+async def test_a_successful_login_clears_the_pair(auth: Authenticator, alice: User) -> None:
+    for _ in range(3):
+        for _ in range(4):
             with pytest.raises(AuthenticationError):
-                await auth.login("alice", "guess", f"10.1.{round_}.{attempt}")
-        assert (await auth.login("alice", "alice-password", "10.2.0.1"))[0].id == alice.id
+                await auth.login("alice", "guess", "10.1.0.1")
+        assert (await auth.login("alice", "alice-password", "10.1.0.1"))[0].id == alice.id
+
+
+async def test_password_hashes_beyond_the_bound_are_refused_at_once(store: IdentityStore) -> None:
+    auth = Authenticator(store, TOKENS, FAST, max_concurrent_hashes=1)
+    await auth.create_user("alice", "alice-password", "user")
+    first, second = await asyncio.gather(
+        auth.login("alice", "alice-password", "c1"),
+        auth.login("alice", "alice-password", "c2"),
+        return_exceptions=True,
+    )
+    assert isinstance(first, tuple) and first[0].username == "alice"
+    assert isinstance(second, LoginBusyError) and second.retry_after == 1
+    assert auth.hash_gate.running == 0
+    assert (await auth.login("alice", "alice-password", "c2"))[0].username == "alice"  # nothing counted
 
 
 async def test_login_rehashes_when_the_parameters_rise(store: IdentityStore, clock: FakeClock) -> None:
