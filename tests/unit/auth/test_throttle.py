@@ -21,7 +21,7 @@ from auth.throttle import (
     ThrottlePolicy,
 )
 from tests.unit.auth.conftest import FakeClock
-from tests.unit.services.conftest import RedisServer, client, own_redis  # noqa: F401 - a fixture
+from tests.unit.services.conftest import RedisServer, client
 
 pytestmark = pytest.mark.anyio
 
@@ -176,8 +176,10 @@ def test_nonsense_limits_are_refused(kwargs: dict[str, float]) -> None:
 
 
 async def test_the_fallback_throttles_in_process_while_redis_is_down_and_returns_after(
-    own_redis: RedisServer, caplog: pytest.LogCaptureFixture
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    own_redis = RedisServer()  # a private Redis, to stop and start
+    own_redis.start()
     redis = client(own_redis.port)
     policy = ThrottlePolicy(free_failures=2)
     throttle = FallbackLoginThrottle(
@@ -198,6 +200,7 @@ async def test_the_fallback_throttles_in_process_while_redis_is_down_and_returns
         assert back.backend == "redis" and not throttle.in_outage
     finally:
         await redis.aclose()
+        own_redis.stop()
 
 
 async def test_the_hash_gate_refuses_beyond_its_bound() -> None:
