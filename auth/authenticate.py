@@ -8,7 +8,7 @@ API-key authentication costs at most one round trip to the store (the key and it
 and none while the lookup is in the in-memory cache: a key revoked or a user disabled through another
 replica (or directly in the store) is refused here within ``key_cache_ttl_s`` (2 s by default; 0 turns
 the cache off and makes every change seen at once, at one round trip per request). Changes made through
-this authenticator (``revoke_key``, ``disable_user``) empty the cache at once.
+the same store object (the admin routes, this process) empty the cache at once.
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ class KeyCache:
             self._entries.popitem(last=False)
 
     def clear(self) -> None:
-        """Forget every lookup (after a revocation or a change of a user made here)."""
+        """Forget every lookup (after a revocation or a change of a user made in this process)."""
         self._entries.clear()
 
     def __len__(self) -> int:
@@ -162,6 +162,7 @@ class Authenticator:
         self.external = external
         self.throttle: Throttle = throttle or LoginThrottle()
         self.key_cache = KeyCache(key_cache_ttl_s, clock=monotonic)
+        store.on_identity_change(self.key_cache.clear)
         self.hash_gate = PasswordHashGate(max_concurrent_hashes)
         self._clock = clock
 
@@ -280,33 +281,6 @@ class Authenticator:
         await self.store.touch_user(user.id, self._clock())
         # wall time, not ``clock``: pyjwt checks exp/nbf/iat against wall time
         return user, issue_token(user.id, user.username, user.role, self.tokens)
-
-    async def revoke_key(self, key_id: str) -> bool:
-        """Revoke a key; refused here at once (other replicas within ``key_cache_ttl_s``).
-
-        Args:
-            key_id: the key's id.
-
-        Returns:
-            False when there is no such key.
-        """
-        revoked = await self.store.revoke_key(key_id)
-        self.key_cache.clear()
-        return revoked
-
-    async def disable_user(self, user_id: str) -> User | None:
-        """Disable a user; their keys are refused here at once (other replicas within
-        ``key_cache_ttl_s``).
-
-        Args:
-            user_id: the user's id.
-
-        Returns:
-            The user, or None when there is no such user.
-        """
-        user = await self.store.disable_user(user_id)
-        self.key_cache.clear()
-        return user
 
     async def create_user(self, username: str, password: str, role: str = "user") -> User:
         """A new user with a hashed password.

@@ -76,6 +76,15 @@ class SqlStore(ABC):
             clock: the source of timestamps (unix seconds).
         """
         self._clock = clock
+        self._change_listeners: list[Callable[[], None]] = []
+
+    def on_identity_change(self, callback: Callable[[], None]) -> None:
+        """See ``IdentityStore.on_identity_change``."""
+        self._change_listeners.append(callback)
+
+    def _identity_changed(self) -> None:
+        for callback in self._change_listeners:
+            callback()
 
     @property
     def schema_version(self) -> int:
@@ -137,6 +146,7 @@ class SqlStore(ABC):
         """See ``IdentityStore.disable_user``."""
         sql = "UPDATE users SET disabled_at = COALESCE(disabled_at, ?) WHERE id = ?"
         await self._execute(sql, (self._clock(), user_id))
+        self._identity_changed()
         return await self.get_user(user_id)
 
     async def set_password_hash(self, user_id: str, password_hash: str) -> None:
@@ -208,7 +218,9 @@ class SqlStore(ABC):
     async def revoke_key(self, key_id: str) -> bool:
         """See ``IdentityStore.revoke_key``."""
         sql = "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?"
-        return await self._execute(sql, (self._clock(), key_id)) > 0
+        revoked = await self._execute(sql, (self._clock(), key_id)) > 0
+        self._identity_changed()
+        return revoked
 
     # rate-limit overrides
     async def get_limit_overrides(self, subjects: Sequence[str]) -> dict[str, LimitOverride]:

@@ -12,7 +12,7 @@ checks them):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -232,6 +232,12 @@ class IdentityStore(Protocol):
 
     async def list_messages(self, session_id: str) -> list[ChatMessage]:
         """A session's messages in the order they were added."""
+        ...
+
+    def on_identity_change(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` after every change made through this store object that can refuse a
+        credential (a key revoked, a user disabled), so that caches of lookups in this process drop them
+        at once. Changes made elsewhere (another replica, the CLI) are not reported."""
         ...
 
     async def open(self) -> None:
