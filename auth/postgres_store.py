@@ -9,6 +9,11 @@ back. No connection check on checkout (it would cost a round trip per request): 
 found dead fails its query; a read is then tried once more on another connection, and the pool's idle
 connections are checked in the background, so a server restart costs at most one failed write.
 
+Identity changes reach every replica at once: a revocation or a disabled user is announced with
+``NOTIFY pocketllm_identity``, and each store LISTENs on a connection of its own and reports it to its
+``on_identity_change`` listeners (the authenticator's key cache). While that connection is down the
+caches' TTL is the bound; on reconnecting, the listeners are told (a change may have been missed).
+
 The schema version is the ``schema_version`` table; the shared ``auth.migrations`` are applied at open
 in one transaction under an advisory lock (replicas starting together do not both migrate; PostgreSQL's
 DDL is transactional, so a failed migration leaves nothing behind).
@@ -39,6 +44,7 @@ logger = logging.getLogger("pocketllm.auth.store")
 Connection = AsyncConnection[TupleRow]
 
 MIGRATION_LOCK = 0x706F636B6574  # pg_advisory_xact_lock key: "pocket"
+IDENTITY_CHANNEL = "pocketllm_identity"
 
 
 class _StaleConnectionError(StoreUnavailableError):
@@ -101,6 +107,9 @@ class PostgresStore(SqlStore):
         self._opening = asyncio.Lock()
         self._closed = False
         self._checking: asyncio.Task[None] | None = None
+        self._listening: asyncio.Task[None] | None = None
+        self.listening = asyncio.Event()
+        """Set while this store receives other replicas' identity changes."""
         self.migrated_from: int | None = None
         """The schema version found at open (0 for a new database); None before ``open``."""
 
@@ -120,7 +129,31 @@ class PostgresStore(SqlStore):
             async with self._opening:
                 if self._pool is None:
                     self._pool = await self._open_pool()
+                    self._listening = asyncio.create_task(self._listen(), name="pocketllm-identity-listen")
         return self._pool
+
+    async def _listen(self) -> None:
+        """Receive identity changes from every replica; reconnect (every second) when the server goes."""
+        while not self._closed:
+            try:
+                conn = await AsyncConnection.connect(
+                    self.url, autocommit=True, connect_timeout=max(1, round(self._connect_timeout_s))
+                )
+                async with conn:
+                    await conn.execute(f"LISTEN {IDENTITY_CHANNEL}")
+                    self._identity_changed()  # whatever happened while nobody listened
+                    self.listening.set()
+                    async for _ in conn.notifies():
+                        self._identity_changed()
+            except psycopg.OperationalError as exc:
+                if self.listening.is_set():
+                    logger.warning("identity change notifications from %s lost: %s", self.where, exc)
+            self.listening.clear()
+            await asyncio.sleep(1.0)
+
+    async def _announce_identity_change(self) -> None:
+        self._identity_changed()
+        await self._execute("SELECT pg_notify(?, '')", (IDENTITY_CHANNEL,))
 
     async def _open_pool(self) -> AsyncConnectionPool[Connection]:
         pool: AsyncConnectionPool[Connection] = AsyncConnectionPool(
@@ -201,9 +234,10 @@ class PostgresStore(SqlStore):
     async def close(self) -> None:
         """See ``IdentityStore.close``."""
         self._closed = True
-        if self._checking is not None:
-            self._checking.cancel()
-            await asyncio.gather(self._checking, return_exceptions=True)
+        for task in (self._checking, self._listening):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         async with self._opening:
             pool, self._pool = self._pool, None
         if pool is not None:

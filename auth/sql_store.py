@@ -86,6 +86,10 @@ class SqlStore(ABC):
         for callback in self._change_listeners:
             callback()
 
+    async def _announce_identity_change(self) -> None:
+        """Tell this process's listeners (a backend that can reach other replicas tells them too)."""
+        self._identity_changed()
+
     @property
     def schema_version(self) -> int:
         """The schema version after migrations."""
@@ -146,7 +150,7 @@ class SqlStore(ABC):
         """See ``IdentityStore.disable_user``."""
         sql = "UPDATE users SET disabled_at = COALESCE(disabled_at, ?) WHERE id = ?"
         await self._execute(sql, (self._clock(), user_id))
-        self._identity_changed()
+        await self._announce_identity_change()
         return await self.get_user(user_id)
 
     async def set_password_hash(self, user_id: str, password_hash: str) -> None:
@@ -219,7 +223,7 @@ class SqlStore(ABC):
         """See ``IdentityStore.revoke_key``."""
         sql = "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?"
         revoked = await self._execute(sql, (self._clock(), key_id)) > 0
-        self._identity_changed()
+        await self._announce_identity_change()
         return revoked
 
     # rate-limit overrides

@@ -11,7 +11,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from auth.errors import StoreUnavailableError
+from auth.errors import AuthenticationError, StoreUnavailableError
 from auth.migrations import MIGRATIONS, SCHEMA_VERSION, statements
 from auth.postgres_store import PostgresStore, describe
 from auth.sqlite_store import SQLiteStore
@@ -208,8 +208,14 @@ async def test_a_server_outage_is_a_typed_error_and_heals(
         with pytest.raises(StoreUnavailableError, match="unavailable"):
             await call()
         assert time.monotonic() - started < 5  # bounded by acquire_timeout_s, never a hang
+    for _ in range(50):  # the notification listener has noticed too
+        if not outage_store.listening.is_set():
+            break
+        await asyncio.sleep(0.1)
+    assert not outage_store.listening.is_set()
     local_server.start()
     assert await _recovers(outage_store, deadline_s=30) < 30
+    await asyncio.wait_for(outage_store.listening.wait(), 10)  # and listens again
     # after the restart every stale pooled connection has gone: reads and writes all succeed at once
     users = await asyncio.gather(*(outage_store.get_user(alice.id) for _ in range(8)))
     assert all(u == alice for u in users)
@@ -230,3 +236,37 @@ async def test_a_restart_between_requests_fails_no_read(
     await asyncio.sleep(0.5)  # the background check has replaced the dead connections by now
     created = await asyncio.gather(*(outage_store.create_user(f"w{i}", None, "user") for i in range(4)))
     assert len({u.id for u in created}) == 4
+
+
+async def test_a_revocation_on_one_replica_reaches_the_others_at_once(schema_url: str) -> None:
+    from auth.authenticate import Authenticator  # noqa: PLC0415
+    from tests.unit.auth.conftest import FAST  # noqa: PLC0415
+    from tests.unit.auth.test_authenticate import TOKENS  # noqa: PLC0415
+
+    stores = [PostgresStore(schema_url) for _ in range(3)]
+    try:
+        # a TTL far beyond the test: only the notification can make the other replicas refuse
+        replicas = [Authenticator(s, TOKENS, FAST, key_cache_ttl_s=3600) for s in stores]
+        alice = await replicas[0].create_user("alice", "pw", "user")
+        bob = await replicas[0].create_user("bob", "pw", "user")
+        alices, bobs = await replicas[0].create_key(alice), await replicas[0].create_key(bob)
+        for replica in replicas:
+            await replica.store.open()
+            await asyncio.wait_for(replica.store.listening.wait(), 10)  # type: ignore[attr-defined]
+            for key in (alices.key, bobs.key):
+                await replica.authenticate(None, key)  # cached now
+        assert all(len(r.key_cache) == 2 for r in replicas)
+        await replicas[1].store.revoke_key(alices.record.id)
+        await replicas[2].store.disable_user(bob.id)
+        started = time.monotonic()
+        for replica in replicas:
+            for key in (alices.key, bobs.key):
+                while True:
+                    try:
+                        await replica.authenticate(None, key)
+                    except AuthenticationError:
+                        break
+                    assert time.monotonic() - started < 1.0, "the change did not arrive within 1 s"
+                    await asyncio.sleep(0.005)
+    finally:
+        await asyncio.gather(*(s.close() for s in stores))
