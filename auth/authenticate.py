@@ -5,10 +5,13 @@ The HTTP layer hands over header strings (``Authorization``, ``x-api-key``) and 
 ``StoreUnavailableError`` to 503.
 
 API-key authentication costs at most one round trip to the store (the key and its owner in one query),
-and none while the lookup is in the in-memory cache: a key revoked or a user disabled through another
-replica (or directly in the store) is refused here within ``key_cache_ttl_s`` (2 s by default; 0 turns
-the cache off and makes every change seen at once, at one round trip per request). Changes made through
-the same store object (the admin routes, this process) empty the cache at once.
+and none while the lookup is in the in-memory cache. A key revoked or a user disabled is refused:
+
+- at once when the change is made in this process (the store reports it: ``on_identity_change``);
+- at once on the other replicas of a PostgreSQL store (NOTIFY/LISTEN; milliseconds);
+- within ``key_cache_ttl_s`` otherwise (2 s by default): SQLite changed by another process (the CLI),
+  or PostgreSQL while a replica's notification connection is down. 0 turns the cache off: every change
+  is seen at once, at one round trip per request.
 """
 
 from __future__ import annotations
