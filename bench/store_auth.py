@@ -8,7 +8,8 @@ looked up once per TTL) and ``two lookups`` (the code path before this change: k
 owner; the store calls only). The targets alternate within each round (the machine is shared and noisy),
 after one unmeasured warm-up pass each.
 PostgreSQL is the server on 127.0.0.1:5432 (a throw-away database); SQLite a file in a temporary
-directory.
+directory. Last, how long a revocation made on one PostgreSQL replica takes to be refused by another
+that holds the key in its cache (with a 1 h TTL: only the NOTIFY can make it refuse).
 
     python bench/store_auth.py [--calls 2000] [--rounds 5] [--keys 100] [--concurrency 8] [--write]
 """
@@ -30,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from auth.authenticate import Authenticator  # noqa: E402
+from auth.errors import AuthenticationError  # noqa: E402
 from auth.keys import hash_api_key  # noqa: E402
 from auth.passwords import ScryptParams  # noqa: E402
 from auth.store import IdentityStore  # noqa: E402
@@ -85,14 +87,44 @@ async def measure(call: Call, keys: list[str], calls: int, concurrency: int) -> 
     return latencies
 
 
+async def propagation(url: str, samples: int) -> list[float]:
+    """Seconds from the revocation call on replica B until replica A refuses the key it had cached."""
+    a_store, b_store = open_store(url), open_store(url)
+    try:
+        a = Authenticator(a_store, TOKENS, key_cache_ttl_s=3600)
+        user = await a_store.create_user("propagation", None, "user")
+        await a_store.open()
+        await b_store.open()
+        await asyncio.wait_for(a_store.listening.wait(), 10)  # type: ignore[attr-defined]
+        delays = []
+        for _ in range(samples):
+            issued = await a.create_key(user)
+            await a.authenticate(None, issued.key)
+            started = time.perf_counter()
+            await b_store.revoke_key(issued.record.id)
+            while True:
+                try:
+                    await a.authenticate(None, issued.key)
+                except AuthenticationError:
+                    break
+                await asyncio.sleep(0.0002)
+            delays.append(time.perf_counter() - started)
+        return delays
+    finally:
+        await a_store.close()
+        await b_store.close()
+
+
 def quantile(values: list[float], q: float) -> float:
     """The ``q`` quantile (nearest rank)."""
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def run(args: argparse.Namespace) -> list[tuple[str, str, int, float, float, float]]:
-    """Rows: backend, target, concurrency, p50 us, p99 us, calls/s."""
+async def run(
+    args: argparse.Namespace,
+) -> tuple[list[tuple[str, str, int, float, float, float]], list[float]]:
+    """Rows: backend, target, concurrency, p50 us, p99 us, calls/s; and the revocation delays."""
     with tempfile.TemporaryDirectory() as data_dir, temporary_database(prefix="pocketllm_bench_") as url:
         stores = {"SQLite": open_store(data_dir), "PostgreSQL": open_store(url)}
         try:
@@ -121,6 +153,7 @@ async def run(args: argparse.Namespace) -> list[tuple[str, str, int, float, floa
         finally:
             for store in stores.values():
                 await store.close()
+        delays = await propagation(url, args.revocations)
     return [
         (
             backend,
@@ -131,7 +164,7 @@ async def run(args: argparse.Namespace) -> list[tuple[str, str, int, float, floa
             len(v) / walls[(backend, name, conc)],
         )
         for (backend, name, conc), v in samples.items()
-    ]
+    ], delays
 
 
 def main() -> None:
@@ -140,9 +173,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--keys", type=int, default=100, help="distinct keys (users) called at random")
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--revocations", type=int, default=50, help="revocations timed across replicas")
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
-    rows = asyncio.run(run(args))
+    rows, delays = asyncio.run(run(args))
     lines = [
         "| backend | target | callers | p50 us | p99 us | calls/s |",
         "|---|---|---|---|---|---|",
@@ -160,9 +194,14 @@ def main() -> None:
             f"- {c} caller(s), p50: PostgreSQL / SQLite uncached **{pg / lite:.2f}x**; PostgreSQL one query / "
             f"two lookups **{pg / before:.2f}x**; PostgreSQL cached / uncached **{cached / pg:.3f}x**"
         )
+    ratios.append(
+        f"- a revocation on PostgreSQL replica B refused by replica A (key cached, 1 h TTL) after "
+        f"p50 **{quantile(delays, 0.5) * 1000:.1f} ms**, p99 {quantile(delays, 0.99) * 1000:.1f} ms, "
+        f"max {max(delays) * 1000:.1f} ms ({len(delays)} revocations; from the call on B, its round trip included)"
+    )
     command = (
         f"python bench/store_auth.py --calls {args.calls} --rounds {args.rounds} --keys {args.keys} "
-        f"--concurrency {args.concurrency} --write"
+        f"--concurrency {args.concurrency} --revocations {args.revocations} --write"
     )
     text = (
         f"## Store-backed API-key authentication: SQLite vs PostgreSQL ({datetime.now(UTC):%Y-%m-%d %H:%M} UTC)\n\n"
