@@ -109,6 +109,9 @@ class ModelInfo:
 class EngineError(Exception):
     """A failure inside an engine. Subclasses are mapped to API errors in one table in the gateway."""
 
+    retry_after: int = 1
+    """Seconds a client should wait before trying again, where the failure is temporary."""
+
 
 class ModelLoadError(EngineError):
     """The model file is missing, unreadable or not a valid GGUF."""
