@@ -179,10 +179,6 @@ class Engine(Protocol):
         """Apply the model's chat template; raises ``TemplateError``."""
         ...
 
-    def check_grammar(self, grammar: str) -> None:
-        """Raise ``GrammarError`` if ``grammar`` does not compile."""
-        ...
-
     def generate(
         self, slot: int, prompt: list[int], params: GenerationParams, cancel: Cancellation
     ) -> AsyncIterator[GenerationEvent]:

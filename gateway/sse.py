@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
 from litestar.response import Stream
 from litestar.response.base import ASGIResponse
-
-from gateway.errors import InternalError, as_gateway_error, sse_frame
-from telemetry.requests import current_request
 
 PING = b": ping\n\n"
 DONE = b"data: [DONE]\n\n"
@@ -22,7 +18,6 @@ SSE_HEADERS = {
 }
 
 _encoder = msgspec.json.Encoder()
-logger = logging.getLogger("pocketllm.api")
 
 
 class EventStream(Stream):
@@ -43,22 +38,3 @@ class EventStream(Stream):
 def frame(payload: Any) -> bytes:
     """One ``data:`` frame with ``payload`` encoded as JSON."""
     return b"data: " + _encoder.encode(payload) + b"\n\n"
-
-
-async def guarded(frames: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """``frames``, then ``[DONE]``; a failure becomes a ``data: {"error": ...}`` frame that ends the stream.
-
-    Engine and identity errors are mapped by the one table in ``gateway.errors``; anything else is a bug:
-    logged with its traceback, and the client gets an ``internal_error`` frame, never the traceback.
-    """
-    try:
-        async for chunk in frames:
-            yield chunk
-        yield DONE
-    except Exception as exc:
-        error = as_gateway_error(exc)
-        if error is None:
-            logger.exception("a stream failed")
-            error = InternalError("internal server error")
-        current_request().failed(error.code or error.error_type)
-        yield sse_frame(error)

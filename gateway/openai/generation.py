@@ -7,7 +7,7 @@ errors propagate as they are; the edges (exception handlers, the SSE writer) map
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field, replace
 
 from engine.base import Cancellation, Engine, Finished, GenerationParams, TokenEvent
@@ -307,37 +307,20 @@ def _choice_params(job: Job, choice: int) -> GenerationParams:
 async def run_choices(job: Job, slot: int) -> AsyncGenerator[ChoiceToken | ChoiceFinished]:
     """Run every choice of the job on ``slot`` one after another, yielding their events.
 
-    The request's telemetry sees the slot taken, the first token and the token counts.
+    Closing this early stops the engine within one token. The request's telemetry sees the slot taken,
+    the first token and the token counts.
     """
     record = current_request()
     record.slot_acquired(job.prompt_tokens)
     if record.log_content:
         record.prompt_text = job.engine.detokenize(job.prompts[0])
     finished_tokens = running_tokens = 0
-    events = _run_choices(job, slot)
     try:
-        async for item in events:
-            if isinstance(item, ChoiceFinished):
-                finished_tokens, running_tokens = finished_tokens + item.event.completion_tokens, 0
-            else:
-                record.first_token()
-                running_tokens += item.event.token_id >= 0
-                if item.index == 0:
-                    record.add_completion_text(item.event.text)
-            yield item
-    finally:
-        await events.aclose()  # type: ignore[attr-defined]  # stops the engine at once when closed early
-        record.generated(job.prompt_tokens, finished_tokens + running_tokens)
-
-
-async def _run_choices(job: Job, slot: int) -> AsyncIterator[ChoiceToken | ChoiceFinished]:
-    index = 0
-    for prompt in job.prompts:
-        for _ in range(job.n):
+        for index in range(job.choices):
+            prompt = job.prompts[index // job.n]
             params = _choice_params(job, index)
             if params.max_tokens == 0:
                 yield ChoiceFinished(index, Finished("length", len(prompt), 0))
-                index += 1
                 continue
             cancel = Cancellation()
             events = job.engine.generate(slot, prompt, params, cancel)
@@ -345,10 +328,16 @@ async def _run_choices(job: Job, slot: int) -> AsyncIterator[ChoiceToken | Choic
                 async for event in events:
                     job.pool.raise_if_aborted()
                     if isinstance(event, Finished):
+                        finished_tokens, running_tokens = finished_tokens + event.completion_tokens, 0
                         yield ChoiceFinished(index, event)
-                    else:
-                        yield ChoiceToken(index, event)
+                        continue
+                    record.first_token()
+                    running_tokens += event.token_id >= 0
+                    if index == 0:
+                        record.add_completion_text(event.text)
+                    yield ChoiceToken(index, event)
             finally:
                 cancel.cancel()
                 await events.aclose()  # type: ignore[attr-defined]
-            index += 1
+    finally:
+        record.generated(job.prompt_tokens, finished_tokens + running_tokens)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from engine.pool import Reservation
 from gateway.cache.entry import CachedChoice, CachedCompletion, ReplayChunk
 from gateway.cache.key import cache_policy
 from gateway.cache.service import CacheLookup, ResponseCache
-from gateway.errors import ClientDisconnectedError
+from gateway.errors import ClientDisconnectedError, InternalError, as_gateway_error, sse_frame
 from gateway.openai.frames import Frames, Piece, usage_of
 from gateway.openai.generation import ChoiceFinished, ChoiceToken, Job, reserve, run_choices
 from gateway.openai.protocol.chat import ChatCompletionRequest
@@ -42,10 +43,11 @@ from gateway.openai.protocol.completions import CompletionRequest
 from gateway.ratelimit.admission import Admission, admit
 from gateway.ratelimit.limiter import RateLimiter
 from gateway.settings import Settings
-from gateway.sse import PING, EventStream, guarded
+from gateway.sse import DONE, PING, EventStream
 from telemetry.requests import SPAN_CACHE, current_request
 
 T = TypeVar("T")
+logger = logging.getLogger("pocketllm.api")
 
 CACHE_HEADER = "x-cache"
 REPLAY_MAX_CHUNKS = 16
@@ -277,27 +279,38 @@ async def respond(request: Request[Any, Any, Any], run: Run, *, stream: bool) ->
     (cancelled, with its slot freed, if the client goes away first)."""
     frames = run.call.frames
     if stream:
-        return EventStream(guarded(stream_frames(run)), run.headers)
+        return EventStream(stream_frames(run), run.headers)
     answer = await until_disconnect(request, run.answer())
     return Response(frames.body(answer, run.cached_tokens), headers=run.headers)
 
 
 async def stream_frames(run: Run) -> AsyncIterator[bytes]:
-    """A run's events as SSE frames (``guarded`` adds ``[DONE]`` and the error frame)."""
+    """A run's events as SSE frames, then ``[DONE]``; a failure becomes a ``data: {"error": ...}`` frame
+    that ends the stream (engine and identity errors mapped by ``gateway.errors``; anything else is a bug:
+    logged with its traceback, and the client gets an ``internal_error`` frame, never the traceback)."""
     frames = run.call.frames
-    async with aclosing(run.events()) as events:
-        async for event in events:
-            if event is Signal.PING:
-                yield PING
-            elif event is Signal.BEGIN:
-                for chunk in frames.head():
-                    yield chunk
-            else:
-                data = frames.chunk(event)
-                if data is not None:
-                    yield data
-    for chunk in frames.tail(run.usage):
-        yield chunk
+    try:
+        async with aclosing(run.events()) as events:
+            async for event in events:
+                if event is Signal.PING:
+                    yield PING
+                elif event is Signal.BEGIN:
+                    for chunk in frames.head():
+                        yield chunk
+                else:
+                    data = frames.chunk(event)
+                    if data is not None:
+                        yield data
+        for chunk in frames.tail(run.usage):
+            yield chunk
+        yield DONE
+    except Exception as exc:
+        error = as_gateway_error(exc)
+        if error is None:
+            logger.exception("a stream failed")
+            error = InternalError("internal server error")
+        current_request().failed(error.code or error.error_type)
+        yield sse_frame(error)
 
 
 async def _replay(value: CachedCompletion) -> AsyncGenerator[ReplayChunk | ChoiceFinished]:
