@@ -75,6 +75,3 @@ class StoreUnavailableError(AuthError, ConnectionError):
     reconnects by itself when the server is back.
     """
 
-
-AuthenticationFailedError = AuthenticationError
-"""Former name of ``AuthenticationError`` (the gateway still imports it through ``auth.service``)."""

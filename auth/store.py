@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from auth.errors import SessionExistsError, SessionNotFoundError, UserExistsError
 from auth.principal import Role
@@ -131,6 +131,7 @@ class LimitOverride:
         return self.rpm is None and self.tpm is None and self.concurrency is None
 
 
+@runtime_checkable
 class IdentityStore(Protocol):
     """Users, API keys, chat sessions and messages."""
 

@@ -109,6 +109,9 @@ class ModelInfo:
 class EngineError(Exception):
     """A failure inside an engine. Subclasses are mapped to API errors in one table in the gateway."""
 
+    retry_after: int = 1
+    """Seconds a client should wait before trying again, where the failure is temporary."""
+
 
 class ModelLoadError(EngineError):
     """The model file is missing, unreadable or not a valid GGUF."""
@@ -174,10 +177,6 @@ class Engine(Protocol):
 
     def render_chat(self, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
         """Apply the model's chat template; raises ``TemplateError``."""
-        ...
-
-    def check_grammar(self, grammar: str) -> None:
-        """Raise ``GrammarError`` if ``grammar`` does not compile."""
         ...
 
     def generate(

@@ -25,15 +25,23 @@ def _runs(slots: set[int]) -> int:
     return sum(1 for slot in slots if slot - 1 not in slots)
 
 
-class QueueFullError(EngineError):
+class PoolRefusalError(EngineError):
+    """The pool cannot run the request now; ``retry_after`` says when trying again makes sense."""
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class QueueFullError(PoolRefusalError):
     """Every slot is busy and the queue is at its bound."""
 
 
-class QueueTimeoutError(EngineError):
+class QueueTimeoutError(PoolRefusalError):
     """The request waited longer than the configured limit for a slot."""
 
 
-class ShuttingDownError(EngineError):
+class ShuttingDownError(PoolRefusalError):
     """The server is shutting down and gave up waiting for this request (``SlotPool.abort``)."""
 
 
@@ -85,7 +93,8 @@ class Reservation:
         except TimeoutError:
             self.release()
             raise QueueTimeoutError(
-                f"the request waited {self.pool.max_wait_s:g}s for a free slot of {self.pool.model}"
+                f"the request waited {self.pool.max_wait_s:g}s for a free slot of {self.pool.model}",
+                self.pool.retry_after(),
             ) from None
         except asyncio.CancelledError:
             self.release()
@@ -154,7 +163,9 @@ class SlotPool:
             self._assign(reservation)
             return reservation
         if len(self._waiting) >= self.max_queue:
-            raise QueueFullError(f"all {self._slots} slots of {self.model} are busy and the queue is full")
+            raise QueueFullError(
+                f"all {self._slots} slots of {self.model} are busy and the queue is full", self.retry_after()
+            )
         reservation._future = asyncio.get_running_loop().create_future()
         self._waiting.append(reservation)
         self._observer.queue_changed(self.model, len(self._waiting))
@@ -165,11 +176,11 @@ class SlotPool:
 
         Running requests notice through ``raise_if_aborted``, which the generation loop calls per token.
         """
-        self._aborted = ShuttingDownError(reason)
+        self._aborted = ShuttingDownError(reason, self.retry_after())
         while self._waiting:
             waiter = self._waiting.popleft()
             if waiter._future is not None and not waiter._future.done():
-                waiter._future.set_exception(ShuttingDownError(reason))
+                waiter._future.set_exception(ShuttingDownError(reason, self.retry_after()))
                 waiter._future.exception()  # retrieved: a waiter that went away must not log it
         self._observer.queue_changed(self.model, 0)
         if not self.busy:
@@ -178,7 +189,7 @@ class SlotPool:
     def raise_if_aborted(self) -> None:
         """Raise ``ShuttingDownError`` once ``abort`` was called."""
         if self._aborted is not None:
-            raise ShuttingDownError(str(self._aborted))
+            raise ShuttingDownError(str(self._aborted), self.retry_after())
 
     def retry_after(self) -> int:
         """A sensible Retry-After (seconds) for a refused request."""

@@ -10,14 +10,22 @@ from contextlib import asynccontextmanager
 from litestar import Litestar, get
 from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
-from litestar.di import Provide
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import RedocRenderPlugin, SwaggerRenderPlugin
 from litestar.response import Redirect
 
-from auth.service import ensure_default_users
+from auth.bootstrap import ensure_default_users
+from auth.errors import AuthError
+from engine.base import EngineError
+from engine.models import ModelManager
 from gateway import __version__
+from gateway.admin.health import health, index
+from gateway.admin.identity import AdminIdentityController
+from gateway.admin.ops import AdminOpsController, FileDigests, prometheus_route
+from gateway.backends import build_backends
+from gateway.cache.admin import AdminCacheController
+from gateway.dependencies import DEPENDENCIES
 from gateway.draining import Drainer
 from gateway.errors import (
     GatewayError,
@@ -28,15 +36,12 @@ from gateway.errors import (
 )
 from gateway.middleware import JsonBodyMiddleware, RequestIdMiddleware
 from gateway.observability import build_telemetry, telemetry_middleware
-from gateway.routes.admin import AdminIdentityController
-from gateway.routes.admin_ops import AdminOpsController, FileDigests, prometheus_route
-from gateway.routes.admin_services import AdminServicesController
-from gateway.routes.health import health, index
-from gateway.routes.openai import OpenAIController
-from gateway.routes.pocket import AuthController, ChatController, chat_socket
-from gateway.runtime import ModelManager
-from gateway.security import build_authenticator, provide_principal
-from gateway.services.backends import build_services
+from gateway.openai.controller import OpenAIController
+from gateway.openai.pipeline import Pipeline
+from gateway.pocket.auth import AuthController
+from gateway.pocket.chat import ChatController, chat_socket
+from gateway.ratelimit.admin import AdminLimitsController
+from gateway.security import build_authenticator
 from gateway.settings import Settings
 
 logger = logging.getLogger("pocketllm")
@@ -76,25 +81,42 @@ def create_app(settings: Settings, *, on_load_failure: Callable[[list[str]], Non
         on_load_failure: called with the ids of models that failed to load (the CLI stops the server).
     """
     telemetry = build_telemetry(settings)
-    services = build_services(
+    backends = build_backends(
         settings,
         on_cache_error=lambda operation, _: telemetry.metrics.redis_error("cache", operation),
         on_limiter_error=lambda operation, _: telemetry.metrics.redis_error("ratelimit", operation),
     )
-    models = ModelManager(settings, observer=telemetry.metrics, on_reload=services.cache.invalidate_model)
-    digests = FileDigests()
+    models = ModelManager(
+        settings.served_models(),
+        settings.queue,
+        observer=telemetry.metrics,
+        on_reload=backends.cache.invalidate_model,
+    )
     authenticator = build_authenticator(settings)
     drainer = Drainer(models, settings.server.drain_timeout_s)
+    state = State(
+        {
+            "settings": settings,
+            "models": models,
+            "authenticator": authenticator,
+            "cache": backends.cache,
+            "limiter": backends.limiter,
+            "pipeline": Pipeline(settings, backends.limiter, backends.cache, authenticator.store),
+            "telemetry": telemetry,
+            "digests": FileDigests(),
+            "drainer": drainer,
+        }
+    )
 
     @asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
         if settings.env == "development":
-            created = await ensure_default_users(authenticator)
+            created = await ensure_default_users(authenticator.store, authenticator.passwords)
             if created:
                 logger.warning(
                     "development mode: created the default users %s (see README); "
                     "set POCKETLLM_ENV=production to create none",
-                    ", ".join(created),
+                    ", ".join(user.username for user in created),
                 )
 
         async def load() -> None:
@@ -108,7 +130,7 @@ def create_app(settings: Settings, *, on_load_failure: Callable[[list[str]], Non
         finally:
             loader.cancel()
             await models.close()
-            await services.close()
+            await backends.close()
             await authenticator.store.close()
             await asyncio.to_thread(telemetry.shutdown)
 
@@ -124,22 +146,16 @@ def create_app(settings: Settings, *, on_load_failure: Callable[[list[str]], Non
             chat_socket,
             AdminIdentityController,
             AdminOpsController,
-            AdminServicesController,
+            AdminCacheController,
+            AdminLimitsController,
             *(
                 [prometheus_route(require_admin=settings.telemetry.metrics_require_admin)]
                 if settings.telemetry.metrics_enabled
                 else []
             ),
         ],
-        dependencies={
-            "models": Provide(lambda: models, use_cache=True, sync_to_thread=False),
-            "settings": Provide(lambda: settings, use_cache=True, sync_to_thread=False),
-            "services": Provide(lambda: services, use_cache=True, sync_to_thread=False),
-            "principal": Provide(provide_principal),
-            "telemetry": Provide(lambda: telemetry, use_cache=True, sync_to_thread=False),
-            "digests": Provide(lambda: digests, use_cache=True, sync_to_thread=False),
-        },
-        state=State({"authenticator": authenticator, "drainer": drainer}),
+        dependencies=DEPENDENCIES,
+        state=state,
         lifespan=[lifespan],
         # telemetry sees the drainer's 503s; the body check runs after both
         middleware=[
@@ -150,6 +166,8 @@ def create_app(settings: Settings, *, on_load_failure: Callable[[list[str]], Non
         ],
         exception_handlers={
             GatewayError: handle_gateway_error,
+            EngineError: handle_gateway_error,
+            AuthError: handle_gateway_error,
             ValidationException: handle_validation_error,
             HTTPException: handle_http_exception,
             Exception: handle_unexpected,

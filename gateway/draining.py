@@ -13,12 +13,11 @@ import asyncio
 import contextlib
 import logging
 
-import msgspec
 from litestar.enums import ScopeType
-from litestar.types import ASGIApp, HTTPResponseBodyEvent, HTTPResponseStartEvent, Receive, Scope, Send
+from litestar.types import ASGIApp, Receive, Scope, Send
 
-from gateway.errors import ServiceUnavailableError
-from gateway.runtime import ModelManager
+from engine.models import ModelManager
+from gateway.errors import ServiceUnavailableError, send_error
 
 logger = logging.getLogger("pocketllm")
 
@@ -65,20 +64,6 @@ class Drainer:
                 await app(scope, receive, send)
                 return
             error = ServiceUnavailableError(SHUTTING_DOWN, code="shutting_down", retry_after=5)
-            body = msgspec.json.encode(error.body())
-            headers: list[tuple[bytes, bytes]] = [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close"),
-                *((k.lower().encode(), v.encode()) for k, v in error.headers.items()),
-            ]
-            start: HTTPResponseStartEvent = {
-                "type": "http.response.start",
-                "status": error.status_code,
-                "headers": headers,
-            }
-            await send(start)
-            end: HTTPResponseBodyEvent = {"type": "http.response.body", "body": body, "more_body": False}
-            await send(end)
+            await send_error(send, error, {"connection": "close"})
 
         return refuse_while_draining

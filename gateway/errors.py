@@ -1,7 +1,7 @@
-"""The GatewayError tree and its one renderer (JSON bodies and SSE error frames).
+"""Every error a client can see: the GatewayError tree, the one table from engine and identity errors to
+it, and the one place envelopes are rendered (JSON bodies, SSE error frames, raw ASGI responses).
 
-Every error a client can see is OpenAI's envelope ``{"error": {"message", "type", "param", "code"}}``.
-Engine errors are mapped to API errors in one table (``from_engine_error``).
+Every error is OpenAI's envelope ``{"error": {"message", "type", "param", "code"}}``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ from typing import Any, ClassVar
 import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
+from litestar.types import HTTPResponseBodyEvent, HTTPResponseStartEvent, Send
 
+from auth.errors import AuthenticationError, AuthError, LoginThrottledError
 from engine.base import (
     ContextOverflowError,
     EngineCrashedError,
@@ -22,8 +24,9 @@ from engine.base import (
     ModelLoadError,
     TemplateError,
 )
+from engine.models import ModelNotReadyError, UnknownModelError
 from engine.pool import QueueFullError, QueueTimeoutError, ShuttingDownError
-from gateway.protocol.common import ErrorBody, ErrorEnvelope
+from gateway.openai.protocol.common import ErrorBody, ErrorEnvelope
 from telemetry.requests import current_request
 
 logger = logging.getLogger("pocketllm.errors")
@@ -69,7 +72,7 @@ class ContextLengthError(InvalidRequestError):
     default_code = "context_length_exceeded"
 
 
-class AuthenticationError(GatewayError):
+class UnauthenticatedError(GatewayError):
     """401: missing or invalid credentials."""
 
     status_code = 401
@@ -105,6 +108,21 @@ class ModelNotFoundError(NotFoundError):
         )
 
 
+class UnsupportedMediaTypeError(InvalidRequestError):
+    """415: a request body that is not JSON."""
+
+    status_code = 415
+    default_code = "unsupported_media_type"
+
+
+class ClientDisconnectedError(GatewayError):
+    """499 (nginx's "client closed request"): the answer has nobody to go to; nothing is logged."""
+
+    status_code = 499
+    error_type = "invalid_request_error"
+    default_code = "client_closed_request"
+
+
 class PayloadTooLargeError(GatewayError):
     """413: request body over the limit."""
 
@@ -119,6 +137,19 @@ class RateLimitError(GatewayError):
     status_code = 429
     error_type = "requests"
     default_code = "rate_limit_exceeded"
+
+
+class RateLimitExceededError(RateLimitError):
+    """429 ``rate_limit_exceeded``; the error ``type`` names the limit (``requests``, ``tokens`` or
+    ``concurrency``), as OpenAI's does for requests and tokens."""
+
+    def __init__(self, kind: str, message: str, headers: dict[str, str]) -> None:
+        super().__init__(message, headers=headers)
+        self.kind = kind
+
+    def body(self) -> ErrorEnvelope:
+        """The envelope, with ``type`` set to the limit that refused."""
+        return ErrorEnvelope(ErrorBody(self.message, self.kind, self.param, self.code))
 
 
 class ServiceUnavailableError(GatewayError):
@@ -140,12 +171,17 @@ class InternalError(GatewayError):
     default_code = "internal_error"
 
 
-def from_engine_error(exc: EngineError, retry_after: int = 1) -> GatewayError:
+def from_engine_error(exc: EngineError) -> GatewayError:
     """The one table from engine errors to API errors (each is counted in the metrics here)."""
     if isinstance(exc, QueueFullError | QueueTimeoutError):
         current_request().queue_rejected("full" if isinstance(exc, QueueFullError) else "timeout")
-    else:
+    elif not isinstance(exc, UnknownModelError | ModelNotReadyError):
         current_request().engine_error(type(exc).__name__)
+    retry_after = exc.retry_after
+    if isinstance(exc, UnknownModelError):
+        return ModelNotFoundError(exc.name)
+    if isinstance(exc, ModelNotReadyError):
+        return ServiceUnavailableError(str(exc), code="model_not_ready", retry_after=retry_after)
     if isinstance(exc, QueueFullError):
         return ServiceUnavailableError(str(exc), code="queue_full", retry_after=retry_after)
     if isinstance(exc, QueueTimeoutError):
@@ -165,6 +201,30 @@ def from_engine_error(exc: EngineError, retry_after: int = 1) -> GatewayError:
     return InternalError("the engine failed")
 
 
+def from_auth_error(exc: AuthError) -> GatewayError:
+    """The table from the identity layer's errors to API errors."""
+    if isinstance(exc, LoginThrottledError):
+        return RateLimitError(
+            "too many failed logins; try again later",
+            code="login_throttled",
+            headers={"Retry-After": str(exc.retry_after)},
+        )
+    if isinstance(exc, AuthenticationError):
+        return UnauthenticatedError(str(exc))
+    return InvalidRequestError(str(exc))
+
+
+def as_gateway_error(exc: BaseException) -> GatewayError | None:
+    """``exc`` as the error a client sees, or ``None`` for an unexpected exception (a bug: log it)."""
+    if isinstance(exc, GatewayError):
+        return exc
+    if isinstance(exc, EngineError):
+        return from_engine_error(exc)
+    if isinstance(exc, AuthError):
+        return from_auth_error(exc)
+    return None
+
+
 def render(error: GatewayError) -> Response[bytes]:
     """The HTTP response for an error."""
     return Response(
@@ -178,6 +238,30 @@ def render(error: GatewayError) -> Response[bytes]:
 def sse_frame(error: GatewayError) -> bytes:
     """The SSE frame that ends a stream with an error."""
     return b"data: " + _encoder.encode(error.body()) + b"\n\n"
+
+
+def error_dict(error: GatewayError) -> dict[str, Any]:
+    """The ``error`` object of the envelope as plain data (for WebSocket messages)."""
+    body: dict[str, Any] = msgspec.to_builtins(error.body().error)
+    return body
+
+
+async def send_error(send: Send, error: GatewayError, extra_headers: dict[str, str] | None = None) -> None:
+    """Answer with ``error`` straight from ASGI middleware (before any route runs)."""
+    body = _encoder.encode(error.body())
+    headers = {**error.headers, **(extra_headers or {})}
+    start: HTTPResponseStartEvent = {
+        "type": "http.response.start",
+        "status": error.status_code,
+        "headers": [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            *((k.lower().encode(), v.encode()) for k, v in headers.items()),
+        ],
+    }
+    end: HTTPResponseBodyEvent = {"type": "http.response.body", "body": body, "more_body": False}
+    await send(start)
+    await send(end)
 
 
 _MSGSPEC_PATH = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
@@ -202,10 +286,15 @@ def validation_error(message: str) -> InvalidRequestError:
     return InvalidRequestError(f"Invalid request: {message}{where}", param=param)
 
 
-def handle_gateway_error(_: Request[Any, Any, Any], exc: GatewayError) -> Response[bytes]:
-    """Litestar exception handler for ``GatewayError``."""
-    current_request().failed(exc.code or exc.error_type)
-    return render(exc)
+def handle_gateway_error(
+    request: Request[Any, Any, Any], exc: GatewayError | EngineError | AuthError
+) -> Response[bytes]:
+    """Litestar exception handler for ``GatewayError`` and the engine and identity errors it maps."""
+    error = as_gateway_error(exc)
+    if error is None:  # pragma: no cover - registered only for the mapped types
+        return handle_unexpected(request, exc)
+    current_request().failed(error.code or error.error_type)
+    return render(error)
 
 
 def handle_validation_error(_: Request[Any, Any, Any], exc: ValidationException) -> Response[bytes]:
@@ -243,18 +332,16 @@ _HTTP_CODES = {
 def handle_http_exception(_: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
     """Litestar's HTTP exceptions (404 route, 405, 413 body size, ...) in OpenAI's envelope."""
     status = exc.status_code
-    error_type = "invalid_request_error" if status < 500 else "server_error"
-    code = _HTTP_CODES.get(status, "server_error" if status >= 500 else "invalid_request")
-    message = exc.detail if status < 500 else "internal server error"
     if status == 413:
-        message = "Request body too large"
-    body = ErrorEnvelope(ErrorBody(message, error_type, None, code))
-    return Response(
-        content=_encoder.encode(body),
-        status_code=status,
-        media_type="application/json",
-        headers=dict(exc.headers or {}),
-    )
+        error: GatewayError = PayloadTooLargeError("Request body too large")
+    elif status >= 500:
+        error = InternalError("internal server error")
+    else:
+        error = InvalidRequestError(exc.detail, code=_HTTP_CODES.get(status, "invalid_request"))
+    error.headers = dict(exc.headers or {})
+    response = render(error)
+    response.status_code = status
+    return response
 
 
 def handle_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:

@@ -9,8 +9,8 @@ import sys
 import time
 from typing import Any
 
+from auth.authenticate import Authenticator
 from auth.principal import ALL_SCOPES
-from auth.service import Authenticator
 from auth.store import UserExistsError
 from gateway.security import build_authenticator
 from gateway.settings import Settings

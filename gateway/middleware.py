@@ -5,20 +5,11 @@ from __future__ import annotations
 import re
 import uuid
 
-import msgspec
 from litestar.datastructures import MutableScopeHeaders
 from litestar.enums import ScopeType
-from litestar.types import (
-    ASGIApp,
-    HTTPResponseBodyEvent,
-    HTTPResponseStartEvent,
-    Message,
-    Receive,
-    Scope,
-    Send,
-)
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.errors import InvalidRequestError
+from gateway.errors import UnsupportedMediaTypeError, send_error
 
 REQUEST_ID_HEADER = "x-request-id"
 _VALID_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
@@ -48,13 +39,6 @@ class RequestIdMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_id)
-
-
-class UnsupportedMediaTypeError(InvalidRequestError):
-    """415: a request body that is not JSON."""
-
-    status_code = 415
-    default_code = "unsupported_media_type"
 
 
 def _is_json(content_type: bytes) -> bool:
@@ -96,12 +80,4 @@ class JsonBodyMiddleware:
             "application/json",
             param="Content-Type",
         )
-        body = msgspec.json.encode(error.body())
-        start: HTTPResponseStartEvent = {
-            "type": "http.response.start",
-            "status": error.status_code,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-        }
-        end: HTTPResponseBodyEvent = {"type": "http.response.body", "body": body, "more_body": False}
-        await send(start)
-        await send(end)
+        await send_error(send, error)

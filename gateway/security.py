@@ -12,13 +12,13 @@ from typing import Any, cast
 from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
 
+from auth.authenticate import Authenticator
 from auth.passwords import ScryptParams
 from auth.principal import SCOPE_INFERENCE, Principal
-from auth.service import AuthenticationFailedError, Authenticator
 from auth.store import SQLiteStore
 from auth.throttle import LoginThrottle
 from auth.tokens import ExternalProvider, TokenConfig
-from gateway.errors import AuthenticationError, PermissionDeniedError
+from gateway.errors import PermissionDeniedError
 from gateway.settings import DEFAULT_SECRET_KEY, Settings
 from telemetry.requests import SPAN_AUTH, current_request
 
@@ -85,13 +85,10 @@ async def authenticate(connection: ASGIConnection[Any, Any, Any, Any]) -> Princi
         return known
     authenticator: Authenticator = connection.app.state.authenticator
     record = current_request()
-    try:
-        with record.stage(SPAN_AUTH):
-            principal = await authenticator.authenticate(
-                connection.headers.get("authorization"), connection.headers.get("x-api-key")
-            )
-    except AuthenticationFailedError as exc:
-        raise AuthenticationError(str(exc)) from None
+    with record.stage(SPAN_AUTH):  # an AuthenticationError is a 401 (the error table)
+        principal = await authenticator.authenticate(
+            connection.headers.get("authorization"), connection.headers.get("x-api-key")
+        )
     scope[PRINCIPAL] = principal
     record.authenticated(principal.user_id, principal.username)
     return principal

@@ -23,6 +23,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct, field
 
+from engine.config import ModelSettings, QueueSettings
 from engine.registry import REGISTRY_FILE
 
 DEFAULT_MODEL_ID = "smollm2-135m-instruct"
@@ -37,32 +38,6 @@ class SettingsError(Exception):
     """A setting is missing or invalid; the message names it."""
 
 
-class ModelSettings(Struct, forbid_unknown_fields=True, kw_only=True):
-    """One served model."""
-
-    id: Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")]
-    path: str | None = None
-    """Local GGUF file. Relative paths are relative to ``models_dir``."""
-    source: str | None = None
-    """Registry name (see ``pocketllm models list``) to pull when ``path`` is absent."""
-    n_ctx: PositiveInt = 8192
-    """Total context across all slots; each slot gets ``n_ctx // slots`` tokens."""
-    n_threads: PositiveInt = max(1, min(os.cpu_count() or 1, 8))
-    n_batch: PositiveInt = 512
-    slots: Annotated[int, Meta(ge=1, le=64)] = 4
-    chat_template: str | None = None
-    """Jinja chat template overriding the GGUF's own."""
-    aliases: list[str] = []
-    embeddings: bool = True
-    """Also serve ``/v1/embeddings`` from this model (a second, embedding-mode context)."""
-    flash_attention: bool = True
-    """Faster decoding (~10% here). Off, greedy output is bit-identical whatever the KV cache holds;
-    on, a reused prompt prefix can round differently from a cold run (as in llama-server)."""
-    engine: Literal["batched", "sequential"] = "batched"
-    """``batched``: all slots in one context, decoded together (continuous batching);
-    ``sequential``: one llama.cpp context and thread per slot (the reference engine)."""
-
-
 class ServerSettings(Struct, forbid_unknown_fields=True, kw_only=True):
     """HTTP server."""
 
@@ -71,17 +46,6 @@ class ServerSettings(Struct, forbid_unknown_fields=True, kw_only=True):
     max_body_bytes: PositiveInt = 2 * 1024 * 1024
     cors_origins: list[str] = field(default_factory=lambda: ["*"])
     drain_timeout_s: Seconds = 30.0
-
-
-class QueueSettings(Struct, forbid_unknown_fields=True, kw_only=True):
-    """Admission to a model's slots."""
-
-    max_queue: Annotated[int, Meta(ge=0)] = 64
-    """Requests that may wait for a slot per model; beyond it a request gets 503."""
-    max_wait_s: Seconds = 120.0
-    """How long a request may wait for a slot before it gets 503."""
-    ping_interval_s: Seconds = 5.0
-    """SSE comment pings while a streaming request waits for a slot."""
 
 
 class LimitsSettings(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -224,6 +188,10 @@ class Settings(Struct, forbid_unknown_fields=True, kw_only=True):
     def models_path(self) -> Path:
         """The models folder."""
         return Path(self.models_dir).expanduser() if self.models_dir else REGISTRY_FILE.parent
+
+    def served_models(self) -> list[tuple[ModelSettings, Path]]:
+        """Every configured model with the path of its GGUF file (the model manager's input)."""
+        return [(model, self.model_path(model)) for model in self.models]
 
     def model_path(self, model: ModelSettings) -> Path:
         """Where the model's GGUF lives (it may not exist yet when it is pulled on first use)."""

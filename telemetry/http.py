@@ -83,7 +83,8 @@ class TelemetryMiddleware:
             if message["type"] == "http.response.start":
                 record.status = message["status"]
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
-                record.complete = True
+                # an answer written after the client left (the 499 of a dropped JSON request) reaches nobody
+                record.complete = not record.disconnected
                 record.finish()
             await send(message)
 

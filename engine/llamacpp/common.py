@@ -47,10 +47,6 @@ class TextFacade:
         """Apply the chat template."""
         return self._text.render_chat(messages, add_generation_prompt=add_generation_prompt)
 
-    def check_grammar(self, grammar: str) -> None:
-        """Raise ``GrammarError`` if the grammar does not compile."""
-        self._text.check_grammar(grammar)
-
     def grammar_for(self, kind: str, schema: dict[str, Any] | None) -> str | None:
         """GBNF for a ``response_format``."""
         grammar = grammar_for_response_format(kind, schema)

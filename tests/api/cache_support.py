@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 
 from tests.conftest import MODEL_ID, ServedApp, create_key, make_settings, serve
-from tests.unit.services.conftest import _delete_prefix
+from tests.unit.gateway.conftest import _delete_prefix
 
 
 def unique_prefix() -> str:

@@ -11,7 +11,7 @@ import httpx
 
 from tests.api.cache_support import admin, chat, chat_body, new_key
 from tests.conftest import make_settings, serve
-from tests.unit.services.conftest import RedisServer
+from tests.unit.gateway.conftest import RedisServer
 
 
 def test_redis_stopped_and_started_again(model_path: Path) -> None:

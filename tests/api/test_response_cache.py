@@ -15,11 +15,11 @@ import httpx
 import openai
 import pytest
 
-from gateway.runtime import ModelManager
-from gateway.services.cache_backend import MemoryCacheBackend
-from gateway.services.cache_key import CachePolicy
-from gateway.services.cached import CachedChoice, CachedCompletion
-from gateway.services.response_cache import CacheOutcome, ResponseCache
+from engine.models import ModelManager
+from gateway.cache.backend import MemoryCacheBackend
+from gateway.cache.entry import CachedChoice, CachedCompletion
+from gateway.cache.key import CachePolicy
+from gateway.cache.service import CacheOutcome, ResponseCache
 from tests.api.cache_support import admin, chat, chat_body, new_key, new_user, serve_on_shared_redis
 from tests.conftest import MODEL_ID, NO_EOS, ServedApp, make_settings, serve
 
@@ -189,12 +189,10 @@ def test_cache_disabled_answers_bypass(model_path: Path) -> None:
 def test_loading_a_model_again_drops_its_entries(model_path: Path) -> None:
     del model_path
     cache = ResponseCache(MemoryCacheBackend())
-    models = ModelManager(make_settings(model={"slots": 1}), on_reload=cache.invalidate_model)
+    settings = make_settings(model={"slots": 1})
+    models = ModelManager(settings.served_models(), settings.queue, on_reload=cache.invalidate_model)
     request = {"messages": [{"role": "user", "content": "hi"}], "temperature": 0}
     answer = CachedCompletion(
-        object="chat.completion",
-        model=MODEL_ID,
-        created=0,
         choices=[CachedChoice(index=0, text="Hello", finish_reason="stop")],
         prompt_tokens=3,
         completion_tokens=1,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import create_key, free_port, login
-from tests.serve_process import server_env, start_server, wait_healthy
+from tests.serve_support import server_env, start_server, wait_healthy
 
 
 @pytest.fixture(scope="package")

@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from tests.conftest import MODEL_ID, NO_EOS, free_port
-from tests.serve_process import server_env, start_server, wait_healthy
+from tests.serve_support import server_env, start_server, wait_healthy
 
 pytestmark = pytest.mark.e2e
 

@@ -14,7 +14,7 @@ import pytest
 
 from tests.api.cache_support import drop_prefix
 from tests.conftest import MODEL_ID, create_key, free_port, login
-from tests.serve_process import server_env, start_server, wait_healthy
+from tests.serve_support import server_env, start_server, wait_healthy
 
 pytestmark = pytest.mark.e2e
 

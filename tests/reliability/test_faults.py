@@ -16,10 +16,10 @@ import httpx
 import pytest
 
 from engine.base import EngineCrashedError
-from gateway.runtime import ModelManager
+from engine.models import ModelManager
 from tests.conftest import MODEL_ID, NO_EOS, ServedApp, create_key, free_port, login, make_settings, serve
-from tests.reliability.faults import FAULT_MARKER, FaultyEngine
-from tests.serve_process import server_env, start_server, wait_healthy
+from tests.reliability.faults_support import FAULT_MARKER, FaultyEngine
+from tests.serve_support import server_env, start_server, wait_healthy
 
 pytestmark = pytest.mark.reliability
 CHAT = "/v1/chat/completions"
@@ -212,7 +212,7 @@ def test_redis_stopped_and_restarted_mid_load(model_path: Path) -> None:
     cache serves hits again once Redis is back."""
     import asyncio  # noqa: PLC0415
 
-    from tests.unit.services.conftest import RedisServer  # noqa: PLC0415
+    from tests.unit.gateway.conftest import RedisServer  # noqa: PLC0415
 
     del model_path
     redis = RedisServer()

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tests.conftest import MODEL_ID, ServedApp, make_settings, serve
-from tests.reliability.traffic import format_summary, plan_roles, run_wave, summarize
+from tests.reliability.traffic_support import format_summary, plan_roles, run_wave, summarize
 
 pytestmark = pytest.mark.reliability
 

@@ -47,9 +47,9 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
 )
 
-from gateway.protocol.chat import ChatCompletion
-from gateway.protocol.completions import Completion
-from gateway.routes.pocket import ChatReply
+from gateway.openai.protocol.chat import ChatCompletion
+from gateway.openai.protocol.completions import Completion
+from gateway.pocket.chat import ChatReply
 from tests.conftest import MODEL_ID, ServedApp, make_settings, serve
 
 pytestmark = pytest.mark.reliability

@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from tests.conftest import ServedApp, make_settings, serve
-from tests.reliability.traffic import format_summary, plan_roles, run_wave, summarize
+from tests.reliability.traffic_support import format_summary, plan_roles, run_wave, summarize
 
 pytestmark = pytest.mark.soak  # not `reliability`: `-m reliability` must stay bounded
 

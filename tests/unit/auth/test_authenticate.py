@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,6 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from auth import service
 from auth.authenticate import Authenticator, credential_from_headers
 from auth.errors import (
     AuthenticationError,
@@ -383,22 +381,3 @@ def test_the_external_issuer_must_differ_from_ours(tmp_path: Path, idp_key: rsa.
     provider = ExternalProvider(TOKENS.issuer, "pocketllm", public_key=_pem(idp_key))
     with pytest.raises(ValueError, match="issuer"):
         Authenticator(SQLiteStore.__new__(SQLiteStore), TOKENS, FAST, provider)
-
-
-@pytest.fixture
-async def compat_store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
-    opened = SQLiteStore(tmp_path / "compat")
-    yield opened
-    await opened.close()
-
-
-async def test_the_names_the_gateway_imports_still_work(compat_store: SQLiteStore) -> None:
-    from auth.store import SQLiteStore as FromStore  # noqa: PLC0415
-
-    assert FromStore is SQLiteStore and TokenConfig is TokenSettings
-    assert service.Authenticator is Authenticator and service.AuthenticationFailedError is AuthenticationError
-    auth = service.Authenticator(
-        compat_store, TokenConfig("t" * 48, "pocketllm", "pocketllm", ("HS256",), 60, 5), FAST
-    )
-    assert await service.ensure_default_users(auth) == ["user1", "admin"]
-    assert await service.ensure_default_users(auth) == []

@@ -21,7 +21,7 @@ from auth.throttle import (
     ThrottlePolicy,
 )
 from tests.unit.auth.conftest import FakeClock
-from tests.unit.services.conftest import RedisServer, client
+from tests.unit.gateway.conftest import RedisServer, client
 
 pytestmark = pytest.mark.anyio
 

@@ -1,0 +1,51 @@
+"""What the engine layer is configured with: one served model, and admission to its slots.
+
+The gateway's settings tree holds these sections; the engine reads only them.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, Literal
+
+from msgspec import Meta, Struct
+
+PositiveInt = Annotated[int, Meta(ge=1)]
+Seconds = Annotated[float, Meta(gt=0)]
+
+
+class ModelSettings(Struct, forbid_unknown_fields=True, kw_only=True):
+    """One served model."""
+
+    id: Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")]
+    path: str | None = None
+    """Local GGUF file. Relative paths are relative to ``models_dir``."""
+    source: str | None = None
+    """Registry name (see ``pocketllm models list``) to pull when ``path`` is absent."""
+    n_ctx: PositiveInt = 8192
+    """Total context across all slots; each slot gets ``n_ctx // slots`` tokens."""
+    n_threads: PositiveInt = max(1, min(os.cpu_count() or 1, 8))
+    n_batch: PositiveInt = 512
+    slots: Annotated[int, Meta(ge=1, le=64)] = 4
+    chat_template: str | None = None
+    """Jinja chat template overriding the GGUF's own."""
+    aliases: list[str] = []
+    embeddings: bool = True
+    """Also serve ``/v1/embeddings`` from this model (a second, embedding-mode context)."""
+    flash_attention: bool = True
+    """Faster decoding (~10% here). Off, greedy output is bit-identical whatever the KV cache holds;
+    on, a reused prompt prefix can round differently from a cold run (as in llama-server)."""
+    engine: Literal["batched", "sequential"] = "batched"
+    """``batched``: all slots in one context, decoded together (continuous batching);
+    ``sequential``: one llama.cpp context and thread per slot (the reference engine)."""
+
+
+class QueueSettings(Struct, forbid_unknown_fields=True, kw_only=True):
+    """Admission to a model's slots."""
+
+    max_queue: Annotated[int, Meta(ge=0)] = 64
+    """Requests that may wait for a slot per model; beyond it a request gets 503."""
+    max_wait_s: Seconds = 120.0
+    """How long a request may wait for a slot before it gets 503."""
+    ping_interval_s: Seconds = 5.0
+    """SSE comment pings while a streaming request waits for a slot."""

@@ -1,0 +1,40 @@
+"""``GET /`` and ``GET /health``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Response, get
+from litestar.di import NamedDependency
+
+from engine.models import ModelManager
+from gateway import __version__
+
+
+@get("/", summary="Service information", tags=["Service"])
+async def index(models: NamedDependency[ModelManager]) -> dict[str, Any]:
+    """Service name, version and models."""
+    return {
+        "service": "PocketLLM Gateway",
+        "version": __version__,
+        "models": [r.id for r in models.runtimes],
+        "docs": "/docs",
+        "openapi": "/schema/openapi.json",
+    }
+
+
+@get("/health", summary="Health", tags=["Service"])
+async def health(models: NamedDependency[ModelManager]) -> Response[dict[str, Any]]:
+    """200 when every model is loaded, 503 otherwise; per-model state."""
+    states = {
+        r.id: {
+            "state": r.state,
+            **({"error": r.error} if r.error else {}),
+            **({"slots": r.pool.slots, "busy": r.pool.busy, "queued": r.pool.waiting} if r.pool else {}),
+        }
+        for r in models.runtimes
+    }
+    ok = models.all_ready
+    return Response(
+        {"status": "ok" if ok else "unavailable", "models": states}, status_code=200 if ok else 503
+    )

@@ -1,0 +1,177 @@
+"""Operations routes: ``/admin/metrics``, ``/admin/model/info``, model load/unload, and ``GET /metrics``."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from litestar import Controller, Response, get, post
+from litestar.di import NamedDependency
+from litestar.handlers import HTTPRouteHandler
+from litestar.params import FromPath
+
+from engine.models import ModelManager, ModelRuntime
+from engine.registry import load_registry, sha256_file
+from gateway.cache.service import ResponseCache
+from gateway.errors import ServiceUnavailableError
+from gateway.security import requires_admin
+from gateway.settings import Settings
+from telemetry.setup import PROMETHEUS_CONTENT_TYPE, Telemetry
+
+
+class FileDigests:
+    """SHA-256 of model files, computed once per file version off the event loop."""
+
+    def __init__(self) -> None:
+        self._known: dict[tuple[str, int, int], str] = {}
+        self._lock = asyncio.Lock()
+
+    async def sha256(self, path: Path) -> str | None:
+        """The file's SHA-256 (``None`` when the file is missing)."""
+        try:
+            stat = await asyncio.to_thread(path.stat)
+        except OSError:
+            return None
+        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        async with self._lock:
+            if key not in self._known:
+                self._known[key] = await asyncio.to_thread(sha256_file, path)
+            return self._known[key]
+
+
+def _quantization(runtime: ModelRuntime, registry_quantization: str) -> str | None:
+    if registry_quantization:
+        return registry_quantization
+    if runtime.engine is None:
+        return None
+    # llama.cpp's model description is "<arch> <size> <file type>", e.g. "llama 135M Q4_1"
+    parts = runtime.engine.info.description.split(" ", 2)
+    return parts[2] if len(parts) == 3 else None
+
+
+async def model_info(runtime: ModelRuntime, digests: FileDigests) -> dict[str, Any]:
+    """Everything an operator asks about one configured model."""
+    model = runtime.settings
+    entry = load_registry().get(model.source or model.id) if not model.path else None
+    try:
+        size: int | None = runtime.path.stat().st_size
+    except OSError:
+        size = None
+    info = runtime.engine.info if runtime.engine is not None else None
+    template_source = runtime.engine.template_source if runtime.engine is not None else None
+    return {
+        "id": runtime.id,
+        "aliases": list(model.aliases),
+        "state": runtime.state,
+        "error": runtime.error,
+        "path": str(runtime.path),
+        "source": entry.name if entry else None,
+        "size_bytes": size,
+        "sha256": entry.sha256 if entry else await digests.sha256(runtime.path),
+        "quantization": _quantization(runtime, entry.quantization if entry else ""),
+        "parameters": info.n_params if info else None,
+        "description": info.description if info else None,
+        "context": {
+            "n_ctx": model.n_ctx,
+            "n_ctx_per_slot": runtime.n_ctx_per_slot,
+            "n_ctx_train": info.n_ctx_train if info else None,
+        },
+        "threads": model.n_threads,
+        "slots": model.slots,
+        "engine": model.engine,
+        "embeddings": model.embeddings,
+        "chat_template_source": template_source or ("override" if model.chat_template else None),
+    }
+
+
+def model_load(runtime: ModelRuntime) -> dict[str, Any]:
+    """A model's state and pool occupancy."""
+    pool = runtime.pool
+    return {
+        "state": runtime.state,
+        "slots": runtime.settings.slots,
+        "busy": pool.busy if pool else 0,
+        "queued": pool.waiting if pool else 0,
+    }
+
+
+class AdminOpsController(Controller):
+    """Metrics and model management for operators (admin role or an admin-scoped key)."""
+
+    path = "/admin"
+    tags = ["Admin"]
+    guards = [requires_admin]
+
+    @get("/metrics", summary="Gateway metrics (JSON)")
+    async def metrics(
+        self,
+        models: NamedDependency[ModelManager],
+        telemetry: NamedDependency[Telemetry],
+        cache: NamedDependency[ResponseCache],
+    ) -> dict[str, Any]:
+        """Uptime, requests, errors, tokens, latency/TTFT percentiles, per-model slots, cache, system."""
+        snapshot = telemetry.metrics.summary.snapshot()
+        backend = await cache.stats()
+        snapshot["cache"] = {
+            **snapshot["cache"],
+            **{name: backend[name] for name in ("backend", "enabled", "available", "entries", "bytes")},
+        }
+        return {
+            **snapshot,
+            "models": {r.id: model_load(r) for r in models.runtimes},
+            "system": await asyncio.to_thread(telemetry.system.snapshot),
+        }
+
+    @get("/model/info", summary="Served models")
+    async def model_info(
+        self, models: NamedDependency[ModelManager], digests: NamedDependency[FileDigests]
+    ) -> dict[str, Any]:
+        """Every configured model: file, size, sha256, quantization, parameters, context, state."""
+        return {"models": [await model_info(r, digests) for r in models.runtimes]}
+
+    @post("/models/{model_id:str}/load", status_code=200, summary="Load a model")
+    async def load_model(
+        self, models: NamedDependency[ModelManager], model_id: FromPath[str]
+    ) -> dict[str, Any]:
+        """Load a model (no-op when loaded); 503 naming the error when it cannot be loaded."""
+        runtime = models.resolve(model_id)
+        if not await models.load(runtime.id):
+            raise ServiceUnavailableError(
+                f"the model `{runtime.id}` failed to load: {runtime.error}", code="model_load_failed"
+            )
+        return {"id": runtime.id, **model_load(runtime)}
+
+    @post("/models/{model_id:str}/unload", status_code=200, summary="Unload a model")
+    async def unload_model(
+        self,
+        models: NamedDependency[ModelManager],
+        settings: NamedDependency[Settings],
+        telemetry: NamedDependency[Telemetry],
+        model_id: FromPath[str],
+    ) -> dict[str, Any]:
+        """Stop taking requests for a model, let its in-flight requests finish, free it.
+
+        Other models keep serving; their requests are not touched.
+        """
+        runtime = models.resolve(model_id)
+        await models.unload(runtime.id, drain_timeout_s=settings.server.drain_timeout_s)
+        telemetry.metrics.model_unloaded(runtime.id)
+        return {"id": runtime.id, **model_load(runtime)}
+
+
+def prometheus_route(*, require_admin: bool) -> HTTPRouteHandler:
+    """``GET /metrics``: Prometheus text exposition, open or behind the admin guard."""
+
+    @get(
+        "/metrics",
+        guards=[requires_admin] if require_admin else [],
+        media_type=PROMETHEUS_CONTENT_TYPE,
+        tags=["Service"],
+        summary="Prometheus",
+    )
+    async def prometheus_metrics(telemetry: NamedDependency[Telemetry]) -> Response[bytes]:
+        """Every metric in the Prometheus text format."""
+        return Response(telemetry.prometheus_exposition(), media_type=PROMETHEUS_CONTENT_TYPE)
+
+    return prometheus_metrics

@@ -1,0 +1,38 @@
+"""Admin routes of the response cache: statistics and flush."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Controller, get, post
+from litestar.di import NamedDependency
+
+from gateway.cache.backend import CacheBackendError
+from gateway.cache.service import ResponseCache
+from gateway.errors import ServiceUnavailableError
+from gateway.security import requires_admin
+
+
+class AdminCacheController(Controller):
+    """``/admin/cache/*``."""
+
+    path = "/admin/cache"
+    tags = ["Admin"]
+    guards = [requires_admin]
+
+    @get("/stats", summary="Response cache statistics")
+    async def cache_stats(self, cache: NamedDependency[ResponseCache]) -> dict[str, Any]:
+        """Backend, entries, bytes (``null`` while the backend is unreachable), and this process's hits,
+        misses, bypasses, errors, stores and hit ratio."""
+        return await cache.stats()
+
+    @post("/flush", status_code=200, summary="Flush the response cache")
+    async def cache_flush(self, cache: NamedDependency[ResponseCache]) -> dict[str, Any]:
+        """Drop every cached response (of every process sharing the backend)."""
+        try:
+            flushed = await cache.flush()
+        except CacheBackendError:
+            raise ServiceUnavailableError(
+                "the cache backend is unavailable; nothing was flushed", code="cache_unavailable"
+            ) from None
+        return {"flushed": flushed}

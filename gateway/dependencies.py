@@ -1,0 +1,90 @@
+"""Litestar dependencies: how routes receive the app's services (``provide_*``), never from ``app.state``.
+
+``create_app`` puts each service on the app's state once; these functions hand them to the handlers that
+name them as parameters (``models: NamedDependency[ModelManager]``, ``store: ...`` and so on).
+"""
+
+from __future__ import annotations
+
+from litestar.datastructures import State
+from litestar.di import Provide
+
+from auth.authenticate import Authenticator
+from auth.store import IdentityStore
+from engine.models import ModelManager
+from gateway.admin.ops import FileDigests
+from gateway.cache.service import ResponseCache
+from gateway.openai.pipeline import Pipeline
+from gateway.ratelimit.limiter import RateLimiter
+from gateway.security import provide_principal
+from gateway.settings import Settings
+from telemetry.setup import Telemetry
+
+
+def provide_settings(state: State) -> Settings:
+    """The whole configuration."""
+    settings: Settings = state.settings
+    return settings
+
+
+def provide_models(state: State) -> ModelManager:
+    """The served models."""
+    models: ModelManager = state.models
+    return models
+
+
+def provide_authenticator(state: State) -> Authenticator:
+    """Logins, tokens and API keys."""
+    authenticator: Authenticator = state.authenticator
+    return authenticator
+
+
+def provide_store(state: State) -> IdentityStore:
+    """Users, keys, chat sessions and limit overrides."""
+    authenticator: Authenticator = state.authenticator
+    return authenticator.store
+
+
+def provide_cache(state: State) -> ResponseCache:
+    """The response cache."""
+    cache: ResponseCache = state.cache
+    return cache
+
+
+def provide_limiter(state: State) -> RateLimiter:
+    """The rate limiter."""
+    limiter: RateLimiter = state.limiter
+    return limiter
+
+
+def provide_pipeline(state: State) -> Pipeline:
+    """Rate limit -> cache -> engine, for the routes that generate."""
+    pipeline: Pipeline = state.pipeline
+    return pipeline
+
+
+def provide_telemetry(state: State) -> Telemetry:
+    """Meters, tracers and the admin summary."""
+    telemetry: Telemetry = state.telemetry
+    return telemetry
+
+
+def provide_digests(state: State) -> FileDigests:
+    """SHA-256 of model files, computed once per file version."""
+    digests: FileDigests = state.digests
+    return digests
+
+
+DEPENDENCIES = {
+    "settings": Provide(provide_settings, sync_to_thread=False),
+    "models": Provide(provide_models, sync_to_thread=False),
+    "authenticator": Provide(provide_authenticator, sync_to_thread=False),
+    "store": Provide(provide_store, sync_to_thread=False),
+    "cache": Provide(provide_cache, sync_to_thread=False),
+    "limiter": Provide(provide_limiter, sync_to_thread=False),
+    "pipeline": Provide(provide_pipeline, sync_to_thread=False),
+    "telemetry": Provide(provide_telemetry, sync_to_thread=False),
+    "digests": Provide(provide_digests, sync_to_thread=False),
+    "principal": Provide(provide_principal),
+}
+"""Every dependency a route may name."""

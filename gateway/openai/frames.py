@@ -1,0 +1,231 @@
+"""The wire shape of an answer: SSE chunks while it streams, the JSON body once it is finished.
+
+One ``Frames`` object per response. The pipeline hands it ``Piece``s (a choice's text with its logprobs,
+or its finish) and, for a JSON response, the finished ``CachedCompletion`` (the same type the response
+cache stores, so a fresh answer and a cached one become the same body). ``ChatFrames`` and
+``CompletionFrames`` differ only in the types they build; ``gateway.pocket`` adds its own.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import msgspec
+
+from engine.base import TokenEvent
+from gateway.cache.entry import CachedCompletion
+from gateway.openai.generation import Job
+from gateway.openai.protocol.chat import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChoiceDelta,
+    ChoiceLogprobs,
+    ChunkChoice,
+    LogprobEntry,
+    TopLogprobEntry,
+)
+from gateway.openai.protocol.common import PromptTokensDetails, Usage
+from gateway.openai.protocol.completions import Completion, CompletionChoice, CompletionLogprobs
+from gateway.sse import frame
+
+Logprobs = ChoiceLogprobs | CompletionLogprobs
+
+
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """What one step of an answer adds to choice ``index``: text (with the logprobs of exactly its tokens
+    when they were asked for), or the choice's end."""
+
+    index: int
+    text: str = ""
+    logprobs: Logprobs | None = None
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    """Set on the piece that finishes the last choice: the whole answer's usage."""
+
+
+def usage_of(prompt: int, completion: int, cached: int) -> Usage:
+    """OpenAI's ``usage`` object."""
+    return Usage(prompt, completion, prompt + completion, PromptTokensDetails(cached))
+
+
+def chat_token_logprobs(event: TokenEvent) -> ChoiceLogprobs:
+    """The chat API's logprobs of one sampled token: ``{"content": [one entry]}``."""
+    return ChoiceLogprobs(
+        [
+            LogprobEntry(
+                token=event.piece.decode("utf-8", errors="replace"),
+                logprob=event.logprob if event.logprob is not None else 0.0,
+                bytes=list(event.piece),
+                top_logprobs=[TopLogprobEntry(t.token, t.logprob, t.bytes) for t in event.top_logprobs],
+            )
+        ]
+    )
+
+
+class Frames:
+    """The response's identity (id, created, model name as asked, fingerprint) and its wire types."""
+
+    object: ClassVar[Literal["chat.completion", "text_completion"]]
+    id_prefix: ClassVar[str]
+
+    def __init__(self, job: Job, model: str, include_usage: bool = False) -> None:
+        self.job = job
+        self.model = model
+        self.include_usage = include_usage
+        self.id = f"{self.id_prefix}{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.fingerprint = f"fp_{job.runtime.digest[:10]}"
+
+    def echo(self, index: int) -> str:
+        """The prompt echoed before choice ``index`` (``echo`` of text completions), else ``""``."""
+        return self.job.echo_texts[index // self.job.n] if self.job.echo_texts else ""
+
+    def token_logprobs(self, event: TokenEvent, offset: int) -> Logprobs:
+        """The wire logprobs of one sampled token; ``offset`` is its place in the choice's text."""
+        raise NotImplementedError
+
+    def stored_logprobs(self, plain: dict[str, Any] | None) -> Logprobs | None:
+        """Logprobs kept as plain data (by the cache) as the wire type, when the request asks for them."""
+        raise NotImplementedError
+
+    def head(self) -> Iterator[bytes]:
+        """Chunks sent once a slot is taken (or a cached answer is found), before any token."""
+        return iter(())
+
+    def chunk(self, piece: Piece) -> bytes | None:
+        """The SSE chunk of ``piece`` (``None`` when it carries nothing to send)."""
+        raise NotImplementedError
+
+    def tail(self, usage: Usage) -> Iterator[bytes]:
+        """Chunks after every choice finished (the usage chunk of ``stream_options.include_usage``)."""
+        raise NotImplementedError
+
+    def body(self, answer: CachedCompletion, cached_tokens: int) -> Any:
+        """The JSON body of a finished answer."""
+        raise NotImplementedError
+
+
+class ChatFrames(Frames):
+    """``chat.completion`` bodies and ``chat.completion.chunk`` frames."""
+
+    object = "chat.completion"
+    id_prefix = "chatcmpl-"
+
+    def token_logprobs(self, event: TokenEvent, offset: int) -> ChoiceLogprobs:
+        """``{"content": [one entry]}``."""
+        return chat_token_logprobs(event)
+
+    def stored_logprobs(self, plain: dict[str, Any] | None) -> ChoiceLogprobs | None:
+        """The chat shape."""
+        if not self.job.params.logprobs or not plain:
+            return None
+        return msgspec.convert(plain, ChoiceLogprobs)
+
+    def _chunk(self, choices: list[ChunkChoice], usage: Usage | None = None) -> bytes:
+        return frame(ChatCompletionChunk(self.id, self.created, self.model, self.fingerprint, choices, usage))
+
+    def head(self) -> Iterator[bytes]:
+        """The role of every choice."""
+        for index in range(self.job.choices):
+            yield self._chunk([ChunkChoice(index, ChoiceDelta(role="assistant", content=""))])
+
+    def chunk(self, piece: Piece) -> bytes | None:
+        """A content delta, or the choice's ``finish_reason``."""
+        if piece.finish_reason is not None:
+            return self._chunk([ChunkChoice(piece.index, ChoiceDelta(), None, piece.finish_reason)])  # type: ignore[arg-type]
+        if not piece.text and piece.logprobs is None:
+            return None
+        logprobs = piece.logprobs if isinstance(piece.logprobs, ChoiceLogprobs) else None
+        return self._chunk([ChunkChoice(piece.index, ChoiceDelta(content=piece.text), logprobs)])
+
+    def tail(self, usage: Usage) -> Iterator[bytes]:
+        """The usage chunk, when asked for."""
+        if self.include_usage:
+            yield self._chunk([], usage)
+
+    def body(self, answer: CachedCompletion, cached_tokens: int) -> ChatCompletion:
+        """The ``chat.completion`` object."""
+        return ChatCompletion(
+            id=self.id,
+            created=self.created,
+            model=self.model,
+            system_fingerprint=self.fingerprint,
+            choices=[
+                ChatChoice(
+                    index=c.index,
+                    message=AssistantMessage("assistant", c.text),
+                    logprobs=self.stored_logprobs(c.logprobs),
+                    finish_reason=c.finish_reason,  # type: ignore[arg-type]
+                )
+                for c in answer.choices
+            ],
+            usage=usage_of(answer.prompt_tokens, answer.completion_tokens, cached_tokens),
+        )
+
+
+class CompletionFrames(Frames):
+    """``text_completion`` bodies and chunks (the legacy completions API)."""
+
+    object = "text_completion"
+    id_prefix = "cmpl-"
+
+    def token_logprobs(self, event: TokenEvent, offset: int) -> CompletionLogprobs:
+        """The legacy column shape for one token."""
+        text = event.piece.decode("utf-8", errors="replace")
+        top = {t.token: t.logprob for t in event.top_logprobs} if event.top_logprobs else None
+        return CompletionLogprobs([text], [event.logprob], [top], [offset])
+
+    def stored_logprobs(self, plain: dict[str, Any] | None) -> CompletionLogprobs | None:
+        """The legacy shape."""
+        if not self.job.params.logprobs or not plain:
+            return None
+        return msgspec.convert(plain, CompletionLogprobs)
+
+    def _chunk(self, choices: list[CompletionChoice], usage: Usage | None = None) -> bytes:
+        return frame(Completion(self.id, self.created, self.model, choices, self.fingerprint, usage))
+
+    def head(self) -> Iterator[bytes]:
+        """The echoed prompts."""
+        if self.job.echo_texts:
+            for index in range(self.job.choices):
+                yield self._chunk([CompletionChoice(index, self.echo(index))])
+
+    def chunk(self, piece: Piece) -> bytes | None:
+        """A text delta, or the choice's ``finish_reason``."""
+        if piece.finish_reason is not None:
+            return self._chunk([CompletionChoice(piece.index, "", None, piece.finish_reason)])  # type: ignore[arg-type]
+        if not piece.text and piece.logprobs is None:
+            return None
+        logprobs = piece.logprobs if isinstance(piece.logprobs, CompletionLogprobs) else None
+        return self._chunk([CompletionChoice(piece.index, piece.text, logprobs)])
+
+    def tail(self, usage: Usage) -> Iterator[bytes]:
+        """The usage chunk, when asked for."""
+        if self.include_usage:
+            yield self._chunk([], usage)
+
+    def body(self, answer: CachedCompletion, cached_tokens: int) -> Completion:
+        """The ``text_completion`` object (echoed prompts included)."""
+        return Completion(
+            id=self.id,
+            created=self.created,
+            model=self.model,
+            choices=[
+                CompletionChoice(
+                    c.index,
+                    self.echo(c.index) + c.text,
+                    self.stored_logprobs(c.logprobs),
+                    c.finish_reason,  # type: ignore[arg-type]
+                )
+                for c in answer.choices
+            ],
+            system_fingerprint=self.fingerprint,
+            usage=usage_of(answer.prompt_tokens, answer.completion_tokens, cached_tokens),
+        )

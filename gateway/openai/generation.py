@@ -1,0 +1,343 @@
+"""From a validated OpenAI request to engine runs: prompt building, parameter mapping, checks, running.
+
+Chat and text completions (and the PocketLLM chat routes, which are chat completions) share this. Engine
+errors propagate as they are; the edges (exception handlers, the SSE writer) map them in one table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field, replace
+
+from engine.base import Cancellation, Engine, Finished, GenerationParams, TokenEvent
+from engine.models import ModelRuntime
+from engine.pool import Reservation, SlotPool
+from gateway.errors import ContextLengthError, InvalidRequestError
+from gateway.openai.protocol.chat import ChatCompletionRequest
+from gateway.openai.protocol.completions import CompletionRequest
+from gateway.settings import LimitsSettings
+from telemetry.requests import current_request
+
+# Sampling defaults where the request is silent: OpenAI's temperature/top_p, llama.cpp's top_k/min_p.
+DEFAULT_TEMPERATURE = 1.0
+DEFAULT_TOP_K = 40
+DEFAULT_MIN_P = 0.05
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+_TOKENIZE_OFF_LOOP_CHARS = 8192
+
+
+@dataclass(slots=True)
+class Job:
+    """Everything needed to run one request on one model."""
+
+    runtime: ModelRuntime
+    engine: Engine
+    pool: SlotPool
+    prompts: list[list[int]]
+    params: GenerationParams
+    n: int
+    echo_texts: list[str] = field(default_factory=list)
+    session: str | None = None
+
+    @property
+    def choices(self) -> int:
+        """Number of choices in the response."""
+        return len(self.prompts) * self.n
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Prompt tokens across every prompt."""
+        return sum(len(p) for p in self.prompts)
+
+
+@dataclass(frozen=True, slots=True)
+class ChoiceToken:
+    """A streamed token of choice ``index``."""
+
+    index: int
+    event: TokenEvent
+
+
+@dataclass(frozen=True, slots=True)
+class ChoiceFinished:
+    """Choice ``index`` ended."""
+
+    index: int
+    event: Finished
+
+
+def check_fits(engine: Engine, text: str, n_ctx: int, param: str) -> None:
+    """Refuse, without tokenizing it, a text that cannot fit into ``n_ctx`` tokens whatever it holds.
+
+    No token is longer than ``max_token_bytes``, so a longer text needs more tokens than the context
+    has. Tokenizing is not linear (a text full of special tokens such as ``<|im_end|>`` takes minutes
+    of a core for a megabyte), so a body of the maximum size must never reach the tokenizer.
+    """
+    longest = engine.info.max_token_bytes
+    if longest and len(text) > n_ctx * longest:
+        raise ContextLengthError(
+            f"This model's maximum context length is {n_ctx} tokens. However, your {param} "
+            f"({len(text)} characters) is longer than {n_ctx} tokens could be. Please reduce its length.",
+            param=param,
+        )
+
+
+async def tokenize_checked(engine: Engine, text: str, n_ctx: int, param: str) -> list[int]:
+    """``check_fits``, then tokenize (off the event loop when the text is long)."""
+    check_fits(engine, text, n_ctx, param)
+    return await _tokenize(engine, text)
+
+
+async def _tokenize(engine: Engine, text: str, *, add_special: bool = True) -> list[int]:
+    if len(text) > _TOKENIZE_OFF_LOOP_CHARS:
+        return await asyncio.to_thread(engine.tokenize, text, add_special=add_special)
+    return engine.tokenize(text, add_special=add_special)
+
+
+def _stops(stop: str | list[str] | None, limits: LimitsSettings) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    stops = [stop] if isinstance(stop, str) else stop
+    if len(stops) > limits.max_stop:
+        raise InvalidRequestError(f"`stop` may hold at most {limits.max_stop} strings", param="stop")
+    if any(len(s) > 512 for s in stops):
+        raise InvalidRequestError("each `stop` string may be at most 512 characters", param="stop")
+    return tuple(s for s in stops if s)
+
+
+def _logit_bias(bias: dict[str, float] | None, n_vocab: int) -> dict[int, float]:
+    if not bias:
+        return {}
+    if len(bias) > 1024:
+        raise InvalidRequestError("`logit_bias` may hold at most 1024 tokens", param="logit_bias")
+    result = {}
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise InvalidRequestError(
+                f"`logit_bias` key {key[:32]!r} is not a token id", param="logit_bias"
+            ) from None
+        if not 0 <= token < n_vocab:
+            raise InvalidRequestError(
+                f"`logit_bias` token {token} is outside the vocabulary", param="logit_bias"
+            )
+        result[token] = value
+    return result
+
+
+def split_inputs(raw: str | list[str | int | list[int]], param: str) -> list[str | list[int]]:
+    """Normalise OpenAI's prompt/input shapes (string, strings, token ids, token-id lists) to a list."""
+    if isinstance(raw, str):
+        return [raw]
+    if all(isinstance(item, int) for item in raw):
+        return [[int(item) for item in raw]]  # type: ignore[arg-type]
+    if all(isinstance(item, str) for item in raw):
+        return [str(item) for item in raw]
+    if all(isinstance(item, list) and item for item in raw):
+        return [list(item) for item in raw]  # type: ignore[arg-type]
+    raise InvalidRequestError(
+        f"`{param}` must be a string, a list of strings, a list of token ids or a list of non-empty "
+        "token-id lists (not a mix)",
+        param=param,
+    )
+
+
+def check_token_ids(ids: list[int], n_vocab: int, param: str) -> list[int]:
+    """Refuse token ids outside the vocabulary."""
+    if any(not 0 <= t < n_vocab for t in ids):
+        raise InvalidRequestError(f"`{param}` holds a token id outside the vocabulary", param=param)
+    return ids
+
+
+def _check_n(n: int | None, limits: LimitsSettings) -> int:
+    n = n or 1
+    if n > limits.max_n:
+        raise InvalidRequestError(f"`n` may be at most {limits.max_n}", param="n")
+    return n
+
+
+def _budget(
+    runtime: ModelRuntime, prompt_tokens: int, requested: int | None, default: int, param: str
+) -> int:
+    n_ctx = runtime.n_ctx_per_slot
+    if requested is not None:
+        if prompt_tokens + requested > n_ctx:
+            raise ContextLengthError(
+                f"This model's maximum context length is {n_ctx} tokens. However, you requested "
+                f"{prompt_tokens + requested} tokens ({prompt_tokens} in the prompt, {requested} in the "
+                f"completion). Please reduce the length of the prompt or completion.",
+                param=param,
+            )
+        return requested
+    if prompt_tokens >= n_ctx:
+        raise ContextLengthError(
+            f"This model's maximum context length is {n_ctx} tokens. However, your prompt has "
+            f"{prompt_tokens} tokens. Please reduce the length of the prompt.",
+            param=param,
+        )
+    return min(default, n_ctx - prompt_tokens)
+
+
+def _params(
+    request: ChatCompletionRequest | CompletionRequest,
+    engine: Engine,
+    limits: LimitsSettings,
+    max_tokens: int,
+    *,
+    logprobs: bool,
+    top_logprobs: int,
+    grammar: str | None = None,
+) -> GenerationParams:
+    """The engine's sampling parameters for a request, with the defaults where it is silent."""
+    return GenerationParams(
+        max_tokens=max_tokens,
+        temperature=request.temperature if request.temperature is not None else DEFAULT_TEMPERATURE,
+        top_p=request.top_p if request.top_p is not None else 1.0,
+        top_k=request.top_k if request.top_k is not None else DEFAULT_TOP_K,
+        min_p=request.min_p if request.min_p is not None else DEFAULT_MIN_P,
+        stop=_stops(request.stop, limits),
+        seed=request.seed,
+        presence_penalty=request.presence_penalty or 0.0,
+        frequency_penalty=request.frequency_penalty or 0.0,
+        repeat_penalty=request.repeat_penalty if request.repeat_penalty is not None else 1.0,
+        logit_bias=_logit_bias(request.logit_bias, engine.info.n_vocab),
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+        grammar=grammar,
+    )
+
+
+async def prepare_chat(
+    request: ChatCompletionRequest, runtime: ModelRuntime, limits: LimitsSettings, session: str | None = None
+) -> Job:
+    """Validate a chat request against the model and build its job."""
+    engine, pool = runtime.ready()
+    n = _check_n(request.n, limits)
+    if request.top_logprobs and not request.logprobs:
+        raise InvalidRequestError("`top_logprobs` requires `logprobs` to be true", param="top_logprobs")
+    if len(request.messages) > runtime.n_ctx_per_slot:  # every message takes at least one token
+        raise ContextLengthError(
+            f"This model's maximum context length is {runtime.n_ctx_per_slot} tokens. However, you sent "
+            f"{len(request.messages)} messages. Please reduce the number of messages.",
+            param="messages",
+        )
+    messages = [
+        {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in request.messages
+    ]
+    prompt_text = engine.render_chat(messages)
+    grammar = None
+    if request.response_format is not None and request.response_format.type != "text":
+        schema_spec = request.response_format.json_schema
+        if request.response_format.type == "json_schema" and not schema_spec:
+            raise InvalidRequestError(
+                "`response_format.json_schema` is required for type json_schema",
+                param="response_format.json_schema",
+            )
+        schema = schema_spec.schema if schema_spec and isinstance(schema_spec.schema, dict) else None
+        grammar = await asyncio.to_thread(engine.grammar_for, request.response_format.type, schema)
+    prompt = await tokenize_checked(engine, prompt_text, runtime.n_ctx_per_slot, "messages")
+    requested = request.max_completion_tokens or request.max_tokens
+    max_tokens = _budget(runtime, len(prompt), requested, limits.max_tokens_default, "messages")
+    params = _params(
+        request,
+        engine,
+        limits,
+        max_tokens,
+        logprobs=bool(request.logprobs),
+        top_logprobs=request.top_logprobs or 0,
+        grammar=grammar,
+    )
+    return Job(runtime, engine, pool, [prompt], params, n, session=session)
+
+
+async def prepare_completion(
+    request: CompletionRequest, runtime: ModelRuntime, limits: LimitsSettings
+) -> Job:
+    """Validate a text-completion request against the model and build its job."""
+    engine, pool = runtime.ready()
+    n = _check_n(request.n, limits)
+    items = split_inputs(request.prompt, "prompt")
+    if len(items) > limits.max_n * 4:
+        raise InvalidRequestError(f"`prompt` may hold at most {limits.max_n * 4} prompts", param="prompt")
+    texts: list[str] = []
+    prompts: list[list[int]] = []
+    for item in items:
+        if isinstance(item, str):
+            texts.append(item)
+            prompts.append(await tokenize_checked(engine, item, runtime.n_ctx_per_slot, "prompt"))
+        else:
+            prompts.append(check_token_ids(item, engine.info.n_vocab, "prompt"))
+            texts.append(engine.detokenize(item))
+    if any(not p for p in prompts):
+        raise InvalidRequestError("`prompt` must not be empty", param="prompt")
+    requested = request.max_tokens if request.max_tokens is not None else None
+    longest = max(len(p) for p in prompts)
+    max_tokens = _budget(
+        runtime,
+        longest,
+        requested if requested is not None else None,
+        COMPLETIONS_DEFAULT_MAX_TOKENS,
+        "prompt",
+    )
+    params = _params(
+        request,
+        engine,
+        limits,
+        max_tokens,
+        logprobs=request.logprobs is not None,
+        top_logprobs=request.logprobs or 0,
+    )
+    return Job(runtime, engine, pool, prompts, params, n, echo_texts=texts if request.echo else [])
+
+
+def reserve(job: Job) -> Reservation:
+    """Take a slot or a queue place now (``QueueFullError`` when neither is possible)."""
+    current_request().queued(job.runtime.id)
+    return job.pool.reserve(job.prompts[0], job.session)
+
+
+def _choice_params(job: Job, choice: int) -> GenerationParams:
+    if job.params.seed is not None and choice:
+        return replace(job.params, seed=job.params.seed + choice)
+    return job.params
+
+
+async def run_choices(job: Job, slot: int) -> AsyncGenerator[ChoiceToken | ChoiceFinished]:
+    """Run every choice of the job on ``slot`` one after another, yielding their events.
+
+    Closing this early stops the engine within one token. The request's telemetry sees the slot taken,
+    the first token and the token counts.
+    """
+    record = current_request()
+    record.slot_acquired(job.prompt_tokens)
+    if record.log_content:
+        record.prompt_text = job.engine.detokenize(job.prompts[0])
+    finished_tokens = running_tokens = 0
+    try:
+        for index in range(job.choices):
+            prompt = job.prompts[index // job.n]
+            params = _choice_params(job, index)
+            if params.max_tokens == 0:
+                yield ChoiceFinished(index, Finished("length", len(prompt), 0))
+                continue
+            cancel = Cancellation()
+            events = job.engine.generate(slot, prompt, params, cancel)
+            try:
+                async for event in events:
+                    job.pool.raise_if_aborted()
+                    if isinstance(event, Finished):
+                        finished_tokens, running_tokens = finished_tokens + event.completion_tokens, 0
+                        yield ChoiceFinished(index, event)
+                        continue
+                    record.first_token()
+                    running_tokens += event.token_id >= 0
+                    if index == 0:
+                        record.add_completion_text(event.text)
+                    yield ChoiceToken(index, event)
+            finally:
+                cancel.cancel()
+                await events.aclose()  # type: ignore[attr-defined]
+    finally:
+        record.generated(job.prompt_tokens, finished_tokens + running_tokens)

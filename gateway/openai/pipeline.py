@@ -1,0 +1,363 @@
+"""The one path of every request that generates text: rate limit -> response cache -> engine -> pieces.
+
+``/v1/chat/completions``, ``/v1/completions``, ``POST /chat`` and ``/chat/ws`` all run through here:
+
+1. ``Pipeline.start(call)``: admission (429 before any work), the cache lookup, and on a miss a slot or a
+   place in the model's queue (503 when neither). Nothing is held when it raises.
+2. ``Run.events()``: pings while the request waits for its slot, ``BEGIN`` when the answer starts, then a
+   ``Piece`` per step (from the engine, or replayed from the cache). When the last choice finishes, the
+   answer is stored in the cache and given to ``call.on_answer`` (chat sessions) *before* that piece is
+   yielded, so a client that reads the end finds the history written.
+3. ``Run.answer()``: the same events, collected into the finished answer (the JSON routes).
+
+However the run ends (finished, failed, cancelled because the client left), its slot and its rate-limit
+ticket are given back, with the tokens it really used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import msgspec
+from litestar import Request, Response
+
+from auth.principal import Principal
+from auth.store import IdentityStore
+from engine.base import Finished
+from engine.pool import Reservation
+from gateway.cache.entry import CachedChoice, CachedCompletion, ReplayChunk
+from gateway.cache.key import cache_policy
+from gateway.cache.service import CacheLookup, ResponseCache
+from gateway.errors import ClientDisconnectedError, InternalError, as_gateway_error, sse_frame
+from gateway.openai.frames import Frames, Piece, usage_of
+from gateway.openai.generation import ChoiceFinished, ChoiceToken, Job, reserve, run_choices
+from gateway.openai.protocol.chat import ChatCompletionRequest
+from gateway.openai.protocol.common import Usage
+from gateway.openai.protocol.completions import CompletionRequest
+from gateway.ratelimit.admission import Admission, admit
+from gateway.ratelimit.limiter import RateLimiter
+from gateway.settings import Settings
+from gateway.sse import DONE, PING, EventStream
+from telemetry.requests import SPAN_CACHE, current_request
+
+T = TypeVar("T")
+logger = logging.getLogger("pocketllm.api")
+
+CACHE_HEADER = "x-cache"
+REPLAY_MAX_CHUNKS = 16
+"""Pieces per choice of an answer replayed from the cache."""
+
+
+class Signal(enum.Enum):
+    """Events of a run that are not pieces of the answer."""
+
+    PING = "ping"
+    """Still waiting for a slot (sent every ``queue.ping_interval_s``)."""
+    BEGIN = "begin"
+    """The answer starts (a slot was taken, or the cache had it)."""
+
+
+Event = Piece | Signal
+
+
+@dataclass(slots=True)
+class Call:
+    """One prepared request: the job, the request it came from, who asks, and how its answer is shown."""
+
+    job: Job
+    request: ChatCompletionRequest | CompletionRequest
+    principal: Principal
+    frames: Frames
+    cache_control: Sequence[str] = ()
+    on_answer: Callable[[CachedCompletion], Awaitable[None]] | None = None
+    """Called with the finished answer (not when it failed or was cancelled); records chat sessions."""
+
+
+class Pipeline:
+    """The stages every generating request passes, with the services they use (one per app)."""
+
+    def __init__(
+        self, settings: Settings, limiter: RateLimiter, cache: ResponseCache, store: IdentityStore
+    ) -> None:
+        self.settings = settings
+        self.limiter = limiter
+        self.cache = cache
+        self.store = store
+
+    async def start(self, call: Call) -> Run:
+        """Admit the call, look it up in the cache and, on a miss, reserve its slot.
+
+        Raises:
+            RateLimitExceededError: over a limit (429).
+            QueueFullError: every slot is busy and the queue is full (503 at the edge).
+        """
+        job = call.job
+        reserved = job.prompt_tokens + job.params.max_tokens * job.choices
+        admission = await admit(
+            self.limiter, self.settings.ratelimit, self.store, call.principal, tokens=reserved
+        )
+        try:
+            with current_request().stage(SPAN_CACHE):
+                found = await self.cache.lookup(
+                    user=call.principal.user_id,
+                    model_id=job.runtime.id,
+                    model_digest=job.runtime.digest,
+                    request=_key_view(call.request, job),
+                    policy=cache_policy(call.cache_control, call.request.cache),
+                )
+            current_request().cache(found.outcome.value)
+            reservation = None if found.value is not None else reserve(job)
+        except BaseException:
+            await admission.release(0)
+            raise
+        headers = {**admission.headers, CACHE_HEADER: found.outcome.value}
+        return Run(call, self, admission, found, reservation, headers)
+
+
+def _key_view(request: ChatCompletionRequest | CompletionRequest, job: Job) -> dict[str, Any]:
+    """The request as plain data for the cache key, with the gateway's own defaults filled in.
+
+    ``max_tokens`` becomes the budget really used (so a chat ``max_completion_tokens`` and the same
+    ``max_tokens`` share an entry, and a change of the default in settings changes the key).
+    """
+    view: dict[str, Any] = msgspec.to_builtins(request)
+    view.pop("max_completion_tokens", None)
+    view["max_tokens"] = job.params.max_tokens
+    return view
+
+
+class Run:
+    """An admitted call on its way to its answer. Consume ``events()`` or ``answer()`` exactly once."""
+
+    def __init__(
+        self,
+        call: Call,
+        pipeline: Pipeline,
+        admission: Admission,
+        found: CacheLookup,
+        reservation: Reservation | None,
+        headers: dict[str, str],
+    ) -> None:
+        self.call = call
+        self._pipeline = pipeline
+        self._admission = admission
+        self._found = found
+        self._reservation = reservation
+        self.headers = headers
+        """``x-cache`` and ``x-ratelimit-*`` for the response."""
+        job = call.job
+        self._texts: dict[int, list[str]] = {}
+        self._logprobs: dict[int, list[dict[str, Any]]] = {}
+        self._offsets = {index: len(call.frames.echo(index)) for index in range(job.choices)}
+        self._finishes: dict[int, str] = {}
+        self._completion_tokens = 0
+        self._cached_tokens = 0
+        self._generated = 0
+        """Tokens sampled so far (what a run that ends early has used)."""
+
+    @property
+    def hit(self) -> bool:
+        """Whether the answer comes from the response cache."""
+        return self._found.value is not None
+
+    @property
+    def used_tokens(self) -> int:
+        """What the rate limits are charged: prompt plus completion tokens (nothing for a cache hit)."""
+        if self.hit:
+            return 0
+        return self.call.job.prompt_tokens + max(self._completion_tokens, self._generated)
+
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens whose KV was reused rather than computed."""
+        return self._cached_tokens
+
+    @property
+    def usage(self) -> Usage:
+        """The answer's usage so far."""
+        return usage_of(self.call.job.prompt_tokens, self._completion_tokens, self._cached_tokens)
+
+    async def events(self, ping_interval_s: float | None = None) -> AsyncGenerator[Event]:
+        """The answer as it is made; see the module docstring."""
+        interval = ping_interval_s or self._pipeline.settings.queue.ping_interval_s
+        source: AsyncGenerator[ChoiceToken | ChoiceFinished | ReplayChunk] | None = None
+        try:
+            if self._found.value is not None:
+                source = _replay(self._found.value)
+            else:
+                assert self._reservation is not None
+                waiter = asyncio.ensure_future(self._reservation.wait())
+                try:
+                    while not (await asyncio.wait({waiter}, timeout=interval))[0]:
+                        yield Signal.PING
+                finally:
+                    if not waiter.done():
+                        waiter.cancel()
+                source = run_choices(self.call.job, waiter.result())
+            yield Signal.BEGIN
+            async for item in source:
+                piece = self._collect(item)
+                if piece is None:
+                    continue
+                if piece.finish_reason is not None and len(self._finishes) == self.call.job.choices:
+                    await self._finished()
+                    piece = Piece(piece.index, finish_reason=piece.finish_reason, usage=self.usage)
+                yield piece
+        finally:
+            if source is not None:
+                await source.aclose()  # stops the engine at once when the consumer left early
+            if self._reservation is not None:
+                self._reservation.release()
+            await self._admission.release(self.used_tokens)
+
+    async def answer(self) -> CachedCompletion:
+        """Run to the end and return the finished answer (choices in index order)."""
+        async with aclosing(self.events()) as events:
+            async for _ in events:
+                pass
+        return self._completion()
+
+    async def close(self) -> None:
+        """Give back what ``start`` took, for a run whose events will never be consumed."""
+        if self._reservation is not None:
+            self._reservation.release()
+        await self._admission.release(0)
+
+    def _collect(self, item: ChoiceToken | ChoiceFinished | ReplayChunk) -> Piece | None:
+        frames, job = self.call.frames, self.call.job
+        if isinstance(item, ChoiceFinished):
+            self._finishes[item.index] = item.event.finish_reason
+            self._completion_tokens += item.event.completion_tokens
+            self._cached_tokens = max(self._cached_tokens, item.event.cached_tokens)
+            return Piece(item.index, finish_reason=item.event.finish_reason)
+        if isinstance(item, ReplayChunk):
+            text, logprobs = item.text, frames.stored_logprobs(item.logprobs)
+        else:
+            event, text, logprobs = item.event, item.event.text, None
+            if event.token_id >= 0:
+                self._generated += 1
+                if job.params.logprobs:
+                    logprobs = frames.token_logprobs(event, self._offsets[item.index])
+        self._offsets[item.index] += len(text)
+        self._texts.setdefault(item.index, []).append(text)
+        if logprobs is not None:
+            self._logprobs.setdefault(item.index, []).append(msgspec.to_builtins(logprobs))
+        return Piece(item.index, text, logprobs)
+
+    def _completion(self) -> CachedCompletion:
+        return CachedCompletion(
+            choices=[
+                CachedChoice(
+                    index=index,
+                    text="".join(self._texts.get(index, [])),
+                    finish_reason=self._finishes[index],
+                    logprobs=_merge_logprobs(self._logprobs[index]) if index in self._logprobs else None,
+                )
+                for index in range(self.call.job.choices)
+            ],
+            prompt_tokens=self.call.job.prompt_tokens,
+            completion_tokens=self._completion_tokens,
+        )
+
+    async def _finished(self) -> None:
+        """Every choice finished: keep the answer (cache) and hand it on (chat sessions)."""
+        completion = self._completion()
+        if self._found.key is not None:
+            await self._pipeline.cache.store(self._found, completion)
+        if self.call.on_answer is not None:
+            await self.call.on_answer(completion)
+
+
+async def respond(request: Request[Any, Any, Any], run: Run, *, stream: bool) -> Response[Any] | EventStream:
+    """The HTTP response of a run: SSE frames as they are made, or the JSON body once it is finished
+    (cancelled, with its slot freed, if the client goes away first)."""
+    frames = run.call.frames
+    if stream:
+        return EventStream(stream_frames(run), run.headers)
+    answer = await until_disconnect(request, run.answer())
+    return Response(frames.body(answer, run.cached_tokens), headers=run.headers)
+
+
+async def stream_frames(run: Run) -> AsyncIterator[bytes]:
+    """A run's events as SSE frames, then ``[DONE]``; a failure becomes a ``data: {"error": ...}`` frame
+    that ends the stream (engine and identity errors mapped by ``gateway.errors``; anything else is a bug:
+    logged with its traceback, and the client gets an ``internal_error`` frame, never the traceback)."""
+    frames = run.call.frames
+    try:
+        async with aclosing(run.events()) as events:
+            async for event in events:
+                if event is Signal.PING:
+                    yield PING
+                elif event is Signal.BEGIN:
+                    for chunk in frames.head():
+                        yield chunk
+                else:
+                    data = frames.chunk(event)
+                    if data is not None:
+                        yield data
+        for chunk in frames.tail(run.usage):
+            yield chunk
+        yield DONE
+    except Exception as exc:
+        error = as_gateway_error(exc)
+        if error is None:
+            logger.exception("a stream failed")
+            error = InternalError("internal server error")
+        current_request().failed(error.code or error.error_type)
+        yield sse_frame(error)
+
+
+async def _replay(value: CachedCompletion) -> AsyncGenerator[ReplayChunk | ChoiceFinished]:
+    """A cached answer as stream events: several text pieces per choice, then its finish.
+
+    The whole completion-token count goes on the last choice's finish (the sum is what usage shows).
+    """
+    last_index = max((c.index for c in value.choices), default=0)
+    for chunk in value.chunks(REPLAY_MAX_CHUNKS):
+        yield chunk
+        if chunk.finish_reason is not None:
+            tokens = value.completion_tokens if chunk.index == last_index else 0
+            finished = Finished(chunk.finish_reason, value.prompt_tokens, tokens)  # type: ignore[arg-type]
+            yield ChoiceFinished(chunk.index, finished)
+
+
+def _merge_logprobs(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Join per-piece logprobs (chat ``{"content": [...]}`` or legacy column lists) into one."""
+    merged: dict[str, Any] = {}
+    for part in parts:
+        for name, value in part.items():
+            if isinstance(value, list):
+                merged.setdefault(name, []).extend(value)
+            else:
+                merged.setdefault(name, value)
+    return merged
+
+
+async def until_disconnect(request: Request[Any, Any, Any], work: Awaitable[T]) -> T:
+    """Run ``work`` but cancel it (freeing its slot) if the client goes away first (499)."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            # let the cancellation run (the slot is given back) before the caller goes on
+            await asyncio.wait({task})
+    if task.cancelled():
+        raise ClientDisconnectedError("the client closed the connection before the response was ready")
+    return task.result()

@@ -1,0 +1,329 @@
+"""The PocketLLM backend's chat routes: ``POST /chat`` with stored sessions, ``/chat/history`` and the
+``/chat/ws`` WebSocket. A turn is a chat completion over the session's history: it runs through the same
+pipeline as ``/v1/chat/completions`` (rate limit -> cache -> engine) and only its wire shape differs."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import aclosing
+from typing import Annotated, Any, cast
+
+import msgspec
+from litestar import Controller, Request, Response, WebSocket, delete, get, post, websocket
+from litestar.di import NamedDependency
+from litestar.exceptions import WebSocketDisconnect
+from litestar.params import FromPath, JSONBody, QueryParameter
+from msgspec import Meta, Struct
+
+from auth.authenticate import Authenticator
+from auth.principal import Principal
+from auth.store import ChatSession, IdentityStore
+from engine.base import TokenEvent
+from engine.models import ModelManager
+from gateway.cache.entry import CachedCompletion
+from gateway.errors import UnauthenticatedError, as_gateway_error, error_dict
+from gateway.errors import validation_error as validation_failure
+from gateway.openai.frames import Frames, Piece, chat_token_logprobs
+from gateway.openai.generation import Job, prepare_chat
+from gateway.openai.pipeline import Call, Pipeline, Run, Signal, respond
+from gateway.openai.protocol.chat import ChatCompletionRequest, ChatMessage, ChoiceLogprobs
+from gateway.openai.protocol.common import Usage
+from gateway.pocket.sessions import check_session_id, own_session, session_not_found, title_from
+from gateway.security import authenticate, check_model_access, requires_inference
+from gateway.sse import EventStream, frame
+
+
+class ChatRequest(Struct, forbid_unknown_fields=True):
+    """``POST /chat`` and one turn on ``/chat/ws``."""
+
+    prompt: Annotated[str, Meta(min_length=1)]
+    session_id: str | None = None
+    model: str | None = None
+    stream: bool = False
+    max_tokens: Annotated[int, Meta(ge=1)] | None = None
+    temperature: Annotated[float, Meta(ge=0.0, le=2.0)] | None = None
+
+
+class ChatReply(Struct):
+    """``POST /chat`` answer."""
+
+    response: str
+    session_id: str
+    model: str
+    finish_reason: str
+    usage: dict[str, int]
+
+
+def _usage_dict(usage: Usage) -> dict[str, int]:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+    }
+
+
+class PocketFrames(Frames):
+    """PocketLLM's shapes: ``{"session_id", "delta"}`` frames, a ``done`` frame, the ``ChatReply`` body.
+
+    A turn never asks for logprobs.
+    """
+
+    object = "chat.completion"
+    id_prefix = "chat-"
+
+    def __init__(self, turn: Turn) -> None:
+        super().__init__(turn.job, turn.model)
+        self.turn = turn
+
+    def token_logprobs(self, event: TokenEvent, offset: int) -> ChoiceLogprobs:
+        """As chat completions (unused: a turn asks for none)."""
+        return chat_token_logprobs(event)
+
+    def stored_logprobs(self, plain: dict[str, Any] | None) -> None:
+        """None: a turn asks for no logprobs."""
+        return
+
+    def chunk(self, piece: Piece) -> bytes | None:
+        """A delta, or the ``done`` frame when the reply has finished."""
+        if piece.usage is not None:
+            return frame(self.turn.done(piece))
+        if piece.finish_reason is not None or not piece.text:
+            return None
+        return frame({"session_id": self.turn.session_id, "delta": piece.text})
+
+    def tail(self, usage: Usage) -> Iterator[bytes]:
+        """Nothing after ``done``."""
+        return iter(())
+
+    def body(self, answer: CachedCompletion, cached_tokens: int) -> ChatReply:
+        """The whole reply."""
+        choice = answer.choices[0]
+        usage = Usage(answer.prompt_tokens, answer.completion_tokens, answer.total_tokens)
+        return ChatReply(
+            choice.text, self.turn.session_id, self.turn.model, choice.finish_reason, _usage_dict(usage)
+        )
+
+
+class Turn:
+    """One exchange in a chat session: the user's prompt and the reply the pipeline makes."""
+
+    def __init__(self, data: ChatRequest, session: ChatSession | None, model: str, job: Job) -> None:
+        self.data = data
+        self.job = job
+        self.session = session
+        self.session_id = session.id if session is not None else uuid.uuid4().hex
+        self.model = model
+
+    def done(self, piece: Piece) -> dict[str, Any]:
+        """The ``done`` frame of a finished reply."""
+        assert piece.usage is not None
+        return {
+            "session_id": self.session_id,
+            "done": True,
+            "finish_reason": piece.finish_reason,
+            "usage": _usage_dict(piece.usage),
+        }
+
+    async def record(self, store: IdentityStore, answer: CachedCompletion) -> None:
+        """Store both sides of the exchange."""
+        await store.add_messages(
+            self.session_id, [("user", self.data.prompt), ("assistant", answer.choices[0].text)]
+        )
+
+
+async def start_turn(
+    data: ChatRequest,
+    principal: Principal,
+    store: IdentityStore,
+    models: ModelManager,
+    pipeline: Pipeline,
+) -> tuple[Turn, Run]:
+    """Load the session (404 when it is not the caller's), prepare the reply over its history, admit it
+    (429 before any new session is created), then create the session when none was given."""
+    model_name = data.model or models.runtimes[0].id
+    runtime = models.resolve(model_name)
+    check_model_access(principal, model_name, runtime.id)
+    session = await own_session(store, principal, data.session_id) if data.session_id is not None else None
+    history = await store.list_messages(session.id) if session is not None else []
+    completion = ChatCompletionRequest(
+        model=model_name,
+        messages=[
+            *(ChatMessage(role=cast(Any, m.role), content=m.content) for m in history),
+            ChatMessage(role="user", content=data.prompt),
+        ],
+        max_tokens=data.max_tokens,
+        temperature=data.temperature,
+    )
+    job = await prepare_chat(completion, runtime, pipeline.settings.limits, session.id if session else None)
+    turn = Turn(data, session, model_name, job)
+
+    async def record(answer: CachedCompletion) -> None:
+        await turn.record(store, answer)
+
+    run = await pipeline.start(Call(job, completion, principal, PocketFrames(turn), on_answer=record))
+    if session is None:
+        try:
+            turn.session = await store.create_session(
+                principal.user_id, title_from(data.prompt), runtime.id, turn.session_id
+            )
+        except BaseException:
+            await run.close()
+            raise
+    return turn, run
+
+
+class ChatController(Controller):
+    """``/chat`` and ``/chat/history``."""
+
+    path = "/chat"
+    tags = ["PocketLLM"]
+    guards = [requires_inference]
+
+    @post("", status_code=200, summary="Chat in a stored session")
+    async def chat(
+        self,
+        request: Request[Any, Any, Any],
+        data: JSONBody[ChatRequest],
+        principal: NamedDependency[Principal],
+        models: NamedDependency[ModelManager],
+        pipeline: NamedDependency[Pipeline],
+        store: NamedDependency[IdentityStore],
+    ) -> Response[ChatReply] | EventStream:
+        """Generate the next reply of a session (a new one when none is given); both turns are stored.
+
+        A client that goes away cancels the generation (JSON or stream) and frees its slot.
+        """
+        _, run = await start_turn(data, principal, store, models, pipeline)
+        return await respond(request, run, stream=data.stream)
+
+    @get("/history", summary="The caller's sessions")
+    async def history(
+        self,
+        principal: NamedDependency[Principal],
+        store: NamedDependency[IdentityStore],
+        # QueryParameter, not Meta: Litestar does not apply msgspec Meta constraints to query parameters
+        limit: Annotated[int, QueryParameter(ge=1, le=100)] = 20,
+        offset: Annotated[int, QueryParameter(ge=0, le=2**62)] = 0,
+    ) -> dict[str, Any]:
+        """Newest first, paginated."""
+        sessions, total = await store.list_sessions(principal.user_id, limit, offset)
+        return {
+            "sessions": [_session_dict(s) for s in sessions],
+            "total": total,
+            "limit": limit,
+            "offset": offset,
+        }
+
+    @get("/history/{session_id:str}", summary="One session's messages")
+    async def session(
+        self,
+        principal: NamedDependency[Principal],
+        store: NamedDependency[IdentityStore],
+        session_id: FromPath[str],
+    ) -> dict[str, Any]:
+        """The session and its messages in order; 404 for a missing or another user's session."""
+        session = await own_session(store, principal, session_id)
+        messages = await store.list_messages(session.id)
+        return {
+            **_session_dict(session),
+            "messages": [
+                {"role": m.role, "content": m.content, "created_at": m.created_at} for m in messages
+            ],
+        }
+
+    @delete("/history/{session_id:str}", status_code=204, summary="Delete a session")
+    async def delete_session(
+        self,
+        principal: NamedDependency[Principal],
+        store: NamedDependency[IdentityStore],
+        session_id: FromPath[str],
+    ) -> None:
+        """Delete the caller's session and its messages."""
+        if not await store.delete_session(check_session_id(session_id), principal.user_id):
+            raise session_not_found()
+
+
+def _session_dict(session: ChatSession) -> dict[str, Any]:
+    return {
+        "id": session.id,
+        "title": session.title,
+        "model": session.model,
+        "created_at": session.created_at,
+        "updated_at": session.updated_at,
+        "message_count": session.message_count,
+    }
+
+
+@websocket("/chat/ws")
+async def chat_socket(
+    socket: WebSocket[Any, Any, Any],
+    models: NamedDependency[ModelManager],
+    pipeline: NamedDependency[Pipeline],
+    store: NamedDependency[IdentityStore],
+    authenticator: NamedDependency[Authenticator],
+) -> None:
+    """Streaming chat over a WebSocket: authenticate by header or a first ``{"token": ...}`` message, then
+    send ``{"prompt", "session_id"?, "model"?}``; replies are ``delta`` frames and a ``done`` frame."""
+    await socket.accept()
+    try:
+        principal = await _socket_principal(socket, authenticator)
+    except Exception as exc:
+        error = as_gateway_error(exc)
+        if error is None:
+            raise
+        await socket.send_json({"type": "error", "error": error_dict(error)})
+        await socket.close(code=4401)
+        return
+    try:
+        while True:
+            message = await socket.receive_json()
+            try:
+                data = msgspec.convert(message, ChatRequest)
+                turn, run = await start_turn(data, principal, store, models, pipeline)
+                await _socket_reply(socket, turn, run)
+            except msgspec.ValidationError as exc:
+                await socket.send_json({"type": "error", "error": error_dict(validation_failure(str(exc)))})
+            except WebSocketDisconnect:
+                raise
+            except Exception as exc:
+                error = as_gateway_error(exc)
+                if error is None:
+                    raise
+                await socket.send_json({"type": "error", "error": error_dict(error)})
+    except WebSocketDisconnect:
+        return
+
+
+async def _socket_principal(socket: WebSocket[Any, Any, Any], authenticator: Authenticator) -> Principal:
+    if socket.headers.get("authorization") or socket.headers.get("x-api-key"):
+        return await authenticate(socket)
+    first = await socket.receive_json()
+    token = first.get("token") if isinstance(first, dict) else None
+    if not isinstance(token, str):
+        raise UnauthenticatedError('send {"token": "<api key or JWT>"} first')
+    principal = await authenticator.authenticate(f"Bearer {token}", None)
+    await socket.send_json({"type": "ready", "username": principal.username})
+    return principal
+
+
+async def _socket_reply(socket: WebSocket[Any, Any, Any], turn: Turn, run: Run) -> None:
+    """Send the run's pieces as ``delta`` messages and its end as ``done`` (the socket closing cancels)."""
+    started = time.perf_counter()
+    async with aclosing(run.events()) as events:
+        async for event in events:
+            if isinstance(event, Signal):
+                continue
+            if event.usage is not None:
+                await socket.send_json(
+                    {
+                        "type": "done",
+                        "session_id": turn.session_id,
+                        "finish_reason": event.finish_reason,
+                        "usage": _usage_dict(event.usage),
+                        "seconds": round(time.perf_counter() - started, 3),
+                    }
+                )
+            elif event.text:
+                await socket.send_json({"type": "delta", "session_id": turn.session_id, "delta": event.text})

@@ -1,0 +1,145 @@
+"""Admission: whose limits apply to a request, the check (429), and the release when the request ends.
+
+A request is limited per API key (when it came with one) and per user. Each subject's limits are the
+settings' defaults, replaced field by field by the override stored for it (``PUT /admin/keys/{id}/limits``,
+``PUT /admin/users/{id}/limits``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from auth.principal import Principal
+from auth.store import UNLIMITED, IdentityStore, LimitOverride
+from gateway.errors import RateLimitExceededError
+from gateway.ratelimit.limiter import Decision, LimitKind, LimitSpec, RateLimiter, Subject, format_duration
+from gateway.settings import RateLimitSettings
+from telemetry.requests import current_request
+
+logger = logging.getLogger("pocketllm.ratelimit")
+
+_WHAT: dict[LimitKind, str] = {
+    "requests": "requests per minute (RPM)",
+    "tokens": "tokens per minute (TPM)",
+    "concurrency": "concurrent requests",
+}
+
+
+def refusal(decision: Decision) -> RateLimitExceededError:
+    """The 429 for a refused ``decision``, naming the limit, with ``Retry-After`` and ``x-ratelimit-*``."""
+    kind: LimitKind = decision.limited_by or "requests"
+    state = decision.state
+    limit = f": limit {state.limit}" if state is not None else ""
+    return RateLimitExceededError(
+        kind,
+        f"Rate limit reached on {_WHAT[kind]}{limit}. Please try again in "
+        f"{format_duration(decision.retry_after_s)}.",
+        decision.headers(),
+    )
+
+
+def _field(override: int | None, default: int | None) -> int | None:
+    if override is None:
+        return default
+    return None if override == UNLIMITED else override
+
+
+def effective_limits(subject: str, override: LimitOverride | None, settings: RateLimitSettings) -> LimitSpec:
+    """The limits of ``"key:<id>"`` or ``"user:<id>"``: the defaults, replaced field by field."""
+    o = override or LimitOverride()
+    s = settings
+    if subject.startswith("key:"):
+        rpm, tpm, concurrency = s.key_rpm, s.key_tpm, s.key_concurrency
+    else:
+        rpm, tpm, concurrency = s.user_rpm, s.user_tpm, s.user_concurrency
+    return LimitSpec(
+        rpm=_field(o.rpm, rpm), tpm=_field(o.tpm, tpm), concurrency=_field(o.concurrency, concurrency)
+    )
+
+
+async def subjects_for(
+    principal: Principal, settings: RateLimitSettings, store: IdentityStore
+) -> list[Subject]:
+    """The subjects limiting this caller (key, then user), with their effective limits.
+
+    Subjects without any limit are left out (nothing to count for them).
+    """
+    ids = [f"key:{principal.key_id}"] if principal.key_id else []
+    ids.append(f"user:{principal.user_id}")
+    overrides = await store.get_limit_overrides(ids)
+    subjects = []
+    for subject_id in ids:
+        spec = effective_limits(subject_id, overrides.get(subject_id), settings)
+        if spec != LimitSpec():
+            subjects.append(Subject(subject_id, spec))
+    return subjects
+
+
+class Admission:
+    """An admitted request's hold on its limits; ``release`` it exactly once when the request ends."""
+
+    def __init__(self, limiter: RateLimiter | None, decision: Decision | None) -> None:
+        self._limiter = limiter
+        self._ticket = decision.ticket if decision is not None else None
+        self.headers: dict[str, str] = decision.headers() if decision is not None else {}
+        """``x-ratelimit-*`` headers for the response."""
+
+    async def release(self, used_tokens: int) -> None:
+        """Free the concurrency slot and charge ``used_tokens``; idempotent; survives cancellation.
+
+        The release runs as its own task, so a request cancelled by a client disconnect (whose task is
+        cancelled again at every await) still gives its slot back.
+        """
+        ticket, self._ticket = self._ticket, None
+        if ticket is None or self._limiter is None:
+            return
+        task = asyncio.ensure_future(self._limiter.release(ticket, used_tokens=max(0, used_tokens)))
+        task.add_done_callback(_log_failure)
+        await asyncio.shield(task)  # if this await is cancelled, the task still finishes
+
+    async def releasing(self, body: AsyncIterator[bytes], used: Callable[[], int]) -> AsyncIterator[bytes]:
+        """The stream ``body``; when it ends (finished, failed or cancelled) the ticket is released with
+        ``used()`` tokens."""
+        try:
+            async for chunk in body:
+                yield chunk
+        finally:
+            await self.release(used())
+
+
+def _log_failure(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("releasing a rate-limit ticket failed", exc_info=task.exception())
+
+
+UNLIMITED_ADMISSION = Admission(None, None)
+"""For requests no limit applies to."""
+
+
+async def admit(
+    limiter: RateLimiter,
+    settings: RateLimitSettings,
+    store: IdentityStore,
+    principal: Principal,
+    *,
+    tokens: int,
+) -> Admission:
+    """Admit a request reserving ``tokens`` (prompt + max_tokens) or refuse it.
+
+    Raises:
+        RateLimitExceededError: 429 with ``Retry-After`` and ``x-ratelimit-*`` headers.
+    """
+    if not settings.enabled:
+        return UNLIMITED_ADMISSION
+    subjects = await subjects_for(principal, settings, store)
+    if not subjects:
+        return UNLIMITED_ADMISSION
+    decision = await limiter.acquire(subjects, tokens=tokens)
+    if not decision.allowed:
+        error = refusal(decision)
+        current_request().rate_limited(error.kind)
+        raise error
+    return Admission(limiter, decision)
