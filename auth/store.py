@@ -135,6 +135,11 @@ class LimitOverride:
 class IdentityStore(Protocol):
     """Users, API keys, chat sessions and messages."""
 
+    @property
+    def dialect(self) -> str:
+        """Which backend: ``sqlite`` or ``postgresql``."""
+        ...
+
     async def create_user(self, username: str, password_hash: str | None, role: Role) -> User:
         """Create a user; raises ``UserExistsError`` when the name is taken."""
         ...

@@ -92,7 +92,7 @@ def create_app(settings: Settings, *, on_load_failure: Callable[[list[str]], Non
         observer=telemetry.metrics,
         on_reload=backends.cache.invalidate_model,
     )
-    authenticator = build_authenticator(settings)
+    authenticator = build_authenticator(settings, backends.redis)
     drainer = Drainer(models, settings.server.drain_timeout_s)
     state = State(
         {
@@ -110,6 +110,7 @@ def create_app(settings: Settings, *, on_load_failure: Callable[[list[str]], Non
 
     @asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
+        await authenticator.store.open()  # a bad store URL stops start-up here
         if settings.env == "development":
             created = await ensure_default_users(authenticator.store, authenticator.passwords)
             if created:

@@ -15,7 +15,13 @@ from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.types import HTTPResponseBodyEvent, HTTPResponseStartEvent, Send
 
-from auth.errors import AuthenticationError, AuthError, LoginThrottledError
+from auth.errors import (
+    AuthenticationError,
+    AuthError,
+    LoginBusyError,
+    LoginThrottledError,
+    StoreUnavailableError,
+)
 from engine.base import (
     ContextOverflowError,
     EngineCrashedError,
@@ -208,6 +214,12 @@ def from_auth_error(exc: AuthError) -> GatewayError:
             "too many failed logins; try again later",
             code="login_throttled",
             headers={"Retry-After": str(exc.retry_after)},
+        )
+    if isinstance(exc, LoginBusyError):
+        return ServiceUnavailableError(str(exc), code="login_busy", retry_after=exc.retry_after)
+    if isinstance(exc, StoreUnavailableError):
+        return ServiceUnavailableError(
+            "the identity store is unavailable; try again shortly", code="store_unavailable"
         )
     if isinstance(exc, AuthenticationError):
         return UnauthenticatedError(str(exc))

@@ -15,10 +15,12 @@ from litestar.handlers.base import BaseRouteHandler
 from auth.authenticate import Authenticator
 from auth.passwords import ScryptParams
 from auth.principal import SCOPE_INFERENCE, Principal
-from auth.store import SQLiteStore
-from auth.throttle import LoginThrottle
+from auth.redis_throttle import RedisLoginThrottle
+from auth.stores import open_store
+from auth.throttle import FallbackLoginThrottle, LoginThrottle, Throttle, ThrottlePolicy
 from auth.tokens import ExternalProvider, TokenConfig
 from gateway.errors import PermissionDeniedError
+from gateway.redis_client import RedisClient
 from gateway.settings import DEFAULT_SECRET_KEY, Settings
 from telemetry.requests import SPAN_AUTH, current_request
 
@@ -27,8 +29,9 @@ logger = logging.getLogger("pocketllm.auth")
 PRINCIPAL = "pocketllm.principal"
 
 
-def build_authenticator(settings: Settings) -> Authenticator:
-    """The store and authenticator for ``settings``."""
+def build_authenticator(settings: Settings, redis: RedisClient | None = None) -> Authenticator:
+    """The store and authenticator for ``settings``; the login throttle is shared through ``redis`` when
+    given (each process falls back to its own while Redis fails)."""
     auth = settings.auth
     external = None
     if auth.external is not None:
@@ -44,14 +47,26 @@ def build_authenticator(settings: Settings) -> Authenticator:
             ext.create_users,
             auth.leeway_s,
         )
+    policy = ThrottlePolicy(
+        free_failures=auth.login_max_failures,
+        window_s=auth.login_window_s,
+        max_delay_s=auth.login_max_delay_s,
+        max_client_failures=auth.login_max_client_failures,
+    )
+    throttle: Throttle = LoginThrottle(policy=policy)
+    if redis is not None:
+        shared = RedisLoginThrottle(redis, policy, prefix=f"{settings.redis.key_prefix}login:")
+        throttle = FallbackLoginThrottle(shared, throttle, retry_after_s=settings.redis.retry_after_s)
     return Authenticator(
-        SQLiteStore(settings.data_dir),
+        open_store(settings.store.url or settings.data_dir),
         TokenConfig(
             _signing_secret(settings), auth.issuer, auth.audience, ("HS256",), auth.token_ttl_s, auth.leeway_s
         ),
         ScryptParams(n=auth.scrypt_n),
         external,
-        LoginThrottle(auth.login_max_failures, auth.login_window_s),
+        throttle,
+        key_cache_ttl_s=auth.key_cache_ttl_s,
+        max_concurrent_hashes=auth.max_concurrent_hashes,
     )
 
 

@@ -135,13 +135,32 @@ class AuthSettings(Struct, forbid_unknown_fields=True, kw_only=True):
     leeway_s: Annotated[int, Meta(ge=0, le=300)] = 30
     scrypt_n: Annotated[int, Meta(ge=2**14)] = 2**17
     login_max_failures: PositiveInt = 5
+    """Failed logins of one user from one address before each further attempt is delayed (1 s, 2 s, ...
+    up to ``login_max_delay_s``); the user is never locked out from another address."""
     login_window_s: Seconds = 300.0
+    login_max_delay_s: Seconds = 60.0
+    login_max_client_failures: PositiveInt | None = None
+    """Failed logins per address (any user) within the window; 4 x ``login_max_failures`` when unset."""
+    max_concurrent_hashes: PositiveInt = 2
+    """Password hashes (scrypt, ~130 MiB each) at once per process; a login beyond them gets 503."""
+    key_cache_ttl_s: Annotated[float, Meta(ge=0)] = 2.0
+    """How long an API key's lookup is reused in memory: the longest a revocation made through another
+    process can go unseen (with PostgreSQL, replicas are told at once by NOTIFY; this is the bound when
+    that channel is down)."""
     external: ExternalIdPSettings | None = None
 
     @property
     def signing_secret(self) -> str:
         """The HS256 secret in use."""
         return self.jwt_secret or self.secret_key
+
+
+class StoreSettings(Struct, forbid_unknown_fields=True, kw_only=True):
+    """The identity and session store."""
+
+    url: str | None = None
+    """``postgresql://user@host:port/db`` for a store shared by several replicas (``DATABASE_URL``);
+    unset: SQLite under ``data_dir`` (one machine)."""
 
 
 class TelemetrySettings(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -182,6 +201,7 @@ class Settings(Struct, forbid_unknown_fields=True, kw_only=True):
     cache: CacheSettings = field(default_factory=CacheSettings)
     ratelimit: RateLimitSettings = field(default_factory=RateLimitSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
+    store: StoreSettings = field(default_factory=StoreSettings)
     telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
 
     @property
@@ -210,6 +230,7 @@ _SEED_VARIABLES: dict[str, tuple[str, str]] = {
     "SECRET_KEY": ("auth", "secret_key"),
     "REDIS_HOST": ("redis", "host"),
     "ENABLE_CACHE": ("cache", "enabled"),
+    "DATABASE_URL": ("store", "url"),
     # OpenTelemetry's standard variables
     "OTEL_SERVICE_NAME": ("telemetry", "service_name"),
     "OTEL_EXPORTER_OTLP_ENDPOINT": ("telemetry", "otlp_endpoint"),

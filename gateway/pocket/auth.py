@@ -62,7 +62,7 @@ class AuthController(Controller):
         return {
             "status": "ok",
             "environment": settings.env,
-            "store": "sqlite",
+            "store": authenticator.store.dialect,
             "users": len(users),
             "token_algorithms": list(authenticator.tokens.algorithms),
             "issuer": authenticator.tokens.issuer,

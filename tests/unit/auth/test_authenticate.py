@@ -25,7 +25,7 @@ from auth.passwords import ScryptParams, parse_hash, verify_password
 from auth.sqlite_store import SQLiteStore
 from auth.store import IdentityStore, User
 from auth.throttle import LoginThrottle
-from auth.tokens import ExternalProvider, TokenConfig, TokenSettings, decode_token
+from auth.tokens import ExternalProvider, TokenSettings, decode_token
 from tests.unit.auth.conftest import FAST, FakeClock, StoreOpener
 from tests.unit.auth.test_credentials import _forge_hs256, _pem
 
