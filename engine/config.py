@@ -32,6 +32,10 @@ class ModelSettings(Struct, forbid_unknown_fields=True, kw_only=True):
     aliases: list[str] = []
     embeddings: bool = True
     """Also serve ``/v1/embeddings`` from this model (a second, embedding-mode context)."""
+    embedding_token_ids: bool = False
+    """Accept ``/v1/embeddings`` input given as token ids. Off by default: clients such as LangChain's
+    ``OpenAIEmbeddings`` tokenize with OpenAI's vocabulary, and those ids read as this model's would give
+    silently wrong vectors. Turn it on only for clients that tokenize with this model's own vocabulary."""
     flash_attention: bool = True
     """Faster decoding (~10% here). Off, greedy output is bit-identical whatever the KV cache holds;
     on, a reused prompt prefix can round differently from a cold run (as in llama-server)."""

@@ -49,6 +49,8 @@ class ModelRuntime:
     error: str | None = None
     engine: Engine | None = None
     pool: SlotPool | None = None
+    embed_pool: SlotPool | None = None
+    """One turn at a time on the embedding context, with the same bounded FIFO queue and wait limit."""
     digest: str = ""
     """Identifies the exact weights (registry sha256, else a digest of path, size and mtime)."""
     loads: int = 0
@@ -63,6 +65,11 @@ class ModelRuntime:
     def n_ctx_per_slot(self) -> int:
         """Context window of one request."""
         return self.settings.n_ctx // self.settings.slots
+
+    @property
+    def pools(self) -> list[SlotPool]:
+        """The generation and embedding pools of a loaded model."""
+        return [pool for pool in (self.pool, self.embed_pool) if pool is not None]
 
     def ready(self) -> tuple[Engine, SlotPool]:
         """The engine and pool; ``ModelNotReadyError`` when the model is not loaded."""
@@ -157,6 +164,13 @@ class ModelManager:
                 prefix_match=engine.prefix_match,
                 observer=self._observer,
             )
+            runtime.embed_pool = SlotPool(
+                f"{runtime.id}/embeddings",
+                1,
+                max_queue=self._queue.max_queue,
+                max_wait_s=self._queue.max_wait_s,
+                observer=self._observer,
+            )
             runtime.state = "ready"
             runtime.loads += 1
             if runtime.loads > 1 and self._on_reload is not None:
@@ -201,33 +215,34 @@ class ModelManager:
                 runtime.state = "unloaded"
                 return
             runtime.state = "unloading"
-            pool, engine = runtime.pool, runtime.engine
+            engine = runtime.engine
             try:
                 async with asyncio.timeout(drain_timeout_s):
-                    await pool.drained()
+                    for pool in runtime.pools:
+                        await pool.drained()
             except TimeoutError:
                 logger.warning("model %s: unloading with requests still in flight", runtime.id)
             await asyncio.to_thread(engine.close)
-            runtime.engine = runtime.pool = None
+            runtime.engine = runtime.pool = runtime.embed_pool = None
             runtime.state = "unloaded"
             logger.info("model %s unloaded", runtime.id)
 
     async def drained(self) -> None:
         """Return once no model has a request running or queued."""
         for runtime in self._runtimes.values():
-            if runtime.pool is not None:
-                await runtime.pool.drained()
+            for pool in runtime.pools:
+                await pool.drained()
 
     def abort(self, reason: str) -> None:
         """Fail every queued request and stop running ones at their next token (shutdown)."""
         for runtime in self._runtimes.values():
-            if runtime.pool is not None:
-                runtime.pool.abort(reason)
+            for pool in runtime.pools:
+                pool.abort(reason)
 
     async def close(self) -> None:
         """Free every engine."""
         for runtime in self._runtimes.values():
             if runtime.engine is not None:
                 await asyncio.to_thread(runtime.engine.close)
-                runtime.engine = runtime.pool = None
+                runtime.engine = runtime.pool = runtime.embed_pool = None
                 runtime.state = "unloaded"

@@ -77,14 +77,15 @@ def provide_digests(state: State) -> FileDigests:
 
 DEPENDENCIES = {
     "settings": Provide(provide_settings, sync_to_thread=False),
-    "models": Provide(provide_models, sync_to_thread=False),
+    "model_manager": Provide(provide_models, sync_to_thread=False),
     "authenticator": Provide(provide_authenticator, sync_to_thread=False),
-    "store": Provide(provide_store, sync_to_thread=False),
-    "cache": Provide(provide_cache, sync_to_thread=False),
-    "limiter": Provide(provide_limiter, sync_to_thread=False),
+    "identity_store": Provide(provide_store, sync_to_thread=False),
+    "response_cache": Provide(provide_cache, sync_to_thread=False),
+    "rate_limiter": Provide(provide_limiter, sync_to_thread=False),
     "pipeline": Provide(provide_pipeline, sync_to_thread=False),
     "telemetry": Provide(provide_telemetry, sync_to_thread=False),
     "digests": Provide(provide_digests, sync_to_thread=False),
     "principal": Provide(provide_principal),
 }
-"""Every dependency a route may name."""
+"""Every dependency a route may name. The names must not be a request body field of any route: Litestar
+reports a body validation error under a dependency's name as a 500 (a body ``cache`` or ``store`` field)."""

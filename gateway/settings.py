@@ -55,6 +55,8 @@ class LimitsSettings(Struct, forbid_unknown_fields=True, kw_only=True):
     max_stop: PositiveInt = 16
     max_n: PositiveInt = 8
     max_embedding_inputs: PositiveInt = 256
+    max_embedding_tokens: PositiveInt = 16384
+    """Input tokens of one ``/v1/embeddings`` request, all inputs together."""
 
 
 class RedisSettings(Struct, forbid_unknown_fields=True, kw_only=True):

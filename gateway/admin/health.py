@@ -12,19 +12,19 @@ from gateway import __version__
 
 
 @get("/", summary="Service information", tags=["Service"])
-async def index(models: NamedDependency[ModelManager]) -> dict[str, Any]:
+async def index(model_manager: NamedDependency[ModelManager]) -> dict[str, Any]:
     """Service name, version and models."""
     return {
         "service": "PocketLLM Gateway",
         "version": __version__,
-        "models": [r.id for r in models.runtimes],
+        "models": [r.id for r in model_manager.runtimes],
         "docs": "/docs",
         "openapi": "/schema/openapi.json",
     }
 
 
 @get("/health", summary="Health", tags=["Service"])
-async def health(models: NamedDependency[ModelManager]) -> Response[dict[str, Any]]:
+async def health(model_manager: NamedDependency[ModelManager]) -> Response[dict[str, Any]]:
     """200 when every model is loaded, 503 otherwise; per-model state."""
     states = {
         r.id: {
@@ -32,9 +32,9 @@ async def health(models: NamedDependency[ModelManager]) -> Response[dict[str, An
             **({"error": r.error} if r.error else {}),
             **({"slots": r.pool.slots, "busy": r.pool.busy, "queued": r.pool.waiting} if r.pool else {}),
         }
-        for r in models.runtimes
+        for r in model_manager.runtimes
     }
-    ok = models.all_ready
+    ok = model_manager.all_ready
     return Response(
         {"status": "ok" if ok else "unavailable", "models": states}, status_code=200 if ok else 503
     )

@@ -80,16 +80,16 @@ class AdminIdentityController(Controller):
         return user_dict(user)
 
     @get("/users", summary="List users")
-    async def list_users(self, store: NamedDependency[IdentityStore]) -> dict[str, Any]:
+    async def list_users(self, identity_store: NamedDependency[IdentityStore]) -> dict[str, Any]:
         """Every user."""
-        return {"users": [user_dict(u) for u in await store.list_users()]}
+        return {"users": [user_dict(u) for u in await identity_store.list_users()]}
 
     @post("/users/{user_id:str}/disable", status_code=200, summary="Disable a user")
     async def disable_user(
-        self, store: NamedDependency[IdentityStore], user_id: FromPath[str]
+        self, identity_store: NamedDependency[IdentityStore], user_id: FromPath[str]
     ) -> dict[str, Any]:
         """Disable a user: their keys and tokens stop working at once."""
-        user = await store.disable_user(user_id)
+        user = await identity_store.disable_user(user_id)
         if user is None:
             raise NotFoundError("no such user", param="user_id", code="user_not_found")
         return user_dict(user)
@@ -114,19 +114,19 @@ class AdminIdentityController(Controller):
         return {**key_dict(issued.record, user.username), "key": issued.key}
 
     @get("/keys", summary="List API keys")
-    async def list_keys(self, store: NamedDependency[IdentityStore]) -> dict[str, Any]:
+    async def list_keys(self, identity_store: NamedDependency[IdentityStore]) -> dict[str, Any]:
         """Every key, shown by prefix and last four characters."""
-        names = {u.id: u.username for u in await store.list_users()}
-        return {"keys": [key_dict(k, names.get(k.user_id)) for k in await store.list_keys()]}
+        names = {u.id: u.username for u in await identity_store.list_users()}
+        return {"keys": [key_dict(k, names.get(k.user_id)) for k in await identity_store.list_keys()]}
 
     @delete("/keys/{key_id:str}", status_code=204, summary="Revoke an API key")
-    async def revoke_key(self, store: NamedDependency[IdentityStore], key_id: FromPath[str]) -> None:
+    async def revoke_key(self, identity_store: NamedDependency[IdentityStore], key_id: FromPath[str]) -> None:
         """Revoke a key: its next request is refused."""
-        if not await store.revoke_key(key_id):
+        if not await identity_store.revoke_key(key_id):
             raise NotFoundError("no such key", param="key_id", code="key_not_found")
 
     @get("/sessions/count", summary="Count chat sessions")
-    async def count_sessions(self, store: NamedDependency[IdentityStore]) -> dict[str, Any]:
+    async def count_sessions(self, identity_store: NamedDependency[IdentityStore]) -> dict[str, Any]:
         """Sessions in total and per user."""
-        total, per_user = await store.count_sessions()
+        total, per_user = await identity_store.count_sessions()
         return {"total": total, "per_user": per_user}

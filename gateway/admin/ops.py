@@ -106,37 +106,37 @@ class AdminOpsController(Controller):
     @get("/metrics", summary="Gateway metrics (JSON)")
     async def metrics(
         self,
-        models: NamedDependency[ModelManager],
+        model_manager: NamedDependency[ModelManager],
         telemetry: NamedDependency[Telemetry],
-        cache: NamedDependency[ResponseCache],
+        response_cache: NamedDependency[ResponseCache],
     ) -> dict[str, Any]:
         """Uptime, requests, errors, tokens, latency/TTFT percentiles, per-model slots, cache, system."""
         snapshot = telemetry.metrics.summary.snapshot()
-        backend = await cache.stats()
+        backend = await response_cache.stats()
         snapshot["cache"] = {
             **snapshot["cache"],
             **{name: backend[name] for name in ("backend", "enabled", "available", "entries", "bytes")},
         }
         return {
             **snapshot,
-            "models": {r.id: model_load(r) for r in models.runtimes},
+            "models": {r.id: model_load(r) for r in model_manager.runtimes},
             "system": await asyncio.to_thread(telemetry.system.snapshot),
         }
 
     @get("/model/info", summary="Served models")
     async def model_info(
-        self, models: NamedDependency[ModelManager], digests: NamedDependency[FileDigests]
+        self, model_manager: NamedDependency[ModelManager], digests: NamedDependency[FileDigests]
     ) -> dict[str, Any]:
         """Every configured model: file, size, sha256, quantization, parameters, context, state."""
-        return {"models": [await model_info(r, digests) for r in models.runtimes]}
+        return {"models": [await model_info(r, digests) for r in model_manager.runtimes]}
 
     @post("/models/{model_id:str}/load", status_code=200, summary="Load a model")
     async def load_model(
-        self, models: NamedDependency[ModelManager], model_id: FromPath[str]
+        self, model_manager: NamedDependency[ModelManager], model_id: FromPath[str]
     ) -> dict[str, Any]:
         """Load a model (no-op when loaded); 503 naming the error when it cannot be loaded."""
-        runtime = models.resolve(model_id)
-        if not await models.load(runtime.id):
+        runtime = model_manager.resolve(model_id)
+        if not await model_manager.load(runtime.id):
             raise ServiceUnavailableError(
                 f"the model `{runtime.id}` failed to load: {runtime.error}", code="model_load_failed"
             )
@@ -145,7 +145,7 @@ class AdminOpsController(Controller):
     @post("/models/{model_id:str}/unload", status_code=200, summary="Unload a model")
     async def unload_model(
         self,
-        models: NamedDependency[ModelManager],
+        model_manager: NamedDependency[ModelManager],
         settings: NamedDependency[Settings],
         telemetry: NamedDependency[Telemetry],
         model_id: FromPath[str],
@@ -154,8 +154,8 @@ class AdminOpsController(Controller):
 
         Other models keep serving; their requests are not touched.
         """
-        runtime = models.resolve(model_id)
-        await models.unload(runtime.id, drain_timeout_s=settings.server.drain_timeout_s)
+        runtime = model_manager.resolve(model_id)
+        await model_manager.unload(runtime.id, drain_timeout_s=settings.server.drain_timeout_s)
         telemetry.metrics.model_unloaded(runtime.id)
         return {"id": runtime.id, **model_load(runtime)}
 

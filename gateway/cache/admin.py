@@ -21,16 +21,16 @@ class AdminCacheController(Controller):
     guards = [requires_admin]
 
     @get("/stats", summary="Response cache statistics")
-    async def cache_stats(self, cache: NamedDependency[ResponseCache]) -> dict[str, Any]:
+    async def cache_stats(self, response_cache: NamedDependency[ResponseCache]) -> dict[str, Any]:
         """Backend, entries, bytes (``null`` while the backend is unreachable), and this process's hits,
         misses, bypasses, errors, stores and hit ratio."""
-        return await cache.stats()
+        return await response_cache.stats()
 
     @post("/flush", status_code=200, summary="Flush the response cache")
-    async def cache_flush(self, cache: NamedDependency[ResponseCache]) -> dict[str, Any]:
+    async def cache_flush(self, response_cache: NamedDependency[ResponseCache]) -> dict[str, Any]:
         """Drop every cached response (of every process sharing the backend)."""
         try:
-            flushed = await cache.flush()
+            flushed = await response_cache.flush()
         except CacheBackendError:
             raise ServiceUnavailableError(
                 "the cache backend is unavailable; nothing was flushed", code="cache_unavailable"

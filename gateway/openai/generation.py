@@ -13,9 +13,10 @@ from dataclasses import dataclass, field, replace
 from engine.base import Cancellation, Engine, Finished, GenerationParams, TokenEvent
 from engine.models import ModelRuntime
 from engine.pool import Reservation, SlotPool
-from gateway.errors import ContextLengthError, InvalidRequestError
+from gateway.errors import ContextLengthError, InvalidRequestError, NotFoundError
 from gateway.openai.protocol.chat import ChatCompletionRequest
 from gateway.openai.protocol.completions import CompletionRequest
+from gateway.openai.protocol.embeddings import EmbeddingRequest
 from gateway.settings import LimitsSettings
 from telemetry.requests import current_request
 
@@ -290,6 +291,88 @@ async def prepare_completion(
         top_logprobs=request.logprobs or 0,
     )
     return Job(runtime, engine, pool, prompts, params, n, echo_texts=texts if request.echo else [])
+
+
+@dataclass(slots=True)
+class EmbeddingJob:
+    """The inputs of one ``/v1/embeddings`` request, in turns that share the embedding context fairly."""
+
+    runtime: ModelRuntime
+    engine: Engine
+    pool: SlotPool
+    texts: list[str]
+    tokens: list[int]
+    """Each input's token count."""
+
+    @property
+    def total_tokens(self) -> int:
+        """Input tokens of every input."""
+        return sum(self.tokens)
+
+    def turns(self, budget: int) -> list[range]:
+        """Consecutive inputs grouped into turns of at most ``budget`` tokens (an input longer than that is
+        a turn of its own); between turns, other requests waiting for the context go first."""
+        turns, start, used = [], 0, 0
+        for index, count in enumerate(self.tokens):
+            if index > start and used + count > budget:
+                turns.append(range(start, index))
+                start, used = index, 0
+            used += count
+        turns.append(range(start, len(self.tokens)))
+        return turns
+
+
+async def prepare_embeddings(
+    request: EmbeddingRequest, runtime: ModelRuntime, limits: LimitsSettings
+) -> EmbeddingJob:
+    """Validate an embeddings request against the model: inputs, their count and tokens, dimensions."""
+    engine, _ = runtime.ready()
+    pool = runtime.embed_pool
+    if not engine.embeddings_enabled or pool is None:
+        raise NotFoundError(
+            f"the model `{request.model}` does not serve embeddings", param="model", code="model_not_found"
+        )
+    architecture = engine.info.metadata.get("general.architecture", "")
+    width = int(engine.info.metadata.get(f"{architecture}.embedding_length", 0))
+    if request.dimensions is not None and request.dimensions != width:
+        raise InvalidRequestError("`dimensions` cannot be changed for this model", param="dimensions")
+    items = split_inputs(request.input, "input")
+    if len(items) > limits.max_embedding_inputs:
+        raise InvalidRequestError(
+            f"`input` may hold at most {limits.max_embedding_inputs} items", param="input"
+        )
+    if not runtime.settings.embedding_token_ids and any(not isinstance(item, str) for item in items):
+        raise InvalidRequestError(
+            f"token-id input is not accepted by model `{request.model}`: ids from another tokenizer "
+            "(OpenAI's, which LangChain's OpenAIEmbeddings uses by default) would give wrong vectors. "
+            "Send text (LangChain: OpenAIEmbeddings(check_embedding_ctx_length=False)), or enable "
+            "`embedding_token_ids` for this model if your ids come from its own tokenizer.",
+            param="input",
+            code="token_ids_not_supported",
+        )
+    texts = [
+        item
+        if isinstance(item, str)
+        else engine.detokenize(check_token_ids(item, engine.info.n_vocab, "input"))
+        for item in items
+    ]
+    if any(not text for text in texts):
+        raise InvalidRequestError("`input` must not contain empty strings", param="input")
+    tokens = []
+    for text in texts:
+        count = len(await tokenize_checked(engine, text, runtime.n_ctx_per_slot, "input"))
+        if count > runtime.n_ctx_per_slot:
+            raise ContextLengthError(
+                f"an input is longer than the model's context of {runtime.n_ctx_per_slot} tokens",
+                param="input",
+            )
+        tokens.append(count)
+    if sum(tokens) > limits.max_embedding_tokens:
+        raise InvalidRequestError(
+            f"`input` holds {sum(tokens)} tokens; one request may hold at most {limits.max_embedding_tokens}",
+            param="input",
+        )
+    return EmbeddingJob(runtime, engine, pool, texts, tokens)
 
 
 def reserve(job: Job) -> Reservation:

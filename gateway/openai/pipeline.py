@@ -36,7 +36,7 @@ from gateway.cache.key import cache_policy
 from gateway.cache.service import CacheLookup, ResponseCache
 from gateway.errors import ClientDisconnectedError, InternalError, as_gateway_error, sse_frame
 from gateway.openai.frames import Frames, Piece, usage_of
-from gateway.openai.generation import ChoiceFinished, ChoiceToken, Job, reserve, run_choices
+from gateway.openai.generation import ChoiceFinished, ChoiceToken, EmbeddingJob, Job, reserve, run_choices
 from gateway.openai.protocol.chat import ChatCompletionRequest
 from gateway.openai.protocol.common import Usage
 from gateway.openai.protocol.completions import CompletionRequest
@@ -50,6 +50,9 @@ T = TypeVar("T")
 logger = logging.getLogger("pocketllm.api")
 
 CACHE_HEADER = "x-cache"
+EMBEDDING_TURN_TOKENS = 128
+"""Input tokens of one turn on an embedding context (an input longer than this is a turn of its own):
+short, because llama.cpp's embedding context costs about as much per sequence as per token here."""
 REPLAY_MAX_CHUNKS = 16
 """Pieces per choice of an answer replayed from the cache."""
 
@@ -118,6 +121,34 @@ class Pipeline:
             raise
         headers = {**admission.headers, CACHE_HEADER: found.outcome.value}
         return Run(call, self, admission, found, reservation, headers)
+
+    async def embed(self, job: EmbeddingJob, principal: Principal) -> tuple[list[list[float]], int]:
+        """Admission (RPM, TPM by input tokens, concurrency), then the inputs in turns on the model's
+        embedding context: each turn waits in the embedding pool's bounded FIFO queue (503 when full or
+        after ``queue.max_wait_s``), so a large request cannot hold others back for longer than a turn.
+        Cancelling it (the client left) stops it before its next turn.
+
+        Returns:
+            One vector per input, and the tokens they used.
+        """
+        admission = await admit(
+            self.limiter, self.settings.ratelimit, self.store, principal, tokens=job.total_tokens
+        )
+        vectors: list[list[float]] = []
+        used = 0
+        try:
+            for turn in job.turns(EMBEDDING_TURN_TOKENS):
+                reservation = job.pool.reserve()
+                try:
+                    await reservation.wait()
+                    got, count = await job.engine.embed([job.texts[index] for index in turn])
+                finally:
+                    reservation.release()
+                vectors += got
+                used += count
+        finally:
+            await admission.release(used)
+        return vectors, used
 
 
 def _key_view(request: ChatCompletionRequest | CompletionRequest, job: Job) -> dict[str, Any]:

@@ -126,9 +126,9 @@ class Turn:
             "usage": _usage_dict(piece.usage),
         }
 
-    async def record(self, store: IdentityStore, answer: CachedCompletion) -> None:
+    async def record(self, identity_store: IdentityStore, answer: CachedCompletion) -> None:
         """Store both sides of the exchange."""
-        await store.add_messages(
+        await identity_store.add_messages(
             self.session_id, [("user", self.data.prompt), ("assistant", answer.choices[0].text)]
         )
 
@@ -136,17 +136,19 @@ class Turn:
 async def start_turn(
     data: ChatRequest,
     principal: Principal,
-    store: IdentityStore,
-    models: ModelManager,
+    identity_store: IdentityStore,
+    model_manager: ModelManager,
     pipeline: Pipeline,
 ) -> tuple[Turn, Run]:
     """Load the session (404 when it is not the caller's), prepare the reply over its history, admit it
     (429 before any new session is created), then create the session when none was given."""
-    model_name = data.model or models.runtimes[0].id
-    runtime = models.resolve(model_name)
+    model_name = data.model or model_manager.runtimes[0].id
+    runtime = model_manager.resolve(model_name)
     check_model_access(principal, model_name, runtime.id)
-    session = await own_session(store, principal, data.session_id) if data.session_id is not None else None
-    history = await store.list_messages(session.id) if session is not None else []
+    session = (
+        await own_session(identity_store, principal, data.session_id) if data.session_id is not None else None
+    )
+    history = await identity_store.list_messages(session.id) if session is not None else []
     completion = ChatCompletionRequest(
         model=model_name,
         messages=[
@@ -160,12 +162,12 @@ async def start_turn(
     turn = Turn(data, session, model_name, job)
 
     async def record(answer: CachedCompletion) -> None:
-        await turn.record(store, answer)
+        await turn.record(identity_store, answer)
 
     run = await pipeline.start(Call(job, completion, principal, PocketFrames(turn), on_answer=record))
     if session is None:
         try:
-            turn.session = await store.create_session(
+            turn.session = await identity_store.create_session(
                 principal.user_id, title_from(data.prompt), runtime.id, turn.session_id
             )
         except BaseException:
@@ -187,28 +189,28 @@ class ChatController(Controller):
         request: Request[Any, Any, Any],
         data: JSONBody[ChatRequest],
         principal: NamedDependency[Principal],
-        models: NamedDependency[ModelManager],
+        model_manager: NamedDependency[ModelManager],
         pipeline: NamedDependency[Pipeline],
-        store: NamedDependency[IdentityStore],
+        identity_store: NamedDependency[IdentityStore],
     ) -> Response[ChatReply] | EventStream:
         """Generate the next reply of a session (a new one when none is given); both turns are stored.
 
         A client that goes away cancels the generation (JSON or stream) and frees its slot.
         """
-        _, run = await start_turn(data, principal, store, models, pipeline)
+        _, run = await start_turn(data, principal, identity_store, model_manager, pipeline)
         return await respond(request, run, stream=data.stream)
 
     @get("/history", summary="The caller's sessions")
     async def history(
         self,
         principal: NamedDependency[Principal],
-        store: NamedDependency[IdentityStore],
+        identity_store: NamedDependency[IdentityStore],
         # QueryParameter, not Meta: Litestar does not apply msgspec Meta constraints to query parameters
         limit: Annotated[int, QueryParameter(ge=1, le=100)] = 20,
         offset: Annotated[int, QueryParameter(ge=0, le=2**62)] = 0,
     ) -> dict[str, Any]:
         """Newest first, paginated."""
-        sessions, total = await store.list_sessions(principal.user_id, limit, offset)
+        sessions, total = await identity_store.list_sessions(principal.user_id, limit, offset)
         return {
             "sessions": [_session_dict(s) for s in sessions],
             "total": total,
@@ -220,12 +222,12 @@ class ChatController(Controller):
     async def session(
         self,
         principal: NamedDependency[Principal],
-        store: NamedDependency[IdentityStore],
+        identity_store: NamedDependency[IdentityStore],
         session_id: FromPath[str],
     ) -> dict[str, Any]:
         """The session and its messages in order; 404 for a missing or another user's session."""
-        session = await own_session(store, principal, session_id)
-        messages = await store.list_messages(session.id)
+        session = await own_session(identity_store, principal, session_id)
+        messages = await identity_store.list_messages(session.id)
         return {
             **_session_dict(session),
             "messages": [
@@ -237,11 +239,11 @@ class ChatController(Controller):
     async def delete_session(
         self,
         principal: NamedDependency[Principal],
-        store: NamedDependency[IdentityStore],
+        identity_store: NamedDependency[IdentityStore],
         session_id: FromPath[str],
     ) -> None:
         """Delete the caller's session and its messages."""
-        if not await store.delete_session(check_session_id(session_id), principal.user_id):
+        if not await identity_store.delete_session(check_session_id(session_id), principal.user_id):
             raise session_not_found()
 
 
@@ -259,9 +261,9 @@ def _session_dict(session: ChatSession) -> dict[str, Any]:
 @websocket("/chat/ws")
 async def chat_socket(
     socket: WebSocket[Any, Any, Any],
-    models: NamedDependency[ModelManager],
+    model_manager: NamedDependency[ModelManager],
     pipeline: NamedDependency[Pipeline],
-    store: NamedDependency[IdentityStore],
+    identity_store: NamedDependency[IdentityStore],
     authenticator: NamedDependency[Authenticator],
 ) -> None:
     """Streaming chat over a WebSocket: authenticate by header or a first ``{"token": ...}`` message, then
@@ -281,7 +283,7 @@ async def chat_socket(
             message = await socket.receive_json()
             try:
                 data = msgspec.convert(message, ChatRequest)
-                turn, run = await start_turn(data, principal, store, models, pipeline)
+                turn, run = await start_turn(data, principal, identity_store, model_manager, pipeline)
                 await _socket_reply(socket, turn, run)
             except msgspec.ValidationError as exc:
                 await socket.send_json({"type": "error", "error": error_dict(validation_failure(str(exc)))})

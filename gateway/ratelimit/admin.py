@@ -28,11 +28,13 @@ class LimitsUpdate(Struct, forbid_unknown_fields=True):
 
 
 async def _limits(
-    store: IdentityStore, settings: Settings, subject: str, update: LimitsUpdate | None
+    identity_store: IdentityStore, settings: Settings, subject: str, update: LimitsUpdate | None
 ) -> dict[str, Any]:
     if update is not None:
-        await store.set_limit_override(subject, LimitOverride(update.rpm, update.tpm, update.concurrency))
-    override = (await store.get_limit_overrides([subject])).get(subject, LimitOverride())
+        await identity_store.set_limit_override(
+            subject, LimitOverride(update.rpm, update.tpm, update.concurrency)
+        )
+    override = (await identity_store.get_limit_overrides([subject])).get(subject, LimitOverride())
     spec = effective_limits(subject, override, settings.ratelimit)
     return {
         "subject": subject,
@@ -41,14 +43,14 @@ async def _limits(
     }
 
 
-async def _key_subject(store: IdentityStore, key_id: str) -> str:
-    if not any(key.id == key_id for key in await store.list_keys()):
+async def _key_subject(identity_store: IdentityStore, key_id: str) -> str:
+    if not any(key.id == key_id for key in await identity_store.list_keys()):
         raise NotFoundError("no such key", param="key_id", code="key_not_found")
     return f"key:{key_id}"
 
 
-async def _user_subject(store: IdentityStore, user_id: str) -> str:
-    if await store.get_user(user_id) is None:
+async def _user_subject(identity_store: IdentityStore, user_id: str) -> str:
+    if await identity_store.get_user(user_id) is None:
         raise NotFoundError("no such user", param="user_id", code="user_not_found")
     return f"user:{user_id}"
 
@@ -63,41 +65,41 @@ class AdminLimitsController(Controller):
     @get("/keys/{key_id:str}/limits", summary="An API key's rate limits")
     async def key_limits(
         self,
-        store: NamedDependency[IdentityStore],
+        identity_store: NamedDependency[IdentityStore],
         settings: NamedDependency[Settings],
         key_id: FromPath[str],
     ) -> dict[str, Any]:
         """The key's override and the limits in effect (``null``: unlimited)."""
-        return await _limits(store, settings, await _key_subject(store, key_id), None)
+        return await _limits(identity_store, settings, await _key_subject(identity_store, key_id), None)
 
     @put("/keys/{key_id:str}/limits", summary="Set an API key's rate limits")
     async def set_key_limits(
         self,
-        store: NamedDependency[IdentityStore],
+        identity_store: NamedDependency[IdentityStore],
         settings: NamedDependency[Settings],
         key_id: FromPath[str],
         data: JSONBody[LimitsUpdate],
     ) -> dict[str, Any]:
         """Replace the key's override (``null`` fields follow the defaults, ``-1`` is unlimited)."""
-        return await _limits(store, settings, await _key_subject(store, key_id), data)
+        return await _limits(identity_store, settings, await _key_subject(identity_store, key_id), data)
 
     @get("/users/{user_id:str}/limits", summary="A user's rate limits")
     async def user_limits(
         self,
-        store: NamedDependency[IdentityStore],
+        identity_store: NamedDependency[IdentityStore],
         settings: NamedDependency[Settings],
         user_id: FromPath[str],
     ) -> dict[str, Any]:
         """The user's override and the limits in effect (``null``: unlimited)."""
-        return await _limits(store, settings, await _user_subject(store, user_id), None)
+        return await _limits(identity_store, settings, await _user_subject(identity_store, user_id), None)
 
     @put("/users/{user_id:str}/limits", summary="Set a user's rate limits")
     async def set_user_limits(
         self,
-        store: NamedDependency[IdentityStore],
+        identity_store: NamedDependency[IdentityStore],
         settings: NamedDependency[Settings],
         user_id: FromPath[str],
         data: JSONBody[LimitsUpdate],
     ) -> dict[str, Any]:
         """Replace the user's override (``null`` fields follow the defaults, ``-1`` is unlimited)."""
-        return await _limits(store, settings, await _user_subject(store, user_id), data)
+        return await _limits(identity_store, settings, await _user_subject(identity_store, user_id), data)

@@ -147,3 +147,15 @@ def test_request_id_is_kept_or_made(client: httpx.Client) -> None:
         client.get("/v1/models", headers={"x-request-id": "bad id <x>"}).headers["x-request-id"]
         != "bad id <x>"
     )
+
+
+def test_a_bad_body_field_named_like_a_dependency_is_a_400(client: httpx.Client) -> None:
+    """Litestar reports a body error under a dependency's name as a 500; no body field may share one."""
+    chat = {"model": MODEL_ID, "messages": [{"role": "user", "content": "x"}]}
+    assert_envelope(
+        client.post("/v1/chat/completions", json={**chat, "cache": {"nonsense": 1}}),
+        400,
+        code="unsupported_parameter",
+        param="cache.nonsense",
+    )
+    assert_envelope(client.post("/v1/chat/completions", json={**chat, "cache": {"ttl": "soon"}}), 400)

@@ -79,7 +79,7 @@ def three_slots(model_path: Path) -> Iterator[ServedApp]:
 @pytest.fixture
 def faulty(three_slots: ServedApp) -> Iterator[FaultyEngine]:
     """The served model's engine wrapped so that marked requests fail after three tokens."""
-    models: ModelManager = three_slots.app.dependencies["models"].dependency()
+    models: ModelManager = three_slots.app.state.models
     runtime = models.resolve(MODEL_ID)
     real = runtime.engine
     assert real is not None
