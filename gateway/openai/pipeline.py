@@ -124,10 +124,11 @@ class Pipeline:
                 model_digest=shape.runtime.digest,
                 request=_key_view(call.request, shape, self.settings.limits),
                 policy=cache_policy(call.cache_control, call.request.cache),
+                counted=False,
             )
-        current_request().cache(found.outcome.value)
         if found.value is not None:
             admission = await self._admit(call, 0)
+            self._counted(found)
             return Run(call, self, admission, found, None, None)
         job = await call.prepare()
         admission = await self._admit(call, job.prompt_tokens + job.params.max_tokens * job.choices)
@@ -136,7 +137,13 @@ class Pipeline:
         except BaseException:
             await admission.release(0)
             raise
+        self._counted(found)
         return Run(call, self, admission, found, job, reservation)
+
+    def _counted(self, found: CacheLookup) -> None:
+        """An admitted request's cache outcome (a refused or invalid one is nobody's lookup)."""
+        self.cache.count(found.outcome)
+        current_request().cache(found.outcome.value)
 
     async def _admit(self, call: Call, tokens: int) -> Admission:
         return await admit(
