@@ -25,6 +25,7 @@ from gateway.admin.identity import AdminIdentityController
 from gateway.admin.ops import AdminOpsController, FileDigests, prometheus_route
 from gateway.backends import build_backends
 from gateway.cache.admin import AdminCacheController
+from gateway.console.routes import console_router
 from gateway.dependencies import DEPENDENCIES
 from gateway.draining import Drainer
 from gateway.errors import (
@@ -149,6 +150,7 @@ def create_app(settings: Settings, *, on_load_failure: Callable[[list[str]], Non
             AdminOpsController,
             AdminCacheController,
             AdminLimitsController,
+            console_router(),
             *(
                 [prometheus_route(require_admin=settings.telemetry.metrics_require_admin)]
                 if settings.telemetry.metrics_enabled

@@ -4,21 +4,28 @@ from __future__ import annotations
 
 from typing import Any
 
-from litestar import Response, get
+from litestar import Request, Response, get
 from litestar.di import NamedDependency
+from litestar.response import Redirect
 
 from engine.models import ModelManager
 from gateway import __version__
 
 
 @get("/", summary="Service information", tags=["Service"])
-async def index(model_manager: NamedDependency[ModelManager]) -> dict[str, Any]:
-    """Service name, version and models."""
+async def index(
+    request: Request[Any, Any, Any], model_manager: NamedDependency[ModelManager]
+) -> dict[str, Any] | Redirect:
+    """Service name, version and models; a browser (``Accept`` preferring ``text/html``) is sent to the
+    web console at ``/ui/`` instead."""
+    if request.accept.best_match(["application/json", "text/html"], default="application/json") == "text/html":
+        return Redirect("/ui/")
     return {
         "service": "PocketLLM Gateway",
         "version": __version__,
         "models": [r.id for r in model_manager.runtimes],
         "docs": "/docs",
+        "console": "/ui/",
         "openapi": "/schema/openapi.json",
     }
 

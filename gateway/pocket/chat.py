@@ -44,6 +44,8 @@ class ChatRequest(Struct, forbid_unknown_fields=True):
     stream: bool = False
     max_tokens: Annotated[int, Meta(ge=1)] | None = None
     temperature: Annotated[float, Meta(ge=0.0, le=2.0)] | None = None
+    system: Annotated[str, Meta(min_length=1)] | None = None
+    """A system prompt for this turn: sent first, before the history; not stored in the session."""
 
 
 class ChatReply(Struct):
@@ -152,6 +154,7 @@ async def start_turn(
     completion = ChatCompletionRequest(
         model=model_name,
         messages=[
+            *([ChatMessage(role="system", content=data.system)] if data.system is not None else []),
             *(ChatMessage(role=cast(Any, m.role), content=m.content) for m in history),
             ChatMessage(role="user", content=data.prompt),
         ],
@@ -269,7 +272,7 @@ async def chat_socket(
     authenticator: NamedDependency[Authenticator],
 ) -> None:
     """Streaming chat over a WebSocket: authenticate by header or a first ``{"token": ...}`` message, then
-    send ``{"prompt", "session_id"?, "model"?}``; replies are ``delta`` frames and a ``done`` frame."""
+    send ``{"prompt", "session_id"?, "model"?, "system"?, ...}``; replies are ``delta`` frames and a ``done`` frame."""
     await socket.accept()
     try:
         principal = await _socket_principal(socket, authenticator)
