@@ -18,7 +18,8 @@ async def index(
 ) -> dict[str, Any] | Redirect:
     """Service name, version and models; a browser (``Accept`` preferring ``text/html``) is sent to the
     web console at ``/ui/`` instead."""
-    if request.accept.best_match(["application/json", "text/html"], default="application/json") == "text/html":
+    preferred = request.accept.best_match(["application/json", "text/html"], default="application/json")
+    if preferred == "text/html":
         return Redirect("/ui/")
     return {
         "service": "PocketLLM Gateway",

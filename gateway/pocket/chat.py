@@ -272,7 +272,8 @@ async def chat_socket(
     authenticator: NamedDependency[Authenticator],
 ) -> None:
     """Streaming chat over a WebSocket: authenticate by header or a first ``{"token": ...}`` message, then
-    send ``{"prompt", "session_id"?, "model"?, "system"?, ...}``; replies are ``delta`` frames and a ``done`` frame."""
+    send ``{"prompt", "session_id"?, "model"?, "system"?, ...}``; replies are ``delta`` frames and a ``done``
+    frame."""
     await socket.accept()
     try:
         principal = await _socket_principal(socket, authenticator)

@@ -227,6 +227,31 @@ def test_chat_sessions_and_history(app: ServedApp) -> None:
         assert counts["total"] >= 1 and counts["per_user"]["user1"] >= 1
 
 
+def test_chat_system_prompt_leads_the_turn_and_is_not_stored(app: ServedApp) -> None:
+    system = "You are a pirate. Answer in one word."
+    with _http(app, app.api_key) as http:
+
+        def v1_prompt_tokens(*messages: dict[str, str]) -> int:
+            response = http.post("/v1/chat/completions", json={**_chat_body(messages=list(messages))})
+            assert response.status_code == 200, response.text
+            tokens: int = response.json()["usage"]["prompt_tokens"]
+            return tokens
+
+        turn = http.post("/chat", json={"prompt": "Hi", "system": system, "max_tokens": 3})
+        assert turn.status_code == 200, turn.text
+        plain = http.post("/chat", json={"prompt": "Hi", "max_tokens": 3}).json()
+        # the same prompt as /v1 with a leading system message (the template's default one otherwise)
+        user = {"role": "user", "content": "Hi"}
+        assert turn.json()["usage"]["prompt_tokens"] == v1_prompt_tokens(
+            {"role": "system", "content": system}, user
+        )
+        assert plain["usage"]["prompt_tokens"] == v1_prompt_tokens(user)
+        assert turn.json()["usage"]["prompt_tokens"] != plain["usage"]["prompt_tokens"]
+        history = http.get(f"/chat/history/{turn.json()['session_id']}").json()
+        assert [m["role"] for m in history["messages"]] == ["user", "assistant"]
+        _error(http.post("/chat", json={"prompt": "Hi", "system": ""}), 400)
+
+
 def test_x_session_id_records_the_exchange(app: ServedApp) -> None:
     with _http(app, app.api_key) as http:
         plain = http.post("/v1/chat/completions", json=_chat_body())

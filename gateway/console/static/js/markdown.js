@@ -9,7 +9,7 @@ const HEADING = /^(#{1,6})\s+(.*)$/;
 const BULLET = /^\s*[-*+]\s+(.*)$/;
 const NUMBERED = /^\s*\d{1,9}[.)]\s+(.*)$/;
 const QUOTE = /^\s*>\s?(.*)$/;
-const INLINE = /(`+)([^`]+?)\1|\*\*([^*]+)\*\*|__([^_]+)__|\*([^*\s][^*]*)\*|\[([^\]]+)\]\(([^)\s]+)\)/g;
+const INLINE = /(`+)([^`]+?)\1|\*\*([^*]+)\*\*|\*([^*\s][^*]*)\*|\[([^\]]+)\]\(([^)\s]+)\)/g;
 
 /**
  * Render Markdown text as a fragment of DOM nodes (no HTML parsing anywhere).
@@ -95,9 +95,9 @@ function inline(parent, text) {
   for (const m of text.matchAll(INLINE)) {
     if (m.index > last) parent.append(text.slice(last, m.index));
     if (m[2] !== undefined) parent.append(h("code", {}, m[2]));
-    else if (m[3] !== undefined || m[4] !== undefined) parent.append(h("strong", {}, m[3] ?? m[4]));
-    else if (m[5] !== undefined) parent.append(h("em", {}, m[5]));
-    else parent.append(link(m[6], m[7]));
+    else if (m[3] !== undefined) parent.append(h("strong", {}, m[3]));
+    else if (m[4] !== undefined) parent.append(h("em", {}, m[4]));
+    else parent.append(link(m[5], m[6]));
     last = m.index + m[0].length;
   }
   if (last < text.length) parent.append(text.slice(last));
