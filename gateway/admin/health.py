@@ -15,20 +15,22 @@ from gateway import __version__
 @get("/", summary="Service information", tags=["Service"])
 async def index(
     request: Request[Any, Any, Any], model_manager: NamedDependency[ModelManager]
-) -> dict[str, Any] | Redirect:
+) -> Response[dict[str, Any]]:
     """Service name, version and models; a browser (``Accept`` preferring ``text/html``) is sent to the
     web console at ``/ui/`` instead."""
     preferred = request.accept.best_match(["application/json", "text/html"], default="application/json")
     if preferred == "text/html":
-        return Redirect("/ui/")
-    return {
-        "service": "PocketLLM Gateway",
-        "version": __version__,
-        "models": [r.id for r in model_manager.runtimes],
-        "docs": "/docs",
-        "console": "/ui/",
-        "openapi": "/schema/openapi.json",
-    }
+        return Redirect("/ui/")  # a Response: the documented 200 stays the JSON object
+    return Response(
+        {
+            "service": "PocketLLM Gateway",
+            "version": __version__,
+            "models": [r.id for r in model_manager.runtimes],
+            "docs": "/docs",
+            "console": "/ui/",
+            "openapi": "/schema/openapi.json",
+        }
+    )
 
 
 @get("/health", summary="Health", tags=["Service"])
