@@ -153,13 +153,19 @@ async function send(text) {
   );
   messages.append(article);
   article.scrollIntoView({ block: "end" });
-  reply = { text: "", body, stats, article, sent: performance.now(), first: null, pieces: 0, queued: false };
+  const mine = { text: "", body, stats, article, sent: performance.now(), first: null, pieces: 0, queued: false };
+  reply = mine;
   setBusy(true);
   try {
     const ws = await connect();
+    // stopped while connecting: send nothing (the socket is closed, so nothing is generated)
+    if (reply !== mine) {
+      dropSocket();
+      return;
+    }
     ws.send(JSON.stringify(turn));
   } catch (error) {
-    finish(error.message);
+    if (reply === mine) finish(error.message);
   }
 }
 
