@@ -128,7 +128,7 @@ function redisState(m) {
   const errors = typeof m.redis_errors === "object" && m.redis_errors !== null
     ? Object.values(m.redis_errors).reduce((a, b) => a + b, 0)
     : m.redis_errors || 0;
-  if (m.cache.backend !== "redis") return `not used (${m.cache.backend} cache)`;
+  if (m.cache.backend !== "redis") return `off (${m.cache.backend} cache)`;
   return `${m.cache.available ? "available" : "UNAVAILABLE"}, ${errors} errors`;
 }
 
