@@ -23,6 +23,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct, field
 
+from auth.stores import is_postgres_url
 from engine.config import ModelSettings, QueueSettings
 from engine.registry import REGISTRY_FILE
 
@@ -46,6 +47,10 @@ class ServerSettings(Struct, forbid_unknown_fields=True, kw_only=True):
     max_body_bytes: PositiveInt = 2 * 1024 * 1024
     cors_origins: list[str] = field(default_factory=lambda: ["*"])
     drain_timeout_s: Seconds = 30.0
+    replicas: PositiveInt = 1
+    """How many gateway processes serve this deployment together (behind one load balancer). Above 1,
+    start-up requires what they must share: a PostgreSQL store (``store.url``), Redis (``redis.host``) and
+    a signing secret of the deployment's own (``auth.secret_key`` or ``auth.jwt_secret``)."""
 
 
 class LimitsSettings(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -109,8 +114,9 @@ class RateLimitSettings(Struct, forbid_unknown_fields=True, kw_only=True):
     user_rpm: Limit = None
     user_tpm: Limit = None
     user_concurrency: Limit = None
-    lease_ttl_s: Seconds = 900.0
-    """A concurrency slot that is never released (crashed process) expires after this."""
+    lease_ttl_s: Seconds = 6.0
+    """A concurrency slot lives this long unless renewed; each process renews the slots of its running
+    requests every third of it, so the slots of a process that dies come back within this."""
 
 
 class ExternalIdPSettings(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -205,6 +211,12 @@ class Settings(Struct, forbid_unknown_fields=True, kw_only=True):
     auth: AuthSettings = field(default_factory=AuthSettings)
     store: StoreSettings = field(default_factory=StoreSettings)
     telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
+
+    @property
+    def shared_state(self) -> bool:
+        """Whether everything several replicas must agree on is shared: identity and chat sessions in
+        PostgreSQL, limits, leases, the login throttle and the response cache in Redis."""
+        return bool(self.store.url and is_postgres_url(self.store.url) and self.redis.host)
 
     @property
     def models_path(self) -> Path:
@@ -315,7 +327,32 @@ def settings_from_mapping(raw: Mapping[str, Any]) -> Settings:
     return settings
 
 
+def _check_replicas(settings: Settings) -> None:
+    """Refuse what cannot be correct when ``server.replicas`` processes serve one deployment."""
+    replicas = settings.server.replicas
+    if replicas == 1:
+        return
+    several = f"`server.replicas` is {replicas}, but"
+    if not (settings.store.url and is_postgres_url(settings.store.url)):
+        raise SettingsError(
+            f"invalid setting: {several} `store.url` (DATABASE_URL) is not a postgresql:// URL: a SQLite "
+            "store under `data_dir` belongs to one machine, so users, keys, revocations and chat sessions "
+            "would differ between replicas"
+        )
+    if not settings.redis.host:
+        raise SettingsError(
+            f"invalid setting: {several} `redis.host` (REDIS_HOST) is unset: rate limits, concurrency "
+            "leases, the login throttle and the response cache would be per process"
+        )
+    if settings.auth.jwt_secret is None and settings.auth.secret_key == DEFAULT_SECRET_KEY:
+        raise SettingsError(
+            f"invalid setting: {several} `auth.secret_key` (SECRET_KEY) is the development default: each "
+            "replica would sign tokens with a random secret of its own, valid nowhere else"
+        )
+
+
 def _check(settings: Settings) -> None:
+    _check_replicas(settings)
     if settings.env == "production":
         if settings.auth.secret_key == DEFAULT_SECRET_KEY:
             raise SettingsError(
