@@ -1,7 +1,7 @@
 """Three ``pocketllm serve`` replicas on one PostgreSQL database and one Redis, each on its own network.
 
 The replicas run in network namespaces of their own on one bridge (or, where namespaces cannot be made,
-on loopback addresses of their own: ``tests/replicas.py``) and reach PostgreSQL and Redis through relays
+on loopback addresses of their own: ``tests/replicas_support.py``) and reach PostgreSQL and Redis through relays
 that the test can cut. They share nothing else: each has its own data directory and process memory.
 
 The tests run in file order on one cluster; the last two change it (replica A is killed; the database is
@@ -29,7 +29,7 @@ import pytest
 from tests.api.cache_support import drop_prefix
 from tests.conftest import MODEL_ID, NO_EOS, free_port
 from tests.postgres import SHARED_ADMIN_URL, temporary_database, unreachable_reason
-from tests.replicas import Network, Relay
+from tests.replicas_support import Network, Relay
 from tests.serve_support import server_env, start_server, wait_healthy
 
 pytestmark = pytest.mark.e2e
