@@ -100,6 +100,15 @@ def serve(args: argparse.Namespace) -> int:
         port,
         ", ".join(m.id for m in settings.models),
     )
+    if settings.server.replicas > 1:  # the settings check refused anything not shared
+        logger.info(
+            "one of %d replicas: identity and chat sessions in PostgreSQL; limits, leases, the login "
+            "throttle and the response cache in Redis %s:%d (prefix %r)",
+            settings.server.replicas,
+            settings.redis.host,
+            settings.redis.port,
+            settings.redis.key_prefix,
+        )
     server.run()
     return exit_code
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -149,6 +150,14 @@ def refused_everywhere(cluster: Cluster, replicas: list[int], headers: dict[str,
 
     with ThreadPoolExecutor(len(replicas)) as pool:
         return list(pool.map(wait, replicas))
+
+
+def test_serve_refuses_several_replicas_on_a_sqlite_store() -> None:
+    command = [sys.executable, "-m", "gateway.cli", "serve"]
+    env = server_env(POCKETLLM_SERVER__REPLICAS="3", REDIS_HOST="127.0.0.1", SECRET_KEY=SECRET)
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 2
+    assert "`server.replicas` is 3" in result.stderr and "`store.url` (DATABASE_URL)" in result.stderr
 
 
 def test_a_key_made_on_a_works_on_b_and_c_at_once(cluster: Cluster) -> None:
