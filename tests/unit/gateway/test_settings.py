@@ -132,7 +132,9 @@ def test_several_replicas_refuse_what_cannot_be_shared(
     for extra in ({}, {"POCKETLLM_ENV": "production"}):
         with pytest.raises(SettingsError) as err:
             load_settings(env=env | extra)
-        assert "`server.replicas` is 3" in str(err.value) and named in str(err.value) and why in str(err.value)
+        assert (
+            "`server.replicas` is 3" in str(err.value) and named in str(err.value) and why in str(err.value)
+        )
     one = load_settings(env=env | {"POCKETLLM_SERVER__REPLICAS": "1"})  # one replica: all of it is fine
     assert one.server.replicas == 1 and one.shared_state is (missing == "SECRET_KEY")
 
