@@ -68,13 +68,13 @@ class LeaseKeeper:
         except RateLimitBackendError as exc:  # a bare shared limiter (a fallback never raises)
             logger.warning("renewing %d concurrency leases failed: %s", len(self._live), exc)
             return
-        for ticket_id in lost:
-            if self._live.pop(ticket_id, None) is not None:
-                logger.warning(
-                    "the concurrency lease of ticket %s expired before its request ended (renewals were "
-                    "late or the limiter lost it); the request runs on without it",
-                    ticket_id,
-                )
+        forgotten = sum(self._live.pop(ticket_id, None) is not None for ticket_id in lost)
+        if forgotten:
+            logger.warning(
+                "%d concurrency leases expired before their requests ended (renewals were late, or the "
+                "limiter lost them in an outage); those requests run on without holding a slot",
+                forgotten,
+            )
 
     def _start(self) -> None:
         loop = asyncio.get_running_loop()

@@ -163,6 +163,23 @@ def test_the_heartbeat_keeps_leases_until_release_or_death(make_limiter: MakeLim
     run(make_limiter, body, lease_ttl_s=0.3)
 
 
+def test_the_heartbeat_forgets_leases_it_was_too_late_for(
+    make_limiter: MakeLimiter, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def body(limiter: RateLimiter) -> None:
+        keeper = LeaseKeeper(limiter, interval_s=10.0)  # far slower than the 0.3 s TTL
+        key = [subject(concurrency=1)]
+        assert (await keeper.acquire(key, tokens=0)).allowed and keeper.live == 1
+        await asyncio.sleep(0.4)
+        await keeper.renew_live()
+        assert keeper.live == 0
+        assert (await keeper.acquire(key, tokens=0)).allowed  # the lost lease was not revived
+        await keeper.close()
+
+    run(make_limiter, body, lease_ttl_s=0.3)
+    assert "1 concurrency leases expired before their requests ended" in caplog.text
+
+
 def test_tokens_reserved_then_reconciled(make_limiter: MakeLimiter) -> None:
     async def body(limiter: RateLimiter) -> None:
         key = [subject(tpm=100)]
