@@ -103,7 +103,7 @@ def cluster(model_path: Path) -> Iterator[Cluster]:
                 port = free_port()
                 env = server_env(
                     MODEL_SLOTS="1",
-                    MODEL_N_CTX="2048",  # room for a stream that outlives a lease TTL
+                    MODEL_N_CTX="4096",  # room for a stream that outlives a lease TTL on a fast CPU
                     MODEL_N_THREADS="1",
                     SECRET_KEY=SECRET,
                     DATABASE_URL=f"postgresql://{user}@{network.host}:{store.port}/{database}",
@@ -248,12 +248,15 @@ def test_per_key_rpm_is_exact_across_the_three(cluster: Cluster) -> None:
 
 
 def test_failed_logins_on_a_count_on_b(cluster: Cluster) -> None:
+    wrong = {"username": "user1", "password": "wrong"}
     with cluster.client(0) as a:
-        for _ in range(5):  # the free failures of one (address, user)
-            response = a.post("/auth/login", json={"username": "user1", "password": "wrong"})
-            assert response.status_code == 401
+        for _ in range(5):  # the free failures of one (address, user); the next waits 1 s, then 2 s
+            assert a.post("/auth/login", json=wrong).status_code == 401
+    time.sleep(1.1)
+    with cluster.client(2) as c:
+        assert c.post("/auth/login", json=wrong).status_code == 401  # the 6th: the next waits 2 s
     with cluster.client(1) as b:
-        throttled = b.post("/auth/login", json={"username": "user1", "password": "user123"})
+        throttled = b.post("/auth/login", json={"username": "user1", "password": "password123"})
         assert throttled.status_code == 429, throttled.text  # even the right password waits now
         assert throttled.json()["error"]["code"] == "login_throttled"
         assert int(throttled.headers["Retry-After"]) >= 1
@@ -272,7 +275,7 @@ def test_kill_9_of_a_returns_its_concurrency_lease_within_seconds(cluster: Clust
         body = {
             "model": MODEL_ID,
             "messages": [{"role": "user", "content": "Tell me a long story."}],
-            "max_tokens": 1900,
+            "max_tokens": 4000,
             "stream": True,
             "logit_bias": NO_EOS,
         }
