@@ -50,6 +50,7 @@ def build_authenticator(settings: Settings, redis: RedisClient | None = None) ->
     policy = ThrottlePolicy(
         free_failures=auth.login_max_failures,
         window_s=auth.login_window_s,
+        base_delay_s=auth.login_base_delay_s,
         max_delay_s=auth.login_max_delay_s,
         max_client_failures=auth.login_max_client_failures,
     )

@@ -146,6 +146,8 @@ class AuthSettings(Struct, forbid_unknown_fields=True, kw_only=True):
     """Failed logins of one user from one address before each further attempt is delayed (1 s, 2 s, ...
     up to ``login_max_delay_s``); the user is never locked out from another address."""
     login_window_s: Seconds = 300.0
+    login_base_delay_s: Seconds = 1.0
+    """The first delay; each further failure doubles it."""
     login_max_delay_s: Seconds = 60.0
     login_max_client_failures: PositiveInt | None = None
     """Failed logins per address (any user) within the window; 4 x ``login_max_failures`` when unset."""

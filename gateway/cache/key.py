@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta, Struct
 
-KEY_VERSION = 1
+KEY_VERSION = 2
 """Bump when the canonical form changes, so old entries are never read with a new meaning."""
 
 NON_OUTPUT_FIELDS = frozenset({"stream", "stream_options", "user", "cache", "model"})

@@ -89,9 +89,14 @@ class ResponseCache:
         """The key scope of a user: their own unless the cache is shared."""
         return "shared" if self.shared_scope else f"user:{user}"
 
-    def _bypass(self) -> CacheLookup:
-        self.bypasses += 1
-        return _BYPASS
+    def count(self, outcome: CacheOutcome) -> None:
+        """Count one request's outcome (``lookup`` does, unless told that the caller will)."""
+        if outcome is CacheOutcome.HIT:
+            self.hits += 1
+        elif outcome is CacheOutcome.MISS:
+            self.misses += 1
+        else:
+            self.bypasses += 1
 
     def _failed(self, operation: str, error: BaseException) -> None:
         self.errors += 1
@@ -105,6 +110,7 @@ class ResponseCache:
         model_digest: str,
         request: Mapping[str, Any],
         policy: CachePolicy,
+        counted: bool = True,
     ) -> CacheLookup:
         """Look a request up.
 
@@ -114,28 +120,36 @@ class ResponseCache:
             model_digest: the model file's digest.
             request: the request body as plain data, defaults filled in (see ``cache_key``).
             policy: from ``cache_policy(headers, body cache)``.
+            counted: count the outcome now; ``False`` when the caller counts it once the request is
+                admitted (a request refused afterwards is no lookup of the cache's statistics).
 
         Returns:
             ``HIT`` with ``value``; ``MISS`` with a ``key`` to store under; ``BYPASS`` (with a ``key`` when
             the request may still be stored, e.g. ``no-cache``).
         """
+        found = await self._lookup(user, model_id, model_digest, request, policy)
+        if counted:
+            self.count(found.outcome)
+        return found
+
+    async def _lookup(
+        self, user: str, model_id: str, model_digest: str, request: Mapping[str, Any], policy: CachePolicy
+    ) -> CacheLookup:
         if not self.enabled or not (policy.store or policy.read):
-            return self._bypass()
+            return _BYPASS
         if not (policy.opt_in or is_deterministic(request)):
-            return self._bypass()
+            return _BYPASS
         key = cache_key(self.scope(user), model_id, model_digest, request)
         ttl = policy.ttl_s or self.default_ttl_s
         storable = CacheLookup(
             CacheOutcome.BYPASS, key=key if policy.store else None, model_id=model_id, ttl_s=ttl
         )
         if not policy.read or not self.circuit.allow():
-            self.bypasses += 1
             return storable
         try:
             data = await self.backend.get(key)
         except CacheBackendError as exc:
             self._failed("get", exc)
-            self.bypasses += 1
             return storable
         self.circuit.success()
         if data is not None:
@@ -145,9 +159,7 @@ class ResponseCache:
                 logger.warning("unreadable cache entry %s: %s", key[:12], exc)
                 self.errors += 1
             else:
-                self.hits += 1
                 return CacheLookup(CacheOutcome.HIT, value=value, key=None, model_id=model_id, ttl_s=ttl)
-        self.misses += 1
         return CacheLookup(CacheOutcome.MISS, key=storable.key, model_id=model_id, ttl_s=ttl)
 
     async def store(self, lookup: CacheLookup, completion: CachedCompletion) -> bool:

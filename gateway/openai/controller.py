@@ -15,7 +15,14 @@ from auth.store import IdentityStore
 from engine.models import ModelManager, ModelRuntime
 from gateway.cache.entry import CachedCompletion
 from gateway.openai.frames import ChatFrames, CompletionFrames
-from gateway.openai.generation import prepare_chat, prepare_completion, prepare_embeddings
+from gateway.openai.generation import (
+    Job,
+    chat_shape,
+    completion_shape,
+    prepare_chat,
+    prepare_completion,
+    prepare_embeddings,
+)
 from gateway.openai.pipeline import Call, Pipeline, respond, until_disconnect
 from gateway.openai.protocol.chat import ChatCompletion, ChatCompletionRequest
 from gateway.openai.protocol.completions import Completion, CompletionRequest
@@ -86,11 +93,14 @@ class OpenAIController(Controller):
                     session.id, [("user", prompt), ("assistant", answer.choices[0].text)]
                 )
 
-        job = await prepare_chat(data, runtime, settings.limits, session_id)
         include_usage = bool(data.stream_options and data.stream_options.include_usage)
-        frames = ChatFrames(job, data.model, include_usage)
+        frames = ChatFrames(chat_shape(data, runtime, settings.limits), data.model, include_usage)
         cache_control = request.headers.getall("cache-control", [])
-        run = await pipeline.start(Call(job, data, principal, frames, cache_control, record))
+
+        async def prepare() -> Job:
+            return await prepare_chat(data, runtime, settings.limits, session_id)
+
+        run = await pipeline.start(Call(data, principal, frames, prepare, cache_control, record))
         if session_id:
             run.headers["X-Session-Id"] = session_id
         return await respond(request, run, stream=bool(data.stream))
@@ -107,11 +117,14 @@ class OpenAIController(Controller):
     ) -> Response[Completion] | EventStream:
         """OpenAI (legacy) text completions, JSON or SSE; rate limits and the cache as for chat."""
         runtime = _resolve(model_manager, principal, data.model)
-        job = await prepare_completion(data, runtime, settings.limits)
         include_usage = bool(data.stream_options and data.stream_options.include_usage)
-        frames = CompletionFrames(job, data.model, include_usage)
+        frames = CompletionFrames(completion_shape(data, runtime, settings.limits), data.model, include_usage)
         cache_control = request.headers.getall("cache-control", [])
-        run = await pipeline.start(Call(job, data, principal, frames, cache_control))
+
+        async def prepare() -> Job:
+            return await prepare_completion(data, runtime, settings.limits)
+
+        run = await pipeline.start(Call(data, principal, frames, prepare, cache_control))
         return await respond(request, run, stream=bool(data.stream))
 
     @post("/embeddings", summary="Create embeddings", status_code=200)

@@ -18,7 +18,7 @@ import msgspec
 
 from engine.base import TokenEvent
 from gateway.cache.entry import CachedCompletion
-from gateway.openai.generation import Job
+from gateway.openai.generation import Shape
 from gateway.openai.protocol.chat import (
     AssistantMessage,
     ChatChoice,
@@ -75,17 +75,17 @@ class Frames:
     object: ClassVar[Literal["chat.completion", "text_completion"]]
     id_prefix: ClassVar[str]
 
-    def __init__(self, job: Job, model: str, include_usage: bool = False) -> None:
-        self.job = job
+    def __init__(self, shape: Shape, model: str, include_usage: bool = False) -> None:
+        self.shape = shape
         self.model = model
         self.include_usage = include_usage
         self.id = f"{self.id_prefix}{uuid.uuid4().hex}"
         self.created = int(time.time())
-        self.fingerprint = f"fp_{job.runtime.digest[:10]}"
+        self.fingerprint = f"fp_{shape.runtime.digest[:10]}"
 
     def echo(self, index: int) -> str:
         """The prompt echoed before choice ``index`` (``echo`` of text completions), else ``""``."""
-        return self.job.echo_texts[index // self.job.n] if self.job.echo_texts else ""
+        return self.shape.echo_texts[index // self.shape.n] if self.shape.echo_texts else ""
 
     def token_logprobs(self, event: TokenEvent, offset: int) -> Logprobs:
         """The wire logprobs of one sampled token; ``offset`` is its place in the choice's text."""
@@ -124,7 +124,7 @@ class ChatFrames(Frames):
 
     def stored_logprobs(self, plain: dict[str, Any] | None) -> ChoiceLogprobs | None:
         """The chat shape."""
-        if not self.job.params.logprobs or not plain:
+        if not self.shape.logprobs or not plain:
             return None
         return msgspec.convert(plain, ChoiceLogprobs)
 
@@ -133,7 +133,7 @@ class ChatFrames(Frames):
 
     def head(self) -> Iterator[bytes]:
         """The role of every choice."""
-        for index in range(self.job.choices):
+        for index in range(self.shape.choices):
             yield self._chunk([ChunkChoice(index, ChoiceDelta(role="assistant", content=""))])
 
     def chunk(self, piece: Piece) -> bytes | None:
@@ -184,7 +184,7 @@ class CompletionFrames(Frames):
 
     def stored_logprobs(self, plain: dict[str, Any] | None) -> CompletionLogprobs | None:
         """The legacy shape."""
-        if not self.job.params.logprobs or not plain:
+        if not self.shape.logprobs or not plain:
             return None
         return msgspec.convert(plain, CompletionLogprobs)
 
@@ -193,8 +193,8 @@ class CompletionFrames(Frames):
 
     def head(self) -> Iterator[bytes]:
         """The echoed prompts."""
-        if self.job.echo_texts:
-            for index in range(self.job.choices):
+        if self.shape.echo_texts:
+            for index in range(self.shape.choices):
                 yield self._chunk([CompletionChoice(index, self.echo(index))])
 
     def chunk(self, piece: Piece) -> bytes | None:

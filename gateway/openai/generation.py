@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from engine.base import Cancellation, Engine, Finished, GenerationParams, TokenEvent
 from engine.models import ModelRuntime
@@ -28,23 +28,50 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 _TOKENIZE_OFF_LOOP_CHARS = 8192
 
 
-@dataclass(slots=True)
-class Job:
-    """Everything needed to run one request on one model."""
+@dataclass(frozen=True, slots=True)
+class Shape:
+    """What an answer looks like, known without rendering or tokenizing anything: enough to build its
+    frames, and to answer it from the response cache."""
 
     runtime: ModelRuntime
-    engine: Engine
-    pool: SlotPool
-    prompts: list[list[int]]
-    params: GenerationParams
+    prompts: int
+    """How many prompts (chat: one)."""
     n: int
-    echo_texts: list[str] = field(default_factory=list)
-    session: str | None = None
+    logprobs: bool
+    echo_texts: tuple[str, ...] = ()
+    """Text completions with ``echo``: each prompt's text, written before its choices."""
 
     @property
     def choices(self) -> int:
         """Number of choices in the response."""
-        return len(self.prompts) * self.n
+        return self.prompts * self.n
+
+
+@dataclass(slots=True)
+class Job:
+    """Everything needed to run one request on one model."""
+
+    shape: Shape
+    engine: Engine
+    pool: SlotPool
+    prompts: list[list[int]]
+    params: GenerationParams
+    session: str | None = None
+
+    @property
+    def runtime(self) -> ModelRuntime:
+        """The model."""
+        return self.shape.runtime
+
+    @property
+    def n(self) -> int:
+        """Choices per prompt."""
+        return self.shape.n
+
+    @property
+    def choices(self) -> int:
+        """Number of choices in the response."""
+        return self.shape.choices
 
     @property
     def prompt_tokens(self) -> int:
@@ -210,12 +237,31 @@ def _params(
     )
 
 
+def chat_shape(request: ChatCompletionRequest, runtime: ModelRuntime, limits: LimitsSettings) -> Shape:
+    """The shape of a chat answer (``n`` checked; 503 when the model is not loaded)."""
+    runtime.ready()
+    return Shape(runtime, 1, _check_n(request.n, limits), bool(request.logprobs))
+
+
+def completion_shape(request: CompletionRequest, runtime: ModelRuntime, limits: LimitsSettings) -> Shape:
+    """The shape of a text-completion answer (``n`` and the number of prompts checked)."""
+    engine, _ = runtime.ready()
+    n = _check_n(request.n, limits)
+    items = split_inputs(request.prompt, "prompt")
+    if len(items) > limits.max_n * 4:
+        raise InvalidRequestError(f"`prompt` may hold at most {limits.max_n * 4} prompts", param="prompt")
+    echo: tuple[str, ...] = ()
+    if request.echo:
+        echo = tuple(item if isinstance(item, str) else engine.detokenize(item) for item in items)
+    return Shape(runtime, len(items), n, request.logprobs is not None, echo)
+
+
 async def prepare_chat(
     request: ChatCompletionRequest, runtime: ModelRuntime, limits: LimitsSettings, session: str | None = None
 ) -> Job:
     """Validate a chat request against the model and build its job."""
     engine, pool = runtime.ready()
-    n = _check_n(request.n, limits)
+    shape = chat_shape(request, runtime, limits)
     if request.top_logprobs and not request.logprobs:
         raise InvalidRequestError("`top_logprobs` requires `logprobs` to be true", param="top_logprobs")
     if len(request.messages) > runtime.n_ctx_per_slot:  # every message takes at least one token
@@ -250,7 +296,7 @@ async def prepare_chat(
         top_logprobs=request.top_logprobs or 0,
         grammar=grammar,
     )
-    return Job(runtime, engine, pool, [prompt], params, n, session=session)
+    return Job(shape, engine, pool, [prompt], params, session=session)
 
 
 async def prepare_completion(
@@ -258,19 +304,14 @@ async def prepare_completion(
 ) -> Job:
     """Validate a text-completion request against the model and build its job."""
     engine, pool = runtime.ready()
-    n = _check_n(request.n, limits)
+    shape = completion_shape(request, runtime, limits)
     items = split_inputs(request.prompt, "prompt")
-    if len(items) > limits.max_n * 4:
-        raise InvalidRequestError(f"`prompt` may hold at most {limits.max_n * 4} prompts", param="prompt")
-    texts: list[str] = []
     prompts: list[list[int]] = []
     for item in items:
         if isinstance(item, str):
-            texts.append(item)
             prompts.append(await tokenize_checked(engine, item, runtime.n_ctx_per_slot, "prompt"))
         else:
             prompts.append(check_token_ids(item, engine.info.n_vocab, "prompt"))
-            texts.append(engine.detokenize(item))
     if any(not p for p in prompts):
         raise InvalidRequestError("`prompt` must not be empty", param="prompt")
     requested = request.max_tokens if request.max_tokens is not None else None
@@ -290,7 +331,7 @@ async def prepare_completion(
         logprobs=request.logprobs is not None,
         top_logprobs=request.logprobs or 0,
     )
-    return Job(runtime, engine, pool, prompts, params, n, echo_texts=texts if request.echo else [])
+    return Job(shape, engine, pool, prompts, params)
 
 
 @dataclass(slots=True)

@@ -2,8 +2,10 @@
 
 ``/v1/chat/completions``, ``/v1/completions``, ``POST /chat`` and ``/chat/ws`` all run through here:
 
-1. ``Pipeline.start(call)``: admission (429 before any work), the cache lookup, and on a miss a slot or a
-   place in the model's queue (503 when neither). Nothing is held when it raises.
+1. ``Pipeline.start(call)``: the cache lookup (keyed on the request as sent: no template, no tokenizer);
+   on a hit, admission (429) and nothing else; on a miss, the job is prepared (template, tokenize,
+   checks), admitted with its tokens reserved (429), and given a slot or a place in the model's queue
+   (503 when neither). Nothing is held when it raises.
 2. ``Run.events()``: pings while the request waits for its slot, ``BEGIN`` when the answer starts, then a
    ``Piece`` per step (from the engine, or replayed from the cache). When the last choice finishes, the
    answer is stored in the cache and given to ``call.on_answer`` (chat sessions) *before* that piece is
@@ -36,13 +38,22 @@ from gateway.cache.key import cache_policy
 from gateway.cache.service import CacheLookup, ResponseCache
 from gateway.errors import ClientDisconnectedError, InternalError, as_gateway_error, sse_frame
 from gateway.openai.frames import Frames, Piece, usage_of
-from gateway.openai.generation import ChoiceFinished, ChoiceToken, EmbeddingJob, Job, reserve, run_choices
+from gateway.openai.generation import (
+    COMPLETIONS_DEFAULT_MAX_TOKENS,
+    ChoiceFinished,
+    ChoiceToken,
+    EmbeddingJob,
+    Job,
+    Shape,
+    reserve,
+    run_choices,
+)
 from gateway.openai.protocol.chat import ChatCompletionRequest
 from gateway.openai.protocol.common import Usage
 from gateway.openai.protocol.completions import CompletionRequest
-from gateway.ratelimit.admission import Admission, admit
+from gateway.ratelimit.admission import Admission, LimitOverrides, admit
 from gateway.ratelimit.limiter import RateLimiter
-from gateway.settings import Settings
+from gateway.settings import LimitsSettings, Settings
 from gateway.sse import DONE, PING, EventStream
 from telemetry.requests import SPAN_CACHE, current_request
 
@@ -71,12 +82,14 @@ Event = Piece | Signal
 
 @dataclass(slots=True)
 class Call:
-    """One prepared request: the job, the request it came from, who asks, and how its answer is shown."""
+    """One request on its way in: what was sent, who asks, how its answer is shown, how to prepare it."""
 
-    job: Job
     request: ChatCompletionRequest | CompletionRequest
     principal: Principal
     frames: Frames
+    """The answer's wire shape; its ``shape`` is what the answer looks like."""
+    prepare: Callable[[], Awaitable[Job]]
+    """Renders, tokenizes and checks the request: called on a cache miss only."""
     cache_control: Sequence[str] = ()
     on_answer: Callable[[CachedCompletion], Awaitable[None]] | None = None
     """Called with the finished answer (not when it failed or was cancelled); records chat sessions."""
@@ -91,36 +104,51 @@ class Pipeline:
         self.settings = settings
         self.limiter = limiter
         self.cache = cache
-        self.store = store
+        self.overrides = LimitOverrides(store)
 
     async def start(self, call: Call) -> Run:
-        """Admit the call, look it up in the cache and, on a miss, reserve its slot.
+        """Look the call up in the cache; on a hit admit it (no tokens); on a miss prepare its job
+        (template, tokenize, checks), admit it with prompt + max_tokens reserved, and reserve its slot.
+
+        A hit needs neither the template nor the tokenizer: its key is made from the request as sent.
 
         Raises:
             RateLimitExceededError: over a limit (429).
             QueueFullError: every slot is busy and the queue is full (503 at the edge).
         """
-        job = call.job
-        reserved = job.prompt_tokens + job.params.max_tokens * job.choices
-        admission = await admit(
-            self.limiter, self.settings.ratelimit, self.store, call.principal, tokens=reserved
-        )
+        shape = call.frames.shape
+        with current_request().stage(SPAN_CACHE):
+            found = await self.cache.lookup(
+                user=call.principal.user_id,
+                model_id=shape.runtime.id,
+                model_digest=shape.runtime.digest,
+                request=_key_view(call.request, shape, self.settings.limits),
+                policy=cache_policy(call.cache_control, call.request.cache),
+                counted=False,
+            )
+        if found.value is not None:
+            admission = await self._admit(call, 0)
+            self._counted(found)
+            return Run(call, self, admission, found, None, None)
+        job = await call.prepare()
+        admission = await self._admit(call, job.prompt_tokens + job.params.max_tokens * job.choices)
         try:
-            with current_request().stage(SPAN_CACHE):
-                found = await self.cache.lookup(
-                    user=call.principal.user_id,
-                    model_id=job.runtime.id,
-                    model_digest=job.runtime.digest,
-                    request=_key_view(call.request, job),
-                    policy=cache_policy(call.cache_control, call.request.cache),
-                )
-            current_request().cache(found.outcome.value)
-            reservation = None if found.value is not None else reserve(job)
+            reservation = reserve(job)
         except BaseException:
             await admission.release(0)
             raise
-        headers = {**admission.headers, CACHE_HEADER: found.outcome.value}
-        return Run(call, self, admission, found, reservation, headers)
+        self._counted(found)
+        return Run(call, self, admission, found, job, reservation)
+
+    def _counted(self, found: CacheLookup) -> None:
+        """An admitted request's cache outcome (a refused or invalid one is nobody's lookup)."""
+        self.cache.count(found.outcome)
+        current_request().cache(found.outcome.value)
+
+    async def _admit(self, call: Call, tokens: int) -> Admission:
+        return await admit(
+            self.limiter, self.settings.ratelimit, self.overrides, call.principal, tokens=tokens
+        )
 
     async def embed(self, job: EmbeddingJob, principal: Principal) -> tuple[list[list[float]], int]:
         """Admission (RPM, TPM by input tokens, concurrency), then the inputs in turns on the model's
@@ -132,7 +160,7 @@ class Pipeline:
             One vector per input, and the tokens they used.
         """
         admission = await admit(
-            self.limiter, self.settings.ratelimit, self.store, principal, tokens=job.total_tokens
+            self.limiter, self.settings.ratelimit, self.overrides, principal, tokens=job.total_tokens
         )
         vectors: list[list[float]] = []
         used = 0
@@ -151,15 +179,25 @@ class Pipeline:
         return vectors, used
 
 
-def _key_view(request: ChatCompletionRequest | CompletionRequest, job: Job) -> dict[str, Any]:
-    """The request as plain data for the cache key, with the gateway's own defaults filled in.
+def _key_view(
+    request: ChatCompletionRequest | CompletionRequest, shape: Shape, limits: LimitsSettings
+) -> dict[str, Any]:
+    """The request as plain data for the cache key, made without tokenizing.
 
-    ``max_tokens`` becomes the budget really used (so a chat ``max_completion_tokens`` and the same
-    ``max_tokens`` share an entry, and a change of the default in settings changes the key).
+    A chat ``max_completion_tokens`` and the same ``max_tokens`` share an entry. Without either, the
+    budget is the default capped by the context left after the prompt: the same request always gets
+    the same one, unless the default or the context per slot changes, so both are part of the key.
     """
     view: dict[str, Any] = msgspec.to_builtins(request)
-    view.pop("max_completion_tokens", None)
-    view["max_tokens"] = job.params.max_tokens
+    requested = view.pop("max_completion_tokens", None) or view.get("max_tokens")
+    view["max_tokens"] = requested
+    if requested is None:
+        default = (
+            limits.max_tokens_default
+            if shape.prompts == 1 and not isinstance(request, CompletionRequest)
+            else COMPLETIONS_DEFAULT_MAX_TOKENS
+        )
+        view["budget"] = [default, shape.runtime.n_ctx_per_slot]
     return view
 
 
@@ -172,20 +210,25 @@ class Run:
         pipeline: Pipeline,
         admission: Admission,
         found: CacheLookup,
+        job: Job | None,
         reservation: Reservation | None,
-        headers: dict[str, str],
     ) -> None:
         self.call = call
+        self.job = job
+        """What the engine runs (``None`` for a cache hit)."""
         self._pipeline = pipeline
         self._admission = admission
         self._found = found
         self._reservation = reservation
-        self.headers = headers
+        self.headers = {**admission.headers, CACHE_HEADER: found.outcome.value}
         """``x-cache`` and ``x-ratelimit-*`` for the response."""
-        job = call.job
+        self._choices = call.frames.shape.choices
+        self._prompt_tokens = found.value.prompt_tokens if found.value is not None else 0
+        if job is not None:
+            self._prompt_tokens = job.prompt_tokens
         self._texts: dict[int, list[str]] = {}
         self._logprobs: dict[int, list[dict[str, Any]]] = {}
-        self._offsets = {index: len(call.frames.echo(index)) for index in range(job.choices)}
+        self._offsets = {index: len(call.frames.echo(index)) for index in range(self._choices)}
         self._finishes: dict[int, str] = {}
         self._completion_tokens = 0
         self._cached_tokens = 0
@@ -202,7 +245,7 @@ class Run:
         """What the rate limits are charged: prompt plus completion tokens (nothing for a cache hit)."""
         if self.hit:
             return 0
-        return self.call.job.prompt_tokens + max(self._completion_tokens, self._generated)
+        return self._prompt_tokens + max(self._completion_tokens, self._generated)
 
     @property
     def cached_tokens(self) -> int:
@@ -212,7 +255,7 @@ class Run:
     @property
     def usage(self) -> Usage:
         """The answer's usage so far."""
-        return usage_of(self.call.job.prompt_tokens, self._completion_tokens, self._cached_tokens)
+        return usage_of(self._prompt_tokens, self._completion_tokens, self._cached_tokens)
 
     async def events(self, ping_interval_s: float | None = None) -> AsyncGenerator[Event]:
         """The answer as it is made; see the module docstring."""
@@ -223,6 +266,7 @@ class Run:
                 source = _replay(self._found.value)
             else:
                 assert self._reservation is not None
+                assert self.job is not None
                 waiter = asyncio.ensure_future(self._reservation.wait())
                 try:
                     while not (await asyncio.wait({waiter}, timeout=interval))[0]:
@@ -230,13 +274,13 @@ class Run:
                 finally:
                     if not waiter.done():
                         waiter.cancel()
-                source = run_choices(self.call.job, waiter.result())
+                source = run_choices(self.job, waiter.result())
             yield Signal.BEGIN
             async for item in source:
                 piece = self._collect(item)
                 if piece is None:
                     continue
-                if piece.finish_reason is not None and len(self._finishes) == self.call.job.choices:
+                if piece.finish_reason is not None and len(self._finishes) == self._choices:
                     await self._finished()
                     piece = Piece(piece.index, finish_reason=piece.finish_reason, usage=self.usage)
                 yield piece
@@ -261,7 +305,7 @@ class Run:
         await self._admission.release(0)
 
     def _collect(self, item: ChoiceToken | ChoiceFinished | ReplayChunk) -> Piece | None:
-        frames, job = self.call.frames, self.call.job
+        frames = self.call.frames
         if isinstance(item, ChoiceFinished):
             self._finishes[item.index] = item.event.finish_reason
             self._completion_tokens += item.event.completion_tokens
@@ -273,7 +317,7 @@ class Run:
             event, text, logprobs = item.event, item.event.text, None
             if event.token_id >= 0:
                 self._generated += 1
-                if job.params.logprobs:
+                if frames.shape.logprobs:
                     logprobs = frames.token_logprobs(event, self._offsets[item.index])
         self._offsets[item.index] += len(text)
         self._texts.setdefault(item.index, []).append(text)
@@ -290,9 +334,9 @@ class Run:
                     finish_reason=self._finishes[index],
                     logprobs=_merge_logprobs(self._logprobs[index]) if index in self._logprobs else None,
                 )
-                for index in range(self.call.job.choices)
+                for index in range(self._choices)
             ],
-            prompt_tokens=self.call.job.prompt_tokens,
+            prompt_tokens=self._prompt_tokens,
             completion_tokens=self._completion_tokens,
         )
 

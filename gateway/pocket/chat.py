@@ -26,7 +26,7 @@ from gateway.cache.entry import CachedCompletion
 from gateway.errors import UnauthenticatedError, as_gateway_error, error_dict
 from gateway.errors import validation_error as validation_failure
 from gateway.openai.frames import Frames, Piece, chat_token_logprobs
-from gateway.openai.generation import Job, prepare_chat
+from gateway.openai.generation import Job, Shape, chat_shape, prepare_chat
 from gateway.openai.pipeline import Call, Pipeline, Run, Signal, respond
 from gateway.openai.protocol.chat import ChatCompletionRequest, ChatMessage, ChoiceLogprobs
 from gateway.openai.protocol.common import Usage
@@ -74,7 +74,7 @@ class PocketFrames(Frames):
     id_prefix = "chat-"
 
     def __init__(self, turn: Turn) -> None:
-        super().__init__(turn.job, turn.model)
+        super().__init__(turn.shape, turn.model)
         self.turn = turn
 
     def token_logprobs(self, event: TokenEvent, offset: int) -> ChoiceLogprobs:
@@ -109,9 +109,9 @@ class PocketFrames(Frames):
 class Turn:
     """One exchange in a chat session: the user's prompt and the reply the pipeline makes."""
 
-    def __init__(self, data: ChatRequest, session: ChatSession | None, model: str, job: Job) -> None:
+    def __init__(self, data: ChatRequest, session: ChatSession | None, model: str, shape: Shape) -> None:
         self.data = data
-        self.job = job
+        self.shape = shape
         self.session = session
         self.session_id = session.id if session is not None else uuid.uuid4().hex
         self.model = model
@@ -158,13 +158,15 @@ async def start_turn(
         max_tokens=data.max_tokens,
         temperature=data.temperature,
     )
-    job = await prepare_chat(completion, runtime, pipeline.settings.limits, session.id if session else None)
-    turn = Turn(data, session, model_name, job)
+    turn = Turn(data, session, model_name, chat_shape(completion, runtime, pipeline.settings.limits))
+
+    async def prepare() -> Job:
+        return await prepare_chat(completion, runtime, pipeline.settings.limits, turn.session_id)
 
     async def record(answer: CachedCompletion) -> None:
         await turn.record(identity_store, answer)
 
-    run = await pipeline.start(Call(job, completion, principal, PocketFrames(turn), on_answer=record))
+    run = await pipeline.start(Call(completion, principal, PocketFrames(turn), prepare, on_answer=record))
     if session is None:
         try:
             turn.session = await identity_store.create_session(

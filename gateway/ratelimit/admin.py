@@ -11,7 +11,8 @@ from msgspec import Meta, Struct
 
 from auth.store import IdentityStore, LimitOverride
 from gateway.errors import NotFoundError
-from gateway.ratelimit.admission import effective_limits
+from gateway.openai.pipeline import Pipeline
+from gateway.ratelimit.admission import LimitOverrides, effective_limits
 from gateway.security import requires_admin
 from gateway.settings import Settings
 
@@ -28,12 +29,18 @@ class LimitsUpdate(Struct, forbid_unknown_fields=True):
 
 
 async def _limits(
-    identity_store: IdentityStore, settings: Settings, subject: str, update: LimitsUpdate | None
+    identity_store: IdentityStore,
+    settings: Settings,
+    subject: str,
+    update: LimitsUpdate | None,
+    overrides: LimitOverrides | None = None,
 ) -> dict[str, Any]:
     if update is not None:
         await identity_store.set_limit_override(
             subject, LimitOverride(update.rpm, update.tpm, update.concurrency)
         )
+    if overrides is not None:
+        overrides.forget(subject)  # this process applies the new limits at once
     override = (await identity_store.get_limit_overrides([subject])).get(subject, LimitOverride())
     spec = effective_limits(subject, override, settings.ratelimit)
     return {
@@ -77,11 +84,13 @@ class AdminLimitsController(Controller):
         self,
         identity_store: NamedDependency[IdentityStore],
         settings: NamedDependency[Settings],
+        pipeline: NamedDependency[Pipeline],
         key_id: FromPath[str],
         data: JSONBody[LimitsUpdate],
     ) -> dict[str, Any]:
         """Replace the key's override (``null`` fields follow the defaults, ``-1`` is unlimited)."""
-        return await _limits(identity_store, settings, await _key_subject(identity_store, key_id), data)
+        subject = await _key_subject(identity_store, key_id)
+        return await _limits(identity_store, settings, subject, data, pipeline.overrides)
 
     @get("/users/{user_id:str}/limits", summary="A user's rate limits")
     async def user_limits(
@@ -98,8 +107,10 @@ class AdminLimitsController(Controller):
         self,
         identity_store: NamedDependency[IdentityStore],
         settings: NamedDependency[Settings],
+        pipeline: NamedDependency[Pipeline],
         user_id: FromPath[str],
         data: JSONBody[LimitsUpdate],
     ) -> dict[str, Any]:
         """Replace the user's override (``null`` fields follow the defaults, ``-1`` is unlimited)."""
-        return await _limits(identity_store, settings, await _user_subject(identity_store, user_id), data)
+        subject = await _user_subject(identity_store, user_id)
+        return await _limits(identity_store, settings, subject, data, pipeline.overrides)

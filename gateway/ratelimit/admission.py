@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -60,8 +61,36 @@ def effective_limits(subject: str, override: LimitOverride | None, settings: Rat
     )
 
 
+class LimitOverrides:
+    """The stored limit overrides, each read at most once per ``ttl_s`` (a request would otherwise cost
+    a store query). An override set through this process's admin routes applies at once (``forget``);
+    one set through another process applies within ``ttl_s``."""
+
+    def __init__(self, store: IdentityStore, ttl_s: float = 2.0, clock: Callable[[], float] = time.monotonic):
+        self.store = store
+        self.ttl_s = ttl_s
+        self._clock = clock
+        self._known: dict[str, tuple[float, LimitOverride | None]] = {}
+
+    async def get(self, subjects: list[str]) -> dict[str, LimitOverride]:
+        """The overrides of ``subjects`` (absent: none stored)."""
+        now = self._clock()
+        missing = [s for s in subjects if s not in self._known or self._known[s][0] <= now]
+        if missing:
+            found = await self.store.get_limit_overrides(missing)
+            if len(self._known) > 100_000:
+                self._known.clear()
+            for subject in missing:
+                self._known[subject] = (now + self.ttl_s, found.get(subject))
+        return {s: o for s in subjects if (o := self._known[s][1]) is not None}
+
+    def forget(self, subject: str) -> None:
+        """Read ``subject`` from the store next time (its override was just changed here)."""
+        self._known.pop(subject, None)
+
+
 async def subjects_for(
-    principal: Principal, settings: RateLimitSettings, store: IdentityStore
+    principal: Principal, settings: RateLimitSettings, overrides_source: LimitOverrides
 ) -> list[Subject]:
     """The subjects limiting this caller (key, then user), with their effective limits.
 
@@ -69,7 +98,7 @@ async def subjects_for(
     """
     ids = [f"key:{principal.key_id}"] if principal.key_id else []
     ids.append(f"user:{principal.user_id}")
-    overrides = await store.get_limit_overrides(ids)
+    overrides = await overrides_source.get(ids)
     subjects = []
     for subject_id in ids:
         spec = effective_limits(subject_id, overrides.get(subject_id), settings)
@@ -122,7 +151,7 @@ UNLIMITED_ADMISSION = Admission(None, None)
 async def admit(
     limiter: RateLimiter,
     settings: RateLimitSettings,
-    store: IdentityStore,
+    overrides: LimitOverrides,
     principal: Principal,
     *,
     tokens: int,
@@ -134,7 +163,7 @@ async def admit(
     """
     if not settings.enabled:
         return UNLIMITED_ADMISSION
-    subjects = await subjects_for(principal, settings, store)
+    subjects = await subjects_for(principal, settings, overrides)
     if not subjects:
         return UNLIMITED_ADMISSION
     decision = await limiter.acquire(subjects, tokens=tokens)

@@ -23,7 +23,9 @@ from tests.unit.auth.test_credentials import _claims
 @pytest.fixture(scope="module")
 def app(model_path: Path) -> Iterator[ServedApp]:
     del model_path
-    with serve(make_settings(model={"slots": 2, "n_ctx": 4096})) as served:
+    # delays long enough that a slow machine's next attempt still falls inside them
+    auth = {"login_base_delay_s": 30.0}
+    with serve(make_settings(model={"slots": 2, "n_ctx": 4096}, auth=auth)) as served:
         yield served
 
 

@@ -14,14 +14,19 @@ from engine.models import ModelRuntime
 from engine.pool import SlotPool
 from gateway.cache.entry import CachedChoice, CachedCompletion
 from gateway.openai.frames import ChatFrames, CompletionFrames, Piece, usage_of
-from gateway.openai.generation import Job
+from gateway.openai.generation import Job, Shape
+
+
+def shape(*, n: int = 1, prompts: int = 1, logprobs: bool = False, echo: list[str] | None = None) -> Shape:
+    runtime = ModelRuntime(ModelSettings(id="m"), Path("/nonexistent.gguf"), digest="abcdef0123456789")
+    return Shape(runtime, prompts, n, logprobs, tuple(echo or ()))
 
 
 def job(*, n: int = 1, prompts: int = 1, logprobs: bool = False, echo: list[str] | None = None) -> Job:
-    runtime = ModelRuntime(ModelSettings(id="m"), Path("/nonexistent.gguf"), digest="abcdef0123456789")
     params = GenerationParams(max_tokens=8, logprobs=logprobs, top_logprobs=1 if logprobs else 0)
     pool = SlotPool("m", 1, max_queue=0, max_wait_s=1.0)
-    return Job(runtime, None, pool, [[1, 2, 3]] * prompts, params, n, echo_texts=echo or [])  # type: ignore[arg-type]
+    the_shape = shape(n=n, prompts=prompts, logprobs=logprobs, echo=echo)
+    return Job(the_shape, None, pool, [[1, 2, 3]] * prompts, params)  # type: ignore[arg-type]
 
 
 def payload(frame: bytes | None) -> dict[str, Any]:
@@ -31,7 +36,7 @@ def payload(frame: bytes | None) -> dict[str, Any]:
 
 
 def test_chat_stream_chunks_have_the_openai_shape() -> None:
-    frames = ChatFrames(job(n=2), "alias", include_usage=True)
+    frames = ChatFrames(shape(n=2), "alias", include_usage=True)
     heads = [payload(f) for f in frames.head()]
     assert [h["choices"][0]["delta"] for h in heads] == [{"role": "assistant", "content": ""}] * 2
     assert {h["object"] for h in heads} == {"chat.completion.chunk"}
@@ -50,11 +55,11 @@ def test_chat_stream_chunks_have_the_openai_shape() -> None:
         "total_tokens": 8,
         "prompt_tokens_details": {"cached_tokens": 2},
     }
-    assert list(ChatFrames(job(), "m").tail(usage_of(1, 1, 0))) == []  # no include_usage, no chunk
+    assert list(ChatFrames(shape(), "m").tail(usage_of(1, 1, 0))) == []  # no include_usage, no chunk
 
 
 def test_completion_stream_echoes_prompts_first() -> None:
-    frames = CompletionFrames(job(n=2, prompts=2, echo=["A", "B"]), "m")
+    frames = CompletionFrames(shape(n=2, prompts=2, echo=["A", "B"]), "m")
     heads = [payload(f)["choices"][0] for f in frames.head()]
     assert [(h["index"], h["text"]) for h in heads] == [(0, "A"), (1, "A"), (2, "B"), (3, "B")]
     assert payload(frames.chunk(Piece(3, " more")))["choices"][0]["text"] == " more"
@@ -64,21 +69,21 @@ def test_json_bodies_from_an_answer() -> None:
     answer = CachedCompletion(
         choices=[CachedChoice(index=0, text="Hello", finish_reason="stop")], prompt_tokens=4, completion_tokens=2
     )
-    chat = msgspec.to_builtins(ChatFrames(job(), "m").body(answer, cached_tokens=3))
+    chat = msgspec.to_builtins(ChatFrames(shape(), "m").body(answer, cached_tokens=3))
     assert chat["object"] == "chat.completion"
     assert chat["choices"][0]["message"] == {"role": "assistant", "content": "Hello", "refusal": None}
     assert chat["usage"]["total_tokens"] == 6 and chat["usage"]["prompt_tokens_details"] == {"cached_tokens": 3}
-    text = msgspec.to_builtins(CompletionFrames(job(echo=["Say: "]), "m").body(answer, cached_tokens=0))
+    text = msgspec.to_builtins(CompletionFrames(shape(echo=["Say: "]), "m").body(answer, cached_tokens=0))
     assert text["object"] == "text_completion" and text["choices"][0]["text"] == "Say: Hello"
 
 
 def test_logprobs_of_a_token_and_from_storage_agree() -> None:
     event = TokenEvent("Hi", 7, b"Hi", -0.5, (TopLogprob("Hi", -0.5, [72, 105]),))
-    chat = ChatFrames(job(logprobs=True), "m")
+    chat = ChatFrames(shape(logprobs=True), "m")
     wire = chat.token_logprobs(event, 0)
     assert chat.stored_logprobs(msgspec.to_builtins(wire)) == wire
-    assert ChatFrames(job(), "m").stored_logprobs(msgspec.to_builtins(wire)) is None  # not asked for
-    legacy = CompletionFrames(job(logprobs=True), "m")
+    assert ChatFrames(shape(), "m").stored_logprobs(msgspec.to_builtins(wire)) is None  # not asked for
+    legacy = CompletionFrames(shape(logprobs=True), "m")
     column = legacy.token_logprobs(event, 5)
     assert msgspec.to_builtins(column) == {
         "tokens": ["Hi"],

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,6 +20,7 @@ from gateway.cache.key import cache_policy
 from gateway.cache.service import CacheOutcome, ResponseCache
 from gateway.errors import RateLimitExceededError
 from gateway.openai.frames import ChatFrames, Piece
+from gateway.openai.generation import Job
 from gateway.openai.pipeline import Call, Pipeline, Signal, _key_view
 from gateway.openai.protocol.chat import ChatCompletionRequest, ChatMessage
 from gateway.ratelimit.limiter import LimitSpec, Subject
@@ -59,10 +61,22 @@ async def _seed(pipeline: Pipeline) -> None:
         user=USER.user_id,
         model_id=j.runtime.id,
         model_digest=j.runtime.digest,
-        request=_key_view(REQUEST, j),
+        request=_key_view(REQUEST, j.shape, pipeline.settings.limits),
         policy=cache_policy(),
     )
     assert found.outcome is CacheOutcome.MISS and await pipeline.cache.store(found, ANSWER)
+
+
+def call(on_answer: Any = None, prepared: list[Job] | None = None) -> Call:
+    """A call of REQUEST whose preparation (a real job on a one-slot pool) is recorded in ``prepared``."""
+
+    async def prepare() -> Job:
+        made = job()
+        if prepared is not None:
+            prepared.append(made)
+        return made
+
+    return Call(REQUEST, USER, ChatFrames(job().shape, "m"), prepare, on_answer=on_answer)
 
 
 async def _concurrency_is_free(pipeline: Pipeline) -> bool:
@@ -79,8 +93,7 @@ async def test_a_hit_replays_as_pieces_records_and_releases(pipeline: Pipeline) 
     async def on_answer(answer: CachedCompletion) -> None:
         recorded.append(answer)
 
-    j = job()
-    run = await pipeline.start(Call(j, REQUEST, USER, ChatFrames(j, "m"), on_answer=on_answer))
+    run = await pipeline.start(call(on_answer))
     assert run.hit and run.headers["x-cache"] == "hit"
     assert run.headers["x-ratelimit-remaining-requests"] == "2"
     assert not await _concurrency_is_free(pipeline)  # the run holds the key's only slot
@@ -98,8 +111,7 @@ async def test_a_hit_replays_as_pieces_records_and_releases(pipeline: Pipeline) 
 
 async def test_answer_collects_what_events_yield(pipeline: Pipeline) -> None:
     await _seed(pipeline)
-    j = job()
-    run = await pipeline.start(Call(j, REQUEST, USER, ChatFrames(j, "m")))
+    run = await pipeline.start(call())
     assert await run.answer() == ANSWER
     assert await _concurrency_is_free(pipeline)
 
@@ -111,8 +123,7 @@ async def test_a_consumer_that_leaves_early_releases_and_records_nothing(pipelin
     async def on_answer(answer: CachedCompletion) -> None:
         recorded.append(answer)
 
-    j = job()
-    run = await pipeline.start(Call(j, REQUEST, USER, ChatFrames(j, "m"), on_answer=on_answer))
+    run = await pipeline.start(call(on_answer))
     async with aclosing(run.events()) as events:
         async for event in events:
             if isinstance(event, Piece):
@@ -122,13 +133,20 @@ async def test_a_consumer_that_leaves_early_releases_and_records_nothing(pipelin
 
 
 async def test_over_the_limit_nothing_is_looked_up_or_held(pipeline: Pipeline) -> None:
-    j = job()
+    prepared: list[Job] = []
     for _ in range(3):
-        run = await pipeline.start(Call(j, REQUEST, USER, ChatFrames(j, "m")))
+        run = await pipeline.start(call(prepared=prepared))
         await run.close()
-    lookups = pipeline.cache.misses + pipeline.cache.hits + pipeline.cache.bypasses
+    assert len(prepared) == 3  # misses prepare their job
     with pytest.raises(RateLimitExceededError) as refused:
-        await pipeline.start(Call(j, REQUEST, USER, ChatFrames(j, "m")))
+        await pipeline.start(call(prepared=prepared))
     assert refused.value.kind == "requests" and refused.value.headers["Retry-After"]
-    assert pipeline.cache.misses + pipeline.cache.hits + pipeline.cache.bypasses == lookups
     assert await _concurrency_is_free(pipeline)
+
+
+async def test_a_hit_needs_no_preparation(pipeline: Pipeline) -> None:
+    await _seed(pipeline)
+    prepared: list[Job] = []
+    run = await pipeline.start(call(prepared=prepared))
+    assert run.hit and prepared == []  # neither template nor tokenizer ran
+    assert await run.answer() == ANSWER
