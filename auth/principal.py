@@ -55,8 +55,11 @@ class Principal:
 
     @property
     def is_admin(self) -> bool:
-        """Whether admin routes are open to this caller: the admin role or the admin scope."""
-        return self.role == "admin" or SCOPE_ADMIN in self.scopes
+        """Whether admin routes are open to this caller: an admin user whose credential grants the admin
+        scope (an admin's JWT does; an admin's key only when it was made with the ``admin`` scope). A key's
+        scopes bound it whatever its owner's role, and the role bounds the scopes (a user who lost the
+        admin role loses the powers of their admin-scoped keys)."""
+        return self.role == "admin" and SCOPE_ADMIN in self.scopes
 
     def has_scope(self, scope: str) -> bool:
         """Whether the credential grants a scope.

@@ -23,11 +23,12 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct, field
 
+from auth.bootstrap import DEFAULT_SECRET_KEY, check_secrets
+from auth.errors import InsecureConfigurationError
 from engine.config import ModelSettings, QueueSettings
 from engine.registry import REGISTRY_FILE
 
 DEFAULT_MODEL_ID = "smollm2-135m-instruct"
-DEFAULT_SECRET_KEY = "change-me-in-production"  # noqa: S105 - the documented development default
 
 PositiveInt = Annotated[int, Meta(ge=1)]
 Port = Annotated[int, Meta(ge=0, le=65535)]
@@ -82,6 +83,9 @@ class CacheSettings(Struct, forbid_unknown_fields=True, kw_only=True):
     enabled: bool = True
     ttl_s: Seconds = 3600.0
     """Entry lifetime unless a request's body ``cache.ttl`` sets its own."""
+    max_ttl_s: Seconds | None = None
+    """The longest lifetime a request's body ``cache.ttl`` gets (longer asks are capped); the larger of
+    ``ttl_s`` and one day when unset."""
     shared_scope: bool = False
     """One cache for every user; by default each user (tenant) has a scope of their own."""
     memory_max_entries: PositiveInt = 10_000
@@ -316,16 +320,12 @@ def settings_from_mapping(raw: Mapping[str, Any]) -> Settings:
 
 
 def _check(settings: Settings) -> None:
-    if settings.env == "production":
-        if settings.auth.secret_key == DEFAULT_SECRET_KEY:
-            raise SettingsError(
-                "invalid setting: `auth.secret_key` (SECRET_KEY) is the public development default; "
-                "production needs a secret of its own"
-            )
-        if len(settings.auth.signing_secret.encode()) < 32:
-            raise SettingsError(
-                "invalid setting: `auth.jwt_secret` (or SECRET_KEY) must be at least 32 bytes in production"
-            )
+    try:
+        check_secrets(
+            settings.auth.secret_key, settings.auth.jwt_secret, production=settings.env == "production"
+        )
+    except InsecureConfigurationError as exc:
+        raise SettingsError(f"invalid setting: `auth.secret_key` / `auth.jwt_secret`: {exc}") from None
     if not settings.models:
         raise SettingsError("invalid setting: `models` must list at least one model")
     names: set[str] = set()

@@ -316,7 +316,9 @@ def test_production_refuses_default_secrets() -> None:
         load_settings(env={"POCKETLLM_ENV": "production"})
     with pytest.raises(SettingsError, match="32 bytes"):
         load_settings(env={"POCKETLLM_ENV": "production", "SECRET_KEY": "short-secret"})
-    settings = make_settings(env="production", auth={"secret_key": "p" * 40})
+    with pytest.raises(SettingsError, match="repetition"):
+        load_settings(env={"POCKETLLM_ENV": "production", "SECRET_KEY": "p" * 40})
+    settings = make_settings(env="production", auth={"secret_key": "q7Vd-2KpX9sLm4Rt8ZyN1bWc6HfJ0aEu"})
     with TestClient(create_app(settings)) as client:
         assert client.get("/auth/test").json()["users"] == 0  # no default users in production
 
