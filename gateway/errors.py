@@ -137,6 +137,23 @@ class PayloadTooLargeError(GatewayError):
     default_code = "request_too_large"
 
 
+class HeadersTooLargeError(GatewayError):
+    """431: the request line and headers exceed ``server.max_header_bytes`` (answered by the server
+    protocol before any of the app runs)."""
+
+    status_code = 431
+    error_type = "invalid_request_error"
+    default_code = "request_header_fields_too_large"
+
+
+class RequestTimeoutError(GatewayError):
+    """408: the request line and headers did not arrive within ``server.header_timeout_s``."""
+
+    status_code = 408
+    error_type = "invalid_request_error"
+    default_code = "request_timeout"
+
+
 class RateLimitError(GatewayError):
     """429: a rate limit was hit."""
 
@@ -276,6 +293,19 @@ async def send_error(send: Send, error: GatewayError, extra_headers: dict[str, s
     await send(end)
 
 
+def http_response_bytes(error: GatewayError) -> bytes:
+    """A whole HTTP/1.1 response for ``error`` that closes the connection (for the server protocol,
+    which answers before there is any ASGI request to answer through)."""
+    body = _encoder.encode(error.body())
+    reason = _REASONS.get(error.status_code, "Error")
+    head = (
+        f"HTTP/1.1 {error.status_code} {reason}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    )
+    return head.encode("ascii") + body
+
+
+_REASONS = {408: "Request Timeout", 431: "Request Header Fields Too Large"}
 _MSGSPEC_PATH = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
 _UNKNOWN_FIELD = re.compile(r"Object contains unknown field `(?P<name>[^`]+)`")
 

@@ -47,6 +47,16 @@ class ServerSettings(Struct, forbid_unknown_fields=True, kw_only=True):
     max_body_bytes: PositiveInt = 2 * 1024 * 1024
     cors_origins: list[str] = field(default_factory=lambda: ["*"])
     drain_timeout_s: Seconds = 30.0
+    max_header_bytes: Annotated[int, Meta(ge=1024)] = 64 * 1024
+    """Request line and headers of one request; beyond it: 431 and the connection is closed."""
+    header_timeout_s: Seconds = 10.0
+    """How long a request's line and headers may take to arrive (slow clients are closed: 408)."""
+    keep_alive_timeout_s: PositiveInt = 5
+    """An idle kept-alive connection is closed after this many seconds."""
+    trusted_proxies: list[str] = field(default_factory=list)
+    """Addresses (or networks) of reverse proxies whose ``X-Forwarded-For``/``-Proto`` are believed;
+    none by default: forwarded headers are ignored and the peer's address is the client's. Environment:
+    comma-separated (``POCKETLLM_SERVER__TRUSTED_PROXIES=10.0.0.5,10.0.0.6``)."""
 
 
 class LimitsSettings(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -244,6 +254,8 @@ _SEED_VARIABLES: dict[str, tuple[str, str]] = {
     "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": ("telemetry", "otlp_metrics_endpoint"),
 }
 _TOP_LEVEL = {"env", "data_dir", "models_dir"}
+_LIST_FIELDS = {("server", "cors_origins"), ("server", "trusted_proxies")}
+"""List settings, given comma-separated in the environment."""
 
 
 def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
@@ -257,7 +269,9 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
                 if section == "model":
                     _default_model(raw)[key] = value
                 else:
-                    raw.setdefault(section, {})[key] = value
+                    listed = (section, key) in _LIST_FIELDS
+                    parsed = [v.strip() for v in value.split(",") if v.strip()] if listed else value
+                    raw.setdefault(section, {})[key] = parsed
         elif name in _SEED_VARIABLES:
             section, key = _SEED_VARIABLES[name]
             target = _default_model(raw) if section == "model" else raw.setdefault(section, {})
@@ -326,6 +340,8 @@ def _check(settings: Settings) -> None:
         )
     except InsecureConfigurationError as exc:
         raise SettingsError(f"invalid setting: `auth.secret_key` / `auth.jwt_secret`: {exc}") from None
+    if settings.cache.max_ttl_s is not None and settings.cache.ttl_s > settings.cache.max_ttl_s:
+        raise SettingsError("invalid setting: `cache.ttl_s` is above `cache.max_ttl_s`")
     if not settings.models:
         raise SettingsError("invalid setting: `models` must list at least one model")
     names: set[str] = set()
