@@ -44,6 +44,8 @@ class Principal:
         scopes: what the credential grants (``inference``, ``admin``).
         key_id: the API key used, or None for a JWT.
         allowed_models: the key's model allow-list, or None for any model.
+        token_id: the ``jti`` of our own JWT (what logout revokes), else None.
+        expires_at: when that token expires (unix seconds), else None.
     """
 
     user_id: str
@@ -52,6 +54,8 @@ class Principal:
     scopes: frozenset[str]
     key_id: str | None = None
     allowed_models: frozenset[str] | None = None
+    token_id: str | None = None
+    expires_at: float | None = None
 
     @property
     def is_admin(self) -> bool:

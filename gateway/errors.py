@@ -18,6 +18,7 @@ from litestar.types import HTTPResponseBodyEvent, HTTPResponseStartEvent, Send
 from auth.errors import (
     AuthenticationError,
     AuthError,
+    LastAdminError,
     LoginBusyError,
     LoginThrottledError,
     StoreUnavailableError,
@@ -112,6 +113,14 @@ class ModelNotFoundError(NotFoundError):
         super().__init__(
             f"The model `{shown}` does not exist or you do not have access to it.", param="model"
         )
+
+
+class ConflictError(GatewayError):
+    """409: the change conflicts with the current state (e.g. disabling the last enabled admin)."""
+
+    status_code = 409
+    error_type = "invalid_request_error"
+    default_code = "conflict"
 
 
 class UnsupportedMediaTypeError(InvalidRequestError):
@@ -240,6 +249,8 @@ def from_auth_error(exc: AuthError) -> GatewayError:
         )
     if isinstance(exc, AuthenticationError):
         return UnauthenticatedError(str(exc))
+    if isinstance(exc, LastAdminError):
+        return ConflictError(str(exc), param="user_id", code="last_admin")
     return InvalidRequestError(str(exc))
 
 

@@ -104,6 +104,11 @@ async def authenticate(connection: ASGIConnection[Any, Any, Any, Any]) -> Princi
     return principal
 
 
+async def requires_principal(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    """Guard: any valid credential."""
+    await authenticate(connection)
+
+
 async def requires_inference(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
     """Guard: a valid principal with the ``inference`` scope."""
     principal = await authenticate(connection)
