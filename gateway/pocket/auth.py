@@ -74,7 +74,7 @@ class AuthController(Controller):
         self,
         principal: NamedDependency[Principal],
         authenticator: NamedDependency[Authenticator],
-        data: JSONBody[LogoutRequest] | None = None,
+        data: JSONBody[LogoutRequest | None] = None,
     ) -> None:
         """Revoke the token this request carries (``{"everywhere": true}``: every token of the user); it
         is refused from the next request on, on every replica sharing the store."""

@@ -13,7 +13,7 @@ from typing import Annotated, Any, cast
 import msgspec
 from litestar import Controller, Request, Response, WebSocket, delete, get, post, websocket
 from litestar.di import NamedDependency
-from litestar.exceptions import WebSocketDisconnect
+from litestar.exceptions import SerializationException, WebSocketDisconnect
 from litestar.params import FromPath, JSONBody, QueryParameter
 from msgspec import Meta, Struct
 
@@ -325,7 +325,10 @@ async def _socket_credential(socket: WebSocket[Any, Any, Any]) -> tuple[str | No
     authorization, api_key = socket.headers.get("authorization"), socket.headers.get("x-api-key")
     if authorization or api_key:
         return authorization, api_key
-    first = await socket.receive_json()
+    try:
+        first = await socket.receive_json()
+    except SerializationException:  # not JSON: no token either
+        first = None
     token = first.get("token") if isinstance(first, dict) else None
     if not isinstance(token, str):
         raise UnauthenticatedError('send {"token": "<api key or JWT>"} first')

@@ -241,10 +241,10 @@ def test_x_session_id_records_the_exchange(app: ServedApp) -> None:
         assert [m["role"] for m in messages] == ["user", "assistant"] * 2
         assert messages[1]["content"] == recorded.json()["choices"][0]["message"]["content"]
     admin = login(app.base_url, "admin", "admin123")
-    with _http(app, admin) as http:
-        _error(
-            http.post("/v1/chat/completions", json=_chat_body(), headers={"X-Session-Id": "sdk-session-1"}),
-            404,
+    with _http(app, admin) as http:  # session ids are per user: the same id is the admin's own session
+        mine = http.post("/v1/chat/completions", json=_chat_body(), headers={"X-Session-Id": "sdk-session-1"})
+        assert (
+            mine.status_code == 200 and len(http.get("/chat/history/sdk-session-1").json()["messages"]) == 2
         )
 
 
