@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -355,3 +356,37 @@ def test_x_forwarded_for_from_loopback_does_not_rotate_the_login_throttle(model_
             for i in range(5)
         ]
     assert statuses[:3] == [401] * 3 and statuses[3:] == [429, 429], statuses
+
+
+# attacks that held already: their regression tests
+
+
+def test_sql_injection_in_names_and_ids_finds_nothing(app: ServedApp) -> None:
+    for name in ("admin' --", "' OR '1'='1", 'admin" OR 1=1; DROP TABLE users; --'):
+        _error(
+            httpx.post(f"{app.base_url}/auth/login", json={"username": name, "password": "x' OR '1'='1"}), 401
+        )
+    with _http(app, app.api_key) as http:
+        _error(http.get("/chat/history/x' OR '1'='1"), 400, "invalid_session_id")
+        _error(http.get("/chat/history/x%27%20OR%20%271%27%3D%271"), 400, "invalid_session_id")
+    with _http(app, app.admin_token) as http:
+        _error(http.post("/admin/users/x' OR '1'='1/disable"), 404, "user_not_found")
+        _error(http.delete("/admin/keys/' OR 1=1 --"), 404)
+        assert len(http.get("/admin/users").json()["users"]) >= 2  # nothing dropped, nobody disabled
+
+
+def test_request_smuggling_is_refused(app: ServedApp) -> None:
+    """Content-Length with Transfer-Encoding, and two Content-Lengths: 400 and the connection closes, so a
+    second request hidden in the body is never served."""
+    hidden = b"GET /admin/users HTTP/1.1\r\nHost: x\r\n\r\n"
+    for head in (
+        b"POST /v1/models HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"POST /v1/models HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nContent-Length: 44\r\n\r\n",
+    ):
+        with socket.create_connection(("127.0.0.1", app.port), timeout=10) as sock:
+            sock.sendall(head + b"0\r\n\r\n" + hidden)
+            sock.settimeout(10)
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 400 ") and answer.count(b"HTTP/1.1") == 1, answer[:300]

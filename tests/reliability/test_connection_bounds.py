@@ -111,6 +111,9 @@ def test_a_256_mib_header_is_cut_off_early_and_memory_stays_bounded(server: Serv
     before = server.rss_mib()
     accepted = _flood_header(server, 256 * MiB)
     grown = server.rss_mib() - before
+    print(
+        f"\n256 MiB header: accepted {accepted / MiB:.1f} MiB, RSS {before:.0f} -> {before + grown:.0f} MiB"
+    )
     # the attack: RSS 399 -> 845 MiB and a 200; now the server stops reading within the limit plus what
     # the kernel's socket buffers took
     assert accepted < 16 * MiB, accepted
@@ -129,6 +132,9 @@ def test_twenty_connections_holding_16_mib_headers_add_little_memory(server: Ser
     for thread in threads:
         thread.join(timeout=120)
     grown = server.rss_mib() - before
+    print(
+        f"\n20 x 16 MiB: at most {max(accepted) / MiB:.1f} MiB accepted, RSS {before:.0f} -> {before + grown:.0f} MiB"
+    )
     assert len(accepted) == 20 and max(accepted) < 16 * MiB
     assert grown < 48, f"RSS grew {grown:.0f} MiB (the attack added 332 MiB)"
     assert server.healthy()
@@ -161,6 +167,9 @@ def test_slowloris_connections_are_closed_after_the_header_timeout(server: Serve
                     closed_at[index] = time.monotonic() - started
             time.sleep(0.5)
         assert len(closed_at) == len(sockets), f"{len(sockets) - len(closed_at)} slow connections still open"
+        print(
+            f"\nslowloris: 20 connections closed after {min(closed_at.values()):.1f}-{max(closed_at.values()):.1f} s"
+        )
         assert max(closed_at.values()) < HEADER_TIMEOUT_S + 2
         assert any(a.startswith(b"HTTP/1.1 408 ") for a in answers.values())
         assert _read_all(idle, timeout=HEADER_TIMEOUT_S + 3) == b""  # the idle one is closed too
