@@ -99,6 +99,7 @@ def build_backends(
     cache = ResponseCache(
         backend,
         default_ttl_s=settings.cache.ttl_s,
+        max_ttl_s=settings.cache.max_ttl_s,
         shared_scope=settings.cache.shared_scope,
         enabled=settings.cache.enabled,
         retry_after_s=redis_settings.retry_after_s,

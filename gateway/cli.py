@@ -59,6 +59,7 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn  # noqa: PLC0415 - only the serve command needs it
 
     from gateway.app import create_app  # noqa: PLC0415
+    from gateway.server import server_config  # noqa: PLC0415
 
     settings = _settings(args)
     _configure_logging(settings)
@@ -81,8 +82,9 @@ def serve(args: argparse.Namespace) -> int:
             server.should_exit = True
 
     app = create_app(settings, on_load_failure=on_load_failure)
-    config = uvicorn.Config(
+    config = server_config(
         app,
+        settings,
         host=host,
         port=port,
         log_level=settings.telemetry.log_level.lower(),

@@ -23,12 +23,13 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct, field
 
+from auth.bootstrap import DEFAULT_SECRET_KEY, check_secrets
+from auth.errors import InsecureConfigurationError
 from auth.stores import is_postgres_url
 from engine.config import ModelSettings, QueueSettings
 from engine.registry import REGISTRY_FILE
 
 DEFAULT_MODEL_ID = "smollm2-135m-instruct"
-DEFAULT_SECRET_KEY = "change-me-in-production"  # noqa: S105 - the documented development default
 
 PositiveInt = Annotated[int, Meta(ge=1)]
 Port = Annotated[int, Meta(ge=0, le=65535)]
@@ -51,6 +52,16 @@ class ServerSettings(Struct, forbid_unknown_fields=True, kw_only=True):
     """How many gateway processes serve this deployment together (behind one load balancer). Above 1,
     start-up requires what they must share: a PostgreSQL store (``store.url``), Redis (``redis.host``) and
     a signing secret of the deployment's own (``auth.secret_key`` or ``auth.jwt_secret``)."""
+    max_header_bytes: Annotated[int, Meta(ge=1024)] = 64 * 1024
+    """Request line and headers of one request; beyond it: 431 and the connection is closed."""
+    header_timeout_s: Seconds = 10.0
+    """How long a request's line and headers may take to arrive (slow clients are closed: 408)."""
+    keep_alive_timeout_s: PositiveInt = 5
+    """An idle kept-alive connection is closed after this many seconds."""
+    trusted_proxies: list[str] = field(default_factory=list)
+    """Addresses (or networks) of reverse proxies whose ``X-Forwarded-For``/``-Proto`` are believed;
+    none by default: forwarded headers are ignored and the peer's address is the client's. Environment:
+    comma-separated (``POCKETLLM_SERVER__TRUSTED_PROXIES=10.0.0.5,10.0.0.6``)."""
 
 
 class LimitsSettings(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -87,6 +98,9 @@ class CacheSettings(Struct, forbid_unknown_fields=True, kw_only=True):
     enabled: bool = True
     ttl_s: Seconds = 3600.0
     """Entry lifetime unless a request's body ``cache.ttl`` sets its own."""
+    max_ttl_s: Seconds | None = None
+    """The longest lifetime a request's body ``cache.ttl`` gets (longer asks are capped); the larger of
+    ``ttl_s`` and one day when unset."""
     shared_scope: bool = False
     """One cache for every user; by default each user (tenant) has a scope of their own."""
     memory_max_entries: PositiveInt = 10_000
@@ -254,6 +268,8 @@ _SEED_VARIABLES: dict[str, tuple[str, str]] = {
     "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": ("telemetry", "otlp_metrics_endpoint"),
 }
 _TOP_LEVEL = {"env", "data_dir", "models_dir"}
+_LIST_FIELDS = {("server", "cors_origins"), ("server", "trusted_proxies")}
+"""List settings, given comma-separated in the environment."""
 
 
 def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
@@ -267,7 +283,9 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
                 if section == "model":
                     _default_model(raw)[key] = value
                 else:
-                    raw.setdefault(section, {})[key] = value
+                    listed = (section, key) in _LIST_FIELDS
+                    parsed = [v.strip() for v in value.split(",") if v.strip()] if listed else value
+                    raw.setdefault(section, {})[key] = parsed
         elif name in _SEED_VARIABLES:
             section, key = _SEED_VARIABLES[name]
             target = _default_model(raw) if section == "model" else raw.setdefault(section, {})
@@ -355,16 +373,14 @@ def _check_replicas(settings: Settings) -> None:
 
 def _check(settings: Settings) -> None:
     _check_replicas(settings)
-    if settings.env == "production":
-        if settings.auth.secret_key == DEFAULT_SECRET_KEY:
-            raise SettingsError(
-                "invalid setting: `auth.secret_key` (SECRET_KEY) is the public development default; "
-                "production needs a secret of its own"
-            )
-        if len(settings.auth.signing_secret.encode()) < 32:
-            raise SettingsError(
-                "invalid setting: `auth.jwt_secret` (or SECRET_KEY) must be at least 32 bytes in production"
-            )
+    try:
+        check_secrets(
+            settings.auth.secret_key, settings.auth.jwt_secret, production=settings.env == "production"
+        )
+    except InsecureConfigurationError as exc:
+        raise SettingsError(f"invalid setting: `auth.secret_key` / `auth.jwt_secret`: {exc}") from None
+    if settings.cache.max_ttl_s is not None and settings.cache.ttl_s > settings.cache.max_ttl_s:
+        raise SettingsError("invalid setting: `cache.ttl_s` is above `cache.max_ttl_s`")
     if not settings.models:
         raise SettingsError("invalid setting: `models` must list at least one model")
     names: set[str] = set()

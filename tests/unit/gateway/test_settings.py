@@ -16,6 +16,16 @@ def test_defaults_serve_the_default_model() -> None:
     assert settings.server.port == 8000 and settings.cache.enabled
 
 
+STRONG = "q7Vd-2KpX9sLm4Rt8ZyN1bWc6HfJ0aEu"
+
+
+def test_weak_secret_key_is_refused_in_development_too() -> None:
+    for weak in ("secret", "a" * 32, "change-me-in-production" * 2):
+        with pytest.raises(SettingsError, match="SECRET_KEY"):
+            load_settings(env={"SECRET_KEY": weak})
+    assert load_settings(env={}).auth.secret_key == "change-me-in-production"  # unset: a random secret
+
+
 def test_seed_variable_names_keep_working(tmp_path: Path) -> None:
     gguf = tmp_path / "m.gguf"
     settings = load_settings(
@@ -24,7 +34,7 @@ def test_seed_variable_names_keep_working(tmp_path: Path) -> None:
             "MODEL_N_THREADS": "3",
             "MODEL_N_CTX": "1024",
             "MODEL_SLOTS": "2",
-            "SECRET_KEY": "s3cret",
+            "SECRET_KEY": STRONG,
             "REDIS_HOST": "redis.local",
             "ENABLE_CACHE": "False",
         }
@@ -32,7 +42,7 @@ def test_seed_variable_names_keep_working(tmp_path: Path) -> None:
     model = settings.models[0]
     assert (model.path, model.n_threads, model.n_ctx, model.slots) == (str(gguf), 3, 1024, 2)
     assert settings.model_path(model) == gguf
-    assert settings.auth.secret_key == "s3cret"
+    assert settings.auth.secret_key == STRONG
     assert settings.redis.host == "redis.local"
     assert settings.cache.enabled is False
 
