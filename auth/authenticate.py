@@ -49,6 +49,7 @@ logger = logging.getLogger("pocketllm.auth")
 MAX_CREDENTIAL_LENGTH = 8192
 _BAD_LOGIN = "invalid username or password"
 _NO_ACCOUNT = "the account does not exist or is disabled"
+_REVOKED_TOKEN = "this token has been revoked (logged out, or the password changed)"  # noqa: S105
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,13 +222,21 @@ class Authenticator:
             if self.external is not None and unverified_issuer(token) == self.external.issuer:
                 claims = decode_external(token, self.external)
                 user = await self._external_user(claims.username)
+                token_id = None  # the provider's tokens are revoked at the provider
             else:
                 claims = decode_token(token, self.tokens)
                 user = await self._active_user(claims.sub)
+                token_id = claims.jti
+                if claims.version != user.token_version or (
+                    token_id is not None and await self.store.token_revoked(token_id)
+                ):
+                    raise AuthenticationError(_REVOKED_TOKEN)
         except InvalidTokenError as exc:
             raise AuthenticationError(str(exc)) from None
         scopes = {SCOPE_INFERENCE} | ({SCOPE_ADMIN} if user.role == "admin" else set())
-        return Principal(user.id, user.username, user.role, frozenset(scopes))
+        return Principal(
+            user.id, user.username, user.role, frozenset(scopes), token_id=token_id, expires_at=claims.exp
+        )
 
     async def _active_user(self, user_id: str) -> User:
         user = await self.store.get_user(user_id)
@@ -283,7 +292,60 @@ class Authenticator:
                 await self.store.set_password_hash(user.id, digest)
         await self.store.touch_user(user.id, self._clock())
         # wall time, not ``clock``: pyjwt checks exp/nbf/iat against wall time
-        return user, issue_token(user.id, user.username, user.role, self.tokens)
+        return user, issue_token(user.id, user.username, user.role, self.tokens, version=user.token_version)
+
+    async def logout(self, principal: Principal, *, everywhere: bool = False) -> None:
+        """Revoke the token a request came with, or every token of its user.
+
+        Args:
+            principal: the caller, authenticated by one of our tokens.
+            everywhere: revoke every token the user holds (bumps their token version), not just this one.
+
+        Raises:
+            KeyPolicyError: the caller used an API key (keys are revoked through ``DELETE /admin/keys``)
+                or another provider's token (revoked at that provider).
+        """
+        if everywhere and principal.key_id is None:
+            await self.store.revoke_all_tokens(principal.user_id)
+            return
+        if principal.token_id is None or principal.expires_at is None:
+            raise KeyPolicyError("only a token from /auth/login can log out; an API key is revoked instead")
+        await self.store.revoke_token(principal.token_id, principal.user_id, principal.expires_at)
+
+    async def change_password(
+        self, principal: Principal, current: str, new: str, client: str
+    ) -> tuple[User, str]:
+        """Change the caller's own password; every older token of theirs is refused from now on.
+
+        The current password is checked like a login (throttled, one hash slot).
+
+        Args:
+            principal: the caller.
+            current: their current password.
+            new: the new password.
+            client: the client address (for throttling).
+
+        Returns:
+            ``(user, token)``: a fresh token, the only one of the user's tokens that still works.
+
+        Raises:
+            LoginBusyError: every password-hash slot is taken.
+            LoginThrottledError: too many wrong passwords.
+            AuthenticationError: the current password is wrong (or the account cannot use passwords).
+        """
+        with self.hash_gate.slot():
+            decision = await self.throttle.attempt(principal.username, client)
+            if decision.blocked:
+                raise LoginThrottledError(decision.retry_after)
+            user = await self._active_user(principal.user_id)
+            if user.password_hash is None or not await asyncio.to_thread(
+                verify_password, current, user.password_hash
+            ):
+                raise AuthenticationError("the current password is wrong")
+            await self.throttle.succeeded(principal.username, client, decision)
+            digest = await asyncio.to_thread(hash_password, new, self.passwords)
+        version = await self.store.change_password(user.id, digest)
+        return user, issue_token(user.id, user.username, user.role, self.tokens, version=version)
 
     async def create_user(self, username: str, password: str, role: str = "user") -> User:
         """A new user with a hashed password.

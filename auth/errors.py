@@ -48,6 +48,10 @@ class UserExistsError(AuthError):
     """A user with this name exists already."""
 
 
+class LastAdminError(AuthError):
+    """The change would leave no enabled admin (nobody could enable anyone again)."""
+
+
 class SessionExistsError(AuthError):
     """A chat session with this id exists already (possibly another user's)."""
 
@@ -74,4 +78,3 @@ class StoreUnavailableError(AuthError, ConnectionError):
     A transient condition: the HTTP layer answers 503 (with ``Retry-After``), never 500; the store
     reconnects by itself when the server is back.
     """
-

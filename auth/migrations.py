@@ -57,6 +57,37 @@ MIGRATIONS: list[tuple[Statement, ...]] = [
         "CREATE TABLE limit_overrides (subject TEXT PRIMARY KEY, rpm INTEGER, tpm INTEGER, "
         "concurrency INTEGER, updated_at DOUBLE PRECISION NOT NULL)",
     ),
+    (  # 4: token revocation (logout; a password change or "log out everywhere" bumps token_version), and
+        # chat sessions namespaced per user: (user_id, id) is the key, so another user's id is just a new
+        # session of this user (the old global key told a client which ids were taken)
+        "ALTER TABLE users ADD COLUMN token_version INTEGER NOT NULL DEFAULT 0",
+        "CREATE TABLE revoked_tokens (jti TEXT PRIMARY KEY, "
+        "user_id TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE, expires_at DOUBLE PRECISION NOT NULL)",
+        "CREATE INDEX revoked_tokens_by_expiry ON revoked_tokens(expires_at)",
+        "CREATE TABLE chat_sessions (user_id TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE, "
+        "id TEXT NOT NULL, title TEXT NOT NULL, model TEXT NOT NULL, created_at DOUBLE PRECISION NOT NULL, "
+        "updated_at DOUBLE PRECISION NOT NULL, PRIMARY KEY (user_id, id))",
+        "INSERT INTO chat_sessions (user_id, id, title, model, created_at, updated_at) "
+        "SELECT user_id, id, title, model, created_at, updated_at FROM sessions",
+        PerDialect(
+            sqlite="CREATE TABLE chat_messages (id INTEGER PRIMARY KEY AUTOINCREMENT, user_id TEXT NOT NULL, "
+            "session_id TEXT NOT NULL, role TEXT NOT NULL, content TEXT NOT NULL, "
+            "created_at DOUBLE PRECISION NOT NULL, FOREIGN KEY (user_id, session_id) "
+            "REFERENCES chat_sessions(user_id, id) ON DELETE CASCADE)",
+            postgresql="CREATE TABLE chat_messages (id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, "
+            "user_id TEXT NOT NULL, session_id TEXT NOT NULL, role TEXT NOT NULL, content TEXT NOT NULL, "
+            "created_at DOUBLE PRECISION NOT NULL, FOREIGN KEY (user_id, session_id) "
+            "REFERENCES chat_sessions(user_id, id) ON DELETE CASCADE)",
+        ),
+        # in id order, so the new ids keep the order of the turns
+        "INSERT INTO chat_messages (user_id, session_id, role, content, created_at) "
+        "SELECT s.user_id, m.session_id, m.role, m.content, m.created_at "
+        "FROM messages m JOIN sessions s ON s.id = m.session_id ORDER BY m.id",
+        "DROP TABLE messages",
+        "DROP TABLE sessions",
+        "CREATE INDEX chat_sessions_by_user ON chat_sessions(user_id, updated_at DESC)",
+        "CREATE INDEX chat_messages_by_session ON chat_messages(user_id, session_id, id)",
+    ),
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -44,6 +44,8 @@ class Principal:
         scopes: what the credential grants (``inference``, ``admin``).
         key_id: the API key used, or None for a JWT.
         allowed_models: the key's model allow-list, or None for any model.
+        token_id: the ``jti`` of our own JWT (what logout revokes), else None.
+        expires_at: when that token expires (unix seconds), else None.
     """
 
     user_id: str
@@ -52,11 +54,16 @@ class Principal:
     scopes: frozenset[str]
     key_id: str | None = None
     allowed_models: frozenset[str] | None = None
+    token_id: str | None = None
+    expires_at: float | None = None
 
     @property
     def is_admin(self) -> bool:
-        """Whether admin routes are open to this caller: the admin role or the admin scope."""
-        return self.role == "admin" or SCOPE_ADMIN in self.scopes
+        """Whether admin routes are open to this caller: an admin user whose credential grants the admin
+        scope (an admin's JWT does; an admin's key only when it was made with the ``admin`` scope). A key's
+        scopes bound it whatever its owner's role, and the role bounds the scopes (a user who lost the
+        admin role loses the powers of their admin-scoped keys)."""
+        return self.role == "admin" and SCOPE_ADMIN in self.scopes
 
     def has_scope(self, scope: str) -> bool:
         """Whether the credential grants a scope.

@@ -15,7 +15,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
-from auth.errors import SessionExistsError, SessionNotFoundError, UserExistsError
+from auth.errors import LastAdminError, SessionExistsError, SessionNotFoundError, UserExistsError
 from auth.migrations import SCHEMA_VERSION, Dialect
 from auth.principal import Role, as_role
 from auth.store import ApiKey, ChatMessage, ChatSession, LimitOverride, StoredApiKey, User
@@ -24,18 +24,20 @@ Row = Sequence[Any]
 
 TITLE_MAX = 200
 
-_USER_COLUMNS = "id, username, role, created_at, disabled_at, password_hash, last_login_at"
+_USER_COLUMNS = "id, username, role, created_at, disabled_at, password_hash, last_login_at, token_version"
 _KEY_COLUMNS = "id, user_id, last4, scopes, models, created_at, expires_at, revoked_at, key_hash"
 _SELECT_USER = f"SELECT {_USER_COLUMNS} FROM users"
 _SELECT_KEY = f"SELECT {_KEY_COLUMNS} FROM api_keys"
 _SELECT_KEY_AND_OWNER = (
     "SELECT k.id, k.user_id, k.last4, k.scopes, k.models, k.created_at, k.expires_at, k.revoked_at, "
-    "k.key_hash, u.id, u.username, u.role, u.created_at, u.disabled_at, u.password_hash, u.last_login_at "
+    "k.key_hash, u.id, u.username, u.role, u.created_at, u.disabled_at, u.password_hash, u.last_login_at, "
+    "u.token_version "
     "FROM api_keys k JOIN users u ON u.id = k.user_id WHERE k.key_hash = ?"
 )
 _SELECT_SESSION = (
     "SELECT s.id, s.user_id, s.title, s.model, s.created_at, s.updated_at, "
-    "(SELECT COUNT(*) FROM messages m WHERE m.session_id = s.id) FROM sessions s"
+    "(SELECT COUNT(*) FROM chat_messages m WHERE m.user_id = s.user_id AND m.session_id = s.id) "
+    "FROM chat_sessions s"
 )
 
 
@@ -44,7 +46,7 @@ class DuplicateRowError(Exception):
 
 
 def _user(row: Row) -> User:
-    return User(row[0], row[1], as_role(row[2]), row[3], row[4], row[5], row[6])
+    return User(row[0], row[1], as_role(row[2]), row[3], row[4], row[5], row[6], int(row[7]))
 
 
 def _key(row: Row) -> StoredApiKey:
@@ -148,14 +150,56 @@ class SqlStore(ABC):
 
     async def disable_user(self, user_id: str) -> User | None:
         """See ``IdentityStore.disable_user``."""
-        sql = "UPDATE users SET disabled_at = COALESCE(disabled_at, ?) WHERE id = ?"
-        await self._execute(sql, (self._clock(), user_id))
+        # one statement: the last enabled admin is kept whatever runs at the same time in this database
+        sql = (
+            "UPDATE users SET disabled_at = COALESCE(disabled_at, ?) WHERE id = ? AND NOT ("
+            "role = 'admin' AND disabled_at IS NULL AND "
+            "(SELECT COUNT(*) FROM users a WHERE a.role = 'admin' AND a.disabled_at IS NULL) <= 1)"
+        )
+        changed = await self._execute(sql, (self._clock(), user_id))
+        await self._announce_identity_change()
+        user = await self.get_user(user_id)
+        if not changed and user is not None and user.role == "admin" and not user.disabled:
+            raise LastAdminError("this is the last enabled admin; make or enable another admin first")
+        return user
+
+    async def enable_user(self, user_id: str) -> User | None:
+        """See ``IdentityStore.enable_user``."""
+        await self._execute("UPDATE users SET disabled_at = NULL WHERE id = ?", (user_id,))
         await self._announce_identity_change()
         return await self.get_user(user_id)
 
     async def set_password_hash(self, user_id: str, password_hash: str) -> None:
         """See ``IdentityStore.set_password_hash``."""
         await self._execute("UPDATE users SET password_hash = ? WHERE id = ?", (password_hash, user_id))
+
+    async def change_password(self, user_id: str, password_hash: str) -> int:
+        """See ``IdentityStore.change_password``."""
+        sql = "UPDATE users SET password_hash = ?, token_version = token_version + 1 WHERE id = ?"
+        await self._execute(sql, (password_hash, user_id))
+        return await self._token_version(user_id)
+
+    async def revoke_all_tokens(self, user_id: str) -> int:
+        """See ``IdentityStore.revoke_all_tokens``."""
+        await self._execute("UPDATE users SET token_version = token_version + 1 WHERE id = ?", (user_id,))
+        return await self._token_version(user_id)
+
+    async def _token_version(self, user_id: str) -> int:
+        row = await self._fetch_one("SELECT token_version FROM users WHERE id = ?", (user_id,))
+        return int(row[0]) if row else 0
+
+    async def revoke_token(self, jti: str, user_id: str, expires_at: float) -> None:
+        """See ``IdentityStore.revoke_token``."""
+        await self._execute("DELETE FROM revoked_tokens WHERE expires_at < ?", (self._clock(),))
+        await self._execute(
+            "INSERT INTO revoked_tokens (jti, user_id, expires_at) VALUES (?, ?, ?) "
+            "ON CONFLICT(jti) DO NOTHING",
+            (jti, user_id, float(expires_at)),
+        )
+
+    async def token_revoked(self, jti: str) -> bool:
+        """See ``IdentityStore.token_revoked``."""
+        return await self._fetch_one("SELECT 1 FROM revoked_tokens WHERE jti = ?", (jti,)) is not None
 
     async def touch_user(self, user_id: str, at: float | None = None) -> None:
         """See ``IdentityStore.touch_user``."""
@@ -258,7 +302,7 @@ class SqlStore(ABC):
         session = ChatSession(session_id or uuid.uuid4().hex, user_id, title[:TITLE_MAX], model, now, now, 0)
         try:
             await self._execute(
-                "INSERT INTO sessions (id, user_id, title, model, created_at, updated_at) "
+                "INSERT INTO chat_sessions (id, user_id, title, model, created_at, updated_at) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
                 (session.id, user_id, session.title, model, now, now),
             )
@@ -273,11 +317,6 @@ class SqlStore(ABC):
         )
         return ChatSession(*row) if row else None
 
-    async def session_owner(self, session_id: str) -> str | None:
-        """See ``IdentityStore.session_owner``."""
-        row = await self._fetch_one("SELECT user_id FROM sessions WHERE id = ?", (session_id,))
-        return str(row[0]) if row else None
-
     async def list_sessions(self, user_id: str, limit: int, offset: int) -> tuple[list[ChatSession], int]:
         """See ``IdentityStore.list_sessions``."""
         if limit < 0 or offset < 0:
@@ -287,35 +326,39 @@ class SqlStore(ABC):
             f"s.{self.insertion_order} DESC LIMIT ? OFFSET ?",
             (user_id, limit, offset),
         )
-        total = await self._fetch_one("SELECT COUNT(*) FROM sessions WHERE user_id = ?", (user_id,))
+        total = await self._fetch_one("SELECT COUNT(*) FROM chat_sessions WHERE user_id = ?", (user_id,))
         return [ChatSession(*row) for row in rows], int(total[0]) if total else 0
 
     async def delete_session(self, session_id: str, user_id: str) -> bool:
         """See ``IdentityStore.delete_session``."""
-        sql = "DELETE FROM sessions WHERE id = ? AND user_id = ?"
+        sql = "DELETE FROM chat_sessions WHERE id = ? AND user_id = ?"
         return await self._execute(sql, (session_id, user_id)) > 0
 
     async def count_sessions(self) -> tuple[int, dict[str, int]]:
         """See ``IdentityStore.count_sessions``."""
         rows = await self._fetch_all(
-            "SELECT u.username, COUNT(s.id) FROM users u JOIN sessions s ON s.user_id = u.id "
+            "SELECT u.username, COUNT(s.id) FROM users u JOIN chat_sessions s ON s.user_id = u.id "
             "GROUP BY u.username ORDER BY u.username"
         )
         per_user = {str(name): int(count) for name, count in rows}
         return sum(per_user.values()), per_user
 
-    async def add_messages(self, session_id: str, messages: Sequence[tuple[str, str]]) -> None:
+    async def add_messages(self, user_id: str, session_id: str, messages: Sequence[tuple[str, str]]) -> None:
         """See ``IdentityStore.add_messages``."""
         now = self._clock()
         if not await self._execute_if_changed(
-            "UPDATE sessions SET updated_at = ? WHERE id = ?",
-            (now, session_id),
-            "INSERT INTO messages (session_id, role, content, created_at) VALUES (?, ?, ?, ?)",
-            [(session_id, role, content, now) for role, content in messages],
+            "UPDATE chat_sessions SET updated_at = ? WHERE user_id = ? AND id = ?",
+            (now, user_id, session_id),
+            "INSERT INTO chat_messages (user_id, session_id, role, content, created_at) "
+            "VALUES (?, ?, ?, ?, ?)",
+            [(user_id, session_id, role, content, now) for role, content in messages],
         ):
             raise SessionNotFoundError("no such chat session")
 
-    async def list_messages(self, session_id: str) -> list[ChatMessage]:
+    async def list_messages(self, user_id: str, session_id: str) -> list[ChatMessage]:
         """See ``IdentityStore.list_messages``."""
-        sql = "SELECT role, content, created_at FROM messages WHERE session_id = ? ORDER BY id"
-        return [ChatMessage(*row) for row in await self._fetch_all(sql, (session_id,))]
+        sql = (
+            "SELECT role, content, created_at FROM chat_messages WHERE user_id = ? AND session_id = ? "
+            "ORDER BY id"
+        )
+        return [ChatMessage(*row) for row in await self._fetch_all(sql, (user_id, session_id))]

@@ -4,7 +4,8 @@ Conventions every backend keeps (the contract suite in ``tests/unit/auth/test_st
 checks them):
 
 - Ids are uuid4 hex strings (32 lowercase hex characters) made by the store; a chat session may
-  instead take an id chosen by the caller (the ``X-Session-Id`` header).
+  instead take an id chosen by the caller (the ``X-Session-Id`` header). Session ids are per user: two
+  users may each have a session ``s1``, and neither can tell that the other's exists.
 - Timestamps are unix seconds as floats.
 - Another user's session is indistinguishable from a missing one (``None`` / ``False``).
 - Listing keys never returns a key's hash; only ``get_key_by_hash`` returns it.
@@ -16,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from auth.errors import SessionExistsError, SessionNotFoundError, UserExistsError
+from auth.errors import LastAdminError, SessionExistsError, SessionNotFoundError, UserExistsError
 from auth.principal import Role
 
 if TYPE_CHECKING:
@@ -28,6 +29,7 @@ __all__ = [
     "ChatMessage",
     "ChatSession",
     "IdentityStore",
+    "LastAdminError",
     "LimitOverride",
     "SQLiteStore",
     "SessionExistsError",
@@ -50,6 +52,9 @@ class User:
     password_hash: str | None = field(repr=False)
     """None for users who cannot log in with a password (created from an external identity provider)."""
     last_login_at: float | None = None
+    token_version: int = 0
+    """Our tokens carry the version they were issued at; bumping it (a password change, "log out
+    everywhere") refuses every older token."""
 
     @property
     def disabled(self) -> bool:
@@ -157,11 +162,36 @@ class IdentityStore(Protocol):
         ...
 
     async def disable_user(self, user_id: str) -> User | None:
-        """Disable a user (idempotent: the first time stays); None when there is no such user."""
+        """Disable a user (idempotent: the first time stays); None when there is no such user.
+
+        Raises:
+            LastAdminError: the user is the last enabled admin (nothing changed).
+        """
+        ...
+
+    async def enable_user(self, user_id: str) -> User | None:
+        """Enable a disabled user (idempotent); None when there is no such user."""
         ...
 
     async def set_password_hash(self, user_id: str, password_hash: str) -> None:
-        """Replace a user's password hash."""
+        """Replace a user's password hash (a rehash: the user's tokens stay valid)."""
+        ...
+
+    async def change_password(self, user_id: str, password_hash: str) -> int:
+        """Replace a user's password hash and bump their token version (every older token is refused);
+        returns the new version."""
+        ...
+
+    async def revoke_all_tokens(self, user_id: str) -> int:
+        """Bump a user's token version (every token issued so far is refused); returns the new version."""
+        ...
+
+    async def revoke_token(self, jti: str, user_id: str, expires_at: float) -> None:
+        """Refuse one token (by its ``jti``) until it expires anyway (the record is dropped after)."""
+        ...
+
+    async def token_revoked(self, jti: str) -> bool:
+        """Whether a token id has been revoked."""
         ...
 
     async def touch_user(self, user_id: str, at: float | None = None) -> None:
@@ -209,15 +239,11 @@ class IdentityStore(Protocol):
     async def create_session(
         self, user_id: str, title: str, model: str, session_id: str | None = None
     ) -> ChatSession:
-        """A new empty session; ``SessionExistsError`` when a caller-chosen id is taken."""
+        """A new empty session; ``SessionExistsError`` when this user has a session of that id."""
         ...
 
     async def get_session(self, session_id: str, user_id: str) -> ChatSession | None:
         """The session when it exists and is ``user_id``'s."""
-        ...
-
-    async def session_owner(self, session_id: str) -> str | None:
-        """The owner's user id of a session id, or None when it is free."""
         ...
 
     async def list_sessions(self, user_id: str, limit: int, offset: int) -> tuple[list[ChatSession], int]:
@@ -232,18 +258,19 @@ class IdentityStore(Protocol):
         """Sessions in total and per username (users without sessions are left out)."""
         ...
 
-    async def add_messages(self, session_id: str, messages: Sequence[tuple[str, str]]) -> None:
-        """Append ``(role, content)`` turns atomically; ``SessionNotFoundError`` for a missing session."""
+    async def add_messages(self, user_id: str, session_id: str, messages: Sequence[tuple[str, str]]) -> None:
+        """Append ``(role, content)`` turns to the user's session atomically; ``SessionNotFoundError`` when
+        the user has no such session."""
         ...
 
-    async def list_messages(self, session_id: str) -> list[ChatMessage]:
-        """A session's messages in the order they were added."""
+    async def list_messages(self, user_id: str, session_id: str) -> list[ChatMessage]:
+        """The messages of the user's session in the order they were added (empty when there is none)."""
         ...
 
     def on_identity_change(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` after every change made through this store object that can refuse a
-        credential (a key revoked, a user disabled), so that caches of lookups in this process drop them
-        at once. Changes made elsewhere (another replica, the CLI) are not reported."""
+        """Call ``callback`` after every change made through this store object that can refuse or admit
+        a credential (a key revoked, a user disabled or enabled), so that caches of lookups in this process
+        drop them at once. Changes made elsewhere (another replica, the CLI) are not reported."""
         ...
 
     async def open(self) -> None:

@@ -81,6 +81,7 @@ class Claims:
         jti: the token id, if any.
         username: our tokens: the ``name`` claim; external: the configured username claim.
         role: the ``role`` claim of our tokens (informational: the store's role is what counts).
+        version: the ``ver`` claim of our tokens: the user's token version at issue (0 when absent).
         raw: every claim, read-only.
     """
 
@@ -93,10 +94,17 @@ class Claims:
     username: str | None
     role: str | None
     raw: Mapping[str, Any] = field(repr=False)
+    version: int = 0
 
 
 def issue_token(
-    user_id: str, username: str, role: str, settings: TokenSettings, *, now: float | None = None
+    user_id: str,
+    username: str,
+    role: str,
+    settings: TokenSettings,
+    *,
+    now: float | None = None,
+    version: int = 0,
 ) -> str:
     """Sign a token for a user.
 
@@ -106,9 +114,10 @@ def issue_token(
         role: becomes ``role``.
         settings: secret, algorithm (the first listed), issuer, audience, lifetime.
         now: the issue time (unix seconds); the current time when None.
+        version: the user's token version (``ver``); a token of an older version is refused.
 
     Returns:
-        The compact JWT with sub, name, role, iat, nbf, exp, iss, aud and a random jti.
+        The compact JWT with sub, name, role, iat, nbf, exp, iss, aud, ver and a random jti.
     """
     issued = int(time.time() if now is None else now)
     claims = {
@@ -121,6 +130,7 @@ def issue_token(
         "iss": settings.issuer,
         "aud": settings.audience,
         "jti": uuid.uuid4().hex,
+        "ver": version,
     }
     return jwt.encode(claims, settings.secret, algorithm=settings.algorithms[0])
 
@@ -342,6 +352,7 @@ def _claims(payload: dict[str, Any], username_claim: str) -> Claims:
     username = payload.get(username_claim)
     role = payload.get("role")
     jti = payload.get("jti")
+    version = payload.get("ver", 0)
     return Claims(
         sub=payload["sub"],
         iss=payload["iss"],
@@ -352,4 +363,5 @@ def _claims(payload: dict[str, Any], username_claim: str) -> Claims:
         username=username if isinstance(username, str) and username else None,
         role=role if isinstance(role, str) else None,
         raw=MappingProxyType(payload),
+        version=version if isinstance(version, int) and not isinstance(version, bool) else -1,
     )

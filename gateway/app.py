@@ -15,7 +15,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import RedocRenderPlugin, SwaggerRenderPlugin
 from litestar.response import Redirect
 
-from auth.bootstrap import ensure_default_users
+from auth.bootstrap import ensure_default_users, refuse_default_passwords
 from auth.errors import AuthError
 from engine.base import EngineError
 from engine.models import ModelManager
@@ -112,7 +112,10 @@ def create_app(settings: Settings, *, on_load_failure: Callable[[list[str]], Non
     @asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
         await authenticator.store.open()  # a bad store URL stops start-up here
-        if settings.env == "development":
+        if settings.env == "production":
+            # a data directory made in development still holds admin / admin123
+            await refuse_default_passwords(authenticator.store)
+        else:
             created = await ensure_default_users(authenticator.store, authenticator.passwords)
             if created:
                 logger.warning(

@@ -10,6 +10,7 @@ from gateway.cache.redis import RedisCacheBackend
 from gateway.cache.service import ResponseCache
 from gateway.circuit import OnBackendError
 from gateway.ratelimit.fallback import FallbackRateLimiter
+from gateway.ratelimit.leases import LeaseKeeper
 from gateway.ratelimit.limiter import RateLimiter
 from gateway.ratelimit.memory import MemoryRateLimiter
 from gateway.ratelimit.redis import RedisRateLimiter
@@ -45,7 +46,8 @@ def build_backends(
 
     With ``redis.host`` set: the cache lives in Redis (bypassed while Redis fails) and the limiter is
     Redis's, falling back to an in-process limiter while Redis fails (fail open, per process). Without
-    it: both are in-process.
+    it: both are in-process. Either way one heartbeat renews the concurrency leases of the requests in
+    flight every third of ``ratelimit.lease_ttl_s``.
 
     Args:
         settings: the whole configuration.
@@ -93,9 +95,11 @@ def build_backends(
             max_entries=settings.cache.memory_max_entries, max_bytes=settings.cache.memory_max_bytes
         )
         limiter = memory_limiter
+    limiter = LeaseKeeper(limiter, interval_s=limits.lease_ttl_s / 3)
     cache = ResponseCache(
         backend,
         default_ttl_s=settings.cache.ttl_s,
+        max_ttl_s=settings.cache.max_ttl_s,
         shared_scope=settings.cache.shared_scope,
         enabled=settings.cache.enabled,
         retry_after_s=redis_settings.retry_after_s,

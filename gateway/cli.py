@@ -59,6 +59,7 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn  # noqa: PLC0415 - only the serve command needs it
 
     from gateway.app import create_app  # noqa: PLC0415
+    from gateway.server import server_config  # noqa: PLC0415
 
     settings = _settings(args)
     _configure_logging(settings)
@@ -81,8 +82,9 @@ def serve(args: argparse.Namespace) -> int:
             server.should_exit = True
 
     app = create_app(settings, on_load_failure=on_load_failure)
-    config = uvicorn.Config(
+    config = server_config(
         app,
+        settings,
         host=host,
         port=port,
         log_level=settings.telemetry.log_level.lower(),
@@ -100,6 +102,15 @@ def serve(args: argparse.Namespace) -> int:
         port,
         ", ".join(m.id for m in settings.models),
     )
+    if settings.server.replicas > 1:  # the settings check refused anything not shared
+        logger.info(
+            "one of %d replicas: identity and chat sessions in PostgreSQL; limits, leases, the login "
+            "throttle and the response cache in Redis %s:%d (prefix %r)",
+            settings.server.replicas,
+            settings.redis.host,
+            settings.redis.port,
+            settings.redis.key_prefix,
+        )
     server.run()
     return exit_code
 

@@ -18,6 +18,7 @@ from litestar.types import HTTPResponseBodyEvent, HTTPResponseStartEvent, Send
 from auth.errors import (
     AuthenticationError,
     AuthError,
+    LastAdminError,
     LoginBusyError,
     LoginThrottledError,
     StoreUnavailableError,
@@ -114,6 +115,14 @@ class ModelNotFoundError(NotFoundError):
         )
 
 
+class ConflictError(GatewayError):
+    """409: the change conflicts with the current state (e.g. disabling the last enabled admin)."""
+
+    status_code = 409
+    error_type = "invalid_request_error"
+    default_code = "conflict"
+
+
 class UnsupportedMediaTypeError(InvalidRequestError):
     """415: a request body that is not JSON."""
 
@@ -135,6 +144,23 @@ class PayloadTooLargeError(GatewayError):
     status_code = 413
     error_type = "invalid_request_error"
     default_code = "request_too_large"
+
+
+class HeadersTooLargeError(GatewayError):
+    """431: the request line and headers exceed ``server.max_header_bytes`` (answered by the server
+    protocol before any of the app runs)."""
+
+    status_code = 431
+    error_type = "invalid_request_error"
+    default_code = "request_header_fields_too_large"
+
+
+class RequestTimeoutError(GatewayError):
+    """408: the request line and headers did not arrive within ``server.header_timeout_s``."""
+
+    status_code = 408
+    error_type = "invalid_request_error"
+    default_code = "request_timeout"
 
 
 class RateLimitError(GatewayError):
@@ -223,6 +249,8 @@ def from_auth_error(exc: AuthError) -> GatewayError:
         )
     if isinstance(exc, AuthenticationError):
         return UnauthenticatedError(str(exc))
+    if isinstance(exc, LastAdminError):
+        return ConflictError(str(exc), param="user_id", code="last_admin")
     return InvalidRequestError(str(exc))
 
 
@@ -276,6 +304,19 @@ async def send_error(send: Send, error: GatewayError, extra_headers: dict[str, s
     await send(end)
 
 
+def http_response_bytes(error: GatewayError) -> bytes:
+    """A whole HTTP/1.1 response for ``error`` that closes the connection (for the server protocol,
+    which answers before there is any ASGI request to answer through)."""
+    body = _encoder.encode(error.body())
+    reason = _REASONS.get(error.status_code, "Error")
+    head = (
+        f"HTTP/1.1 {error.status_code} {reason}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    )
+    return head.encode("ascii") + body
+
+
+_REASONS = {408: "Request Timeout", 431: "Request Header Fields Too Large"}
 _MSGSPEC_PATH = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
 _UNKNOWN_FIELD = re.compile(r"Object contains unknown field `(?P<name>[^`]+)`")
 

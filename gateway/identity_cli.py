@@ -1,4 +1,5 @@
-"""``pocketllm users create|list|disable`` and ``pocketllm keys create|list|revoke``: the store, directly."""
+"""``pocketllm users create|list|disable|enable|password`` and ``pocketllm keys create|list|revoke``: the
+store, directly."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import time
 from typing import Any
 
 from auth.authenticate import Authenticator
+from auth.errors import LastAdminError
+from auth.passwords import hash_password
 from auth.principal import ALL_SCOPES
 from auth.store import UserExistsError
 from gateway.security import build_authenticator
@@ -18,7 +21,7 @@ from gateway.settings import Settings
 
 def add_commands(commands: Any, settings_loader: Any) -> None:
     """Register the ``users`` and ``keys`` commands on the CLI's subparsers."""
-    users = commands.add_parser("users", help="create, list and disable users")
+    users = commands.add_parser("users", help="create, list, disable and enable users; set passwords")
     users.add_argument("--config", default=None, help="TOML configuration file")
     sub = users.add_subparsers(dest="users_command", required=True)
     create = sub.add_parser("create", help="create a user (password from --password-stdin or a prompt)")
@@ -28,6 +31,11 @@ def add_commands(commands: Any, settings_loader: Any) -> None:
     sub.add_parser("list", help="list users")
     disable = sub.add_parser("disable", help="disable a user (by name)")
     disable.add_argument("username")
+    enable = sub.add_parser("enable", help="enable a disabled user (by name)")
+    enable.add_argument("username")
+    password = sub.add_parser("password", help="set a user's password; their older tokens are refused")
+    password.add_argument("username")
+    password.add_argument("--password-stdin", action="store_true", help="read it from standard input")
     users.set_defaults(handler=lambda args: _run(settings_loader(args), _users, args))
 
     keys = commands.add_parser("keys", help="create, list and revoke API keys")
@@ -60,11 +68,18 @@ def _say(text: str) -> None:
     print(text)
 
 
+def _read_password(args: argparse.Namespace) -> str | None:
+    password = sys.stdin.readline().rstrip("\n") if args.password_stdin else getpass.getpass("password: ")
+    if len(password) < 8:
+        _say("pocketllm: the password needs at least 8 characters")
+        return None
+    return password
+
+
 async def _users(auth: Authenticator, args: argparse.Namespace) -> int:
     if args.users_command == "create":
-        password = sys.stdin.readline().rstrip("\n") if args.password_stdin else getpass.getpass("password: ")
-        if len(password) < 8:
-            _say("pocketllm: the password needs at least 8 characters")
+        password = _read_password(args)
+        if password is None:
             return 2
         try:
             user = await auth.create_user(args.username, password, args.role)
@@ -82,7 +97,23 @@ async def _users(auth: Authenticator, args: argparse.Namespace) -> int:
     if target is None:
         _say(f"pocketllm: no user {args.username!r}")
         return 1
-    await auth.store.disable_user(target.id)
+    if args.users_command == "enable":
+        await auth.store.enable_user(target.id)
+        _say(f"enabled {target.username}")
+        return 0
+    if args.users_command == "password":
+        password = _read_password(args)
+        if password is None:
+            return 2
+        digest = await asyncio.to_thread(hash_password, password, auth.passwords)
+        await auth.store.change_password(target.id, digest)
+        _say(f"changed the password of {target.username}; their older tokens are refused")
+        return 0
+    try:
+        await auth.store.disable_user(target.id)
+    except LastAdminError as exc:
+        _say(f"pocketllm: {exc}")
+        return 1
     _say(f"disabled {target.username}")
     return 0
 

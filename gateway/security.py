@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import logging
 import os
 import secrets
 from pathlib import Path
@@ -13,6 +11,7 @@ from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
 
 from auth.authenticate import Authenticator
+from auth.bootstrap import DEFAULT_SECRET_KEY, check_secrets
 from auth.passwords import ScryptParams
 from auth.principal import SCOPE_INFERENCE, Principal
 from auth.redis_throttle import RedisLoginThrottle
@@ -21,10 +20,8 @@ from auth.throttle import FallbackLoginThrottle, LoginThrottle, Throttle, Thrott
 from auth.tokens import ExternalProvider, TokenConfig
 from gateway.errors import PermissionDeniedError
 from gateway.redis_client import RedisClient
-from gateway.settings import DEFAULT_SECRET_KEY, Settings
+from gateway.settings import Settings
 from telemetry.requests import SPAN_AUTH, current_request
-
-logger = logging.getLogger("pocketllm.auth")
 
 PRINCIPAL = "pocketllm.principal"
 
@@ -72,10 +69,12 @@ def build_authenticator(settings: Settings, redis: RedisClient | None = None) ->
 
 
 def _signing_secret(settings: Settings) -> str:
-    """The HS256 key. Production requires a real one (settings check). In development the public default
-    SECRET_KEY is replaced by a random secret kept in the data directory, and a short one is stretched,
-    so that development tokens cannot be forged from the documented default."""
+    """The HS256 key. A secret that is set must pass ``auth.bootstrap.weak_secret_reason`` (production and
+    development alike; the settings check refuses it first). In development the public default SECRET_KEY
+    is replaced by a random secret kept in the data directory, so that development tokens cannot be forged
+    from the documented default."""
     auth = settings.auth
+    check_secrets(auth.secret_key, auth.jwt_secret, production=settings.env == "production")
     if auth.jwt_secret is None and auth.secret_key == DEFAULT_SECRET_KEY:
         path = Path(settings.data_dir) / "jwt-secret"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -84,11 +83,7 @@ def _signing_secret(settings: Settings) -> str:
             with os.fdopen(fd, "w") as handle:
                 handle.write(secrets.token_urlsafe(48))
         return path.read_text(encoding="utf-8").strip()
-    secret = auth.signing_secret
-    if len(secret.encode()) < 32:
-        logger.warning("the JWT secret is shorter than 32 bytes; using its SHA-256 (production refuses it)")
-        return hashlib.sha256(secret.encode()).hexdigest()
-    return secret
+    return auth.signing_secret
 
 
 async def authenticate(connection: ASGIConnection[Any, Any, Any, Any]) -> Principal:
@@ -110,6 +105,11 @@ async def authenticate(connection: ASGIConnection[Any, Any, Any, Any]) -> Princi
     return principal
 
 
+async def requires_principal(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    """Guard: any valid credential."""
+    await authenticate(connection)
+
+
 async def requires_inference(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
     """Guard: a valid principal with the ``inference`` scope."""
     principal = await authenticate(connection)
@@ -118,10 +118,10 @@ async def requires_inference(connection: ASGIConnection[Any, Any, Any, Any], _: 
 
 
 async def requires_admin(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
-    """Guard: the admin role or an admin-scoped key."""
+    """Guard: an admin's credential that grants the admin scope (an admin's JWT or admin-scoped key)."""
     principal = await authenticate(connection)
     if not principal.is_admin:
-        raise PermissionDeniedError("this route needs the admin role or an admin-scoped key")
+        raise PermissionDeniedError("this route needs an admin's token or an admin-scoped key of an admin")
 
 
 async def provide_principal(request: ASGIConnection[Any, Any, Any, Any]) -> Principal:

@@ -23,11 +23,13 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct, field
 
+from auth.bootstrap import DEFAULT_SECRET_KEY, check_secrets
+from auth.errors import InsecureConfigurationError
+from auth.stores import is_postgres_url
 from engine.config import ModelSettings, QueueSettings
 from engine.registry import REGISTRY_FILE
 
 DEFAULT_MODEL_ID = "smollm2-135m-instruct"
-DEFAULT_SECRET_KEY = "change-me-in-production"  # noqa: S105 - the documented development default
 
 PositiveInt = Annotated[int, Meta(ge=1)]
 Port = Annotated[int, Meta(ge=0, le=65535)]
@@ -46,6 +48,20 @@ class ServerSettings(Struct, forbid_unknown_fields=True, kw_only=True):
     max_body_bytes: PositiveInt = 2 * 1024 * 1024
     cors_origins: list[str] = field(default_factory=lambda: ["*"])
     drain_timeout_s: Seconds = 30.0
+    replicas: PositiveInt = 1
+    """How many gateway processes serve this deployment together (behind one load balancer). Above 1,
+    start-up requires what they must share: a PostgreSQL store (``store.url``), Redis (``redis.host``) and
+    a signing secret of the deployment's own (``auth.secret_key`` or ``auth.jwt_secret``)."""
+    max_header_bytes: Annotated[int, Meta(ge=1024)] = 64 * 1024
+    """Request line and headers of one request; beyond it: 431 and the connection is closed."""
+    header_timeout_s: Seconds = 10.0
+    """How long a request's line and headers may take to arrive (slow clients are closed: 408)."""
+    keep_alive_timeout_s: PositiveInt = 5
+    """An idle kept-alive connection is closed after this many seconds."""
+    trusted_proxies: list[str] = field(default_factory=list)
+    """Addresses (or networks) of reverse proxies whose ``X-Forwarded-For``/``-Proto`` are believed;
+    none by default: forwarded headers are ignored and the peer's address is the client's. Environment:
+    comma-separated (``POCKETLLM_SERVER__TRUSTED_PROXIES=10.0.0.5,10.0.0.6``)."""
 
 
 class LimitsSettings(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -82,6 +98,9 @@ class CacheSettings(Struct, forbid_unknown_fields=True, kw_only=True):
     enabled: bool = True
     ttl_s: Seconds = 3600.0
     """Entry lifetime unless a request's body ``cache.ttl`` sets its own."""
+    max_ttl_s: Seconds | None = None
+    """The longest lifetime a request's body ``cache.ttl`` gets (longer asks are capped); the larger of
+    ``ttl_s`` and one day when unset."""
     shared_scope: bool = False
     """One cache for every user; by default each user (tenant) has a scope of their own."""
     memory_max_entries: PositiveInt = 10_000
@@ -109,8 +128,9 @@ class RateLimitSettings(Struct, forbid_unknown_fields=True, kw_only=True):
     user_rpm: Limit = None
     user_tpm: Limit = None
     user_concurrency: Limit = None
-    lease_ttl_s: Seconds = 900.0
-    """A concurrency slot that is never released (crashed process) expires after this."""
+    lease_ttl_s: Seconds = 6.0
+    """A concurrency slot lives this long unless renewed; each process renews the slots of its running
+    requests every third of it, so the slots of a process that dies come back within this."""
 
 
 class ExternalIdPSettings(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -209,6 +229,12 @@ class Settings(Struct, forbid_unknown_fields=True, kw_only=True):
     telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
 
     @property
+    def shared_state(self) -> bool:
+        """Whether everything several replicas must agree on is shared: identity and chat sessions in
+        PostgreSQL, limits, leases, the login throttle and the response cache in Redis."""
+        return bool(self.store.url and is_postgres_url(self.store.url) and self.redis.host)
+
+    @property
     def models_path(self) -> Path:
         """The models folder."""
         return Path(self.models_dir).expanduser() if self.models_dir else REGISTRY_FILE.parent
@@ -242,6 +268,8 @@ _SEED_VARIABLES: dict[str, tuple[str, str]] = {
     "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": ("telemetry", "otlp_metrics_endpoint"),
 }
 _TOP_LEVEL = {"env", "data_dir", "models_dir"}
+_LIST_FIELDS = {("server", "cors_origins"), ("server", "trusted_proxies")}
+"""List settings, given comma-separated in the environment."""
 
 
 def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
@@ -255,7 +283,9 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
                 if section == "model":
                     _default_model(raw)[key] = value
                 else:
-                    raw.setdefault(section, {})[key] = value
+                    listed = (section, key) in _LIST_FIELDS
+                    parsed = [v.strip() for v in value.split(",") if v.strip()] if listed else value
+                    raw.setdefault(section, {})[key] = parsed
         elif name in _SEED_VARIABLES:
             section, key = _SEED_VARIABLES[name]
             target = _default_model(raw) if section == "model" else raw.setdefault(section, {})
@@ -317,17 +347,40 @@ def settings_from_mapping(raw: Mapping[str, Any]) -> Settings:
     return settings
 
 
+def _check_replicas(settings: Settings) -> None:
+    """Refuse what cannot be correct when ``server.replicas`` processes serve one deployment."""
+    replicas = settings.server.replicas
+    if replicas == 1:
+        return
+    several = f"`server.replicas` is {replicas}, but"
+    if not (settings.store.url and is_postgres_url(settings.store.url)):
+        raise SettingsError(
+            f"invalid setting: {several} `store.url` (DATABASE_URL) is not a postgresql:// URL: a SQLite "
+            "store under `data_dir` belongs to one machine, so users, keys, revocations and chat sessions "
+            "would differ between replicas"
+        )
+    if not settings.redis.host:
+        raise SettingsError(
+            f"invalid setting: {several} `redis.host` (REDIS_HOST) is unset: rate limits, concurrency "
+            "leases, the login throttle and the response cache would be per process"
+        )
+    if settings.auth.jwt_secret is None and settings.auth.secret_key == DEFAULT_SECRET_KEY:
+        raise SettingsError(
+            f"invalid setting: {several} `auth.secret_key` (SECRET_KEY) is the development default: each "
+            "replica would sign tokens with a random secret of its own, valid nowhere else"
+        )
+
+
 def _check(settings: Settings) -> None:
-    if settings.env == "production":
-        if settings.auth.secret_key == DEFAULT_SECRET_KEY:
-            raise SettingsError(
-                "invalid setting: `auth.secret_key` (SECRET_KEY) is the public development default; "
-                "production needs a secret of its own"
-            )
-        if len(settings.auth.signing_secret.encode()) < 32:
-            raise SettingsError(
-                "invalid setting: `auth.jwt_secret` (or SECRET_KEY) must be at least 32 bytes in production"
-            )
+    _check_replicas(settings)
+    try:
+        check_secrets(
+            settings.auth.secret_key, settings.auth.jwt_secret, production=settings.env == "production"
+        )
+    except InsecureConfigurationError as exc:
+        raise SettingsError(f"invalid setting: `auth.secret_key` / `auth.jwt_secret`: {exc}") from None
+    if settings.cache.max_ttl_s is not None and settings.cache.ttl_s > settings.cache.max_ttl_s:
+        raise SettingsError("invalid setting: `cache.ttl_s` is above `cache.max_ttl_s`")
     if not settings.models:
         raise SettingsError("invalid setting: `models` must list at least one model")
     names: set[str] = set()

@@ -18,6 +18,7 @@ import uvicorn
 
 from engine.registry import ensure_model, load_registry
 from gateway.app import create_app
+from gateway.server import server_config
 from gateway.settings import DEFAULT_MODEL_ID, Settings, settings_from_mapping
 
 MODEL_ID = DEFAULT_MODEL_ID
@@ -84,8 +85,9 @@ class ServedApp:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.app = create_app(settings)
-        config = uvicorn.Config(
+        config = server_config(  # the server `pocketllm serve` runs
             self.app,
+            settings,
             host="127.0.0.1",
             port=self.port,
             log_level="warning",

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 
 import httpx
 
@@ -19,10 +20,13 @@ def server_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def start_server(port: int, env: dict[str, str], *args: str) -> subprocess.Popen[str]:
-    """``python -m gateway.cli serve --port PORT ARGS`` with output captured (stdout and stderr)."""
+def start_server(
+    port: int, env: dict[str, str], *args: str, wrap: Callable[[list[str]], list[str]] = list
+) -> subprocess.Popen[str]:
+    """``python -m gateway.cli serve --port PORT ARGS`` with output captured (stdout and stderr);
+    ``wrap`` may prefix the command (e.g. ``ip netns exec NAME``), keeping the process id the server's."""
     return subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port), *args],
+        wrap([sys.executable, "-m", "gateway.cli", "serve", "--port", str(port), *args]),
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -88,8 +88,19 @@ class AdminIdentityController(Controller):
     async def disable_user(
         self, identity_store: NamedDependency[IdentityStore], user_id: FromPath[str]
     ) -> dict[str, Any]:
-        """Disable a user: their keys and tokens stop working at once."""
+        """Disable a user: their keys and tokens stop working at once. The last enabled admin cannot be
+        disabled (409 ``last_admin``): nobody could enable anyone again."""
         user = await identity_store.disable_user(user_id)
+        if user is None:
+            raise NotFoundError("no such user", param="user_id", code="user_not_found")
+        return user_dict(user)
+
+    @post("/users/{user_id:str}/enable", status_code=200, summary="Enable a user")
+    async def enable_user(
+        self, identity_store: NamedDependency[IdentityStore], user_id: FromPath[str]
+    ) -> dict[str, Any]:
+        """Enable a disabled user: their keys and tokens (those not revoked otherwise) work again."""
+        user = await identity_store.enable_user(user_id)
         if user is None:
             raise NotFoundError("no such user", param="user_id", code="user_not_found")
         return user_dict(user)

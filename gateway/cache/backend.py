@@ -13,6 +13,14 @@ class CacheBackendError(Exception):
     """The backend could not do what was asked (unreachable, timed out, bad reply)."""
 
 
+class CacheCallRefusedError(CacheBackendError):
+    """The backend is up but refused this one call (a Redis reply error such as an invalid argument).
+
+    Not an outage: the service counts it without opening its circuit, so one request's bad value can
+    never make the shared cache skip everyone else's requests.
+    """
+
+
 @dataclass(frozen=True, slots=True)
 class BackendStats:
     """What a backend holds now (expired entries not counted)."""

@@ -16,9 +16,9 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
-from gateway.cache.backend import BackendStats, CacheBackendError
+from gateway.cache.backend import BackendStats, CacheBackendError, CacheCallRefusedError
 
 _NOW_MS = (
     "local t = redis.call('TIME') local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
@@ -87,6 +87,10 @@ return {entries, size}
 )
 
 
+MAX_TTL_S = 10 * 365 * 86400.0
+"""The longest entry lifetime this backend accepts (the configured ``cache.max_ttl_s`` is far below)."""
+
+
 def _glob_escape(text: str) -> str:
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
@@ -125,6 +129,8 @@ class RedisCacheBackend:
         try:
             async with asyncio.timeout(timeout_s):
                 yield
+        except ResponseError as exc:  # Redis answered: it is up, this one call was refused
+            raise CacheCallRefusedError(f"redis {operation} refused: {exc}") from exc
         except (RedisError, OSError, TimeoutError) as exc:
             raise CacheBackendError(f"redis {operation} failed: {type(exc).__name__}: {exc}") from exc
 
@@ -142,6 +148,8 @@ class RedisCacheBackend:
 
     async def set(self, key: str, value: bytes, *, ttl_s: float, model: str) -> None:
         """Store ``value`` for ``ttl_s`` seconds and index it under ``model``."""
+        if not 0 < ttl_s <= MAX_TTL_S:  # NaN fails too; the service never sends such a value
+            raise ValueError(f"a cache entry's ttl must be in (0, {MAX_TTL_S}] seconds, not {ttl_s!r}")
         ttl_ms = max(1, round(ttl_s * 1000))
         index, sizes, models = self._model_keys(model)
         keys = [f"{self._prefix}e:{key}", index, sizes, models]

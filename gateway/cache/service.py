@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -10,7 +11,7 @@ from typing import Any
 
 import msgspec
 
-from gateway.cache.backend import CacheBackend, CacheBackendError
+from gateway.cache.backend import CacheBackend, CacheBackendError, CacheCallRefusedError
 from gateway.cache.entry import CachedCompletion, decode_completion, encode_completion
 from gateway.cache.key import CachePolicy, cache_key, is_deterministic
 from gateway.circuit import Circuit, OnBackendError
@@ -61,6 +62,7 @@ class ResponseCache:
         backend: CacheBackend,
         *,
         default_ttl_s: float = 3600.0,
+        max_ttl_s: float | None = None,
         shared_scope: bool = False,
         enabled: bool = True,
         retry_after_s: float = 1.0,
@@ -71,6 +73,8 @@ class ResponseCache:
         Args:
             backend: where entries live.
             default_ttl_s: entry lifetime unless the request's body ``cache.ttl`` says otherwise.
+            max_ttl_s: the longest lifetime a request may ask for (longer asks are capped); the larger
+                of ``default_ttl_s`` and one day when None.
             shared_scope: one scope for every user (an explicit setting); per user otherwise.
             enabled: ``False`` makes every lookup a bypass and every store a no-op.
             retry_after_s: how long the backend is skipped after a failure.
@@ -78,6 +82,7 @@ class ResponseCache:
         """
         self.backend = backend
         self.default_ttl_s = default_ttl_s
+        self.max_ttl_s = max_ttl_s if max_ttl_s is not None else max(default_ttl_s, 86400.0)
         self.shared_scope = shared_scope
         self.enabled = enabled
         self.circuit = Circuit(
@@ -100,7 +105,18 @@ class ResponseCache:
 
     def _failed(self, operation: str, error: BaseException) -> None:
         self.errors += 1
+        if isinstance(error, CacheCallRefusedError):  # the backend is up: not an outage for everyone
+            logger.warning("response cache %s refused: %s", operation, error)
+            return
         self.circuit.failure(operation, error)
+
+    def entry_ttl(self, policy: CachePolicy) -> float:
+        """An entry's lifetime: the request's body ``cache.ttl`` capped at ``max_ttl_s``, else the
+        default. A value that is not a positive number never leaves this method (infinity is capped)."""
+        requested = policy.ttl_s
+        if requested is None or math.isnan(requested) or requested <= 0:
+            return self.default_ttl_s
+        return min(requested, self.max_ttl_s)
 
     async def lookup(
         self,
@@ -140,7 +156,7 @@ class ResponseCache:
         if not (policy.opt_in or is_deterministic(request)):
             return _BYPASS
         key = cache_key(self.scope(user), model_id, model_digest, request)
-        ttl = policy.ttl_s or self.default_ttl_s
+        ttl = self.entry_ttl(policy)
         storable = CacheLookup(
             CacheOutcome.BYPASS, key=key if policy.store else None, model_id=model_id, ttl_s=ttl
         )

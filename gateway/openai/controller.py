@@ -90,7 +90,7 @@ class OpenAIController(Controller):
                     identity_store, principal, session_id, runtime.id, title_from(prompt)
                 )
                 await identity_store.add_messages(
-                    session.id, [("user", prompt), ("assistant", answer.choices[0].text)]
+                    principal.user_id, session.id, [("user", prompt), ("assistant", answer.choices[0].text)]
                 )
 
         include_usage = bool(data.stream_options and data.stream_options.include_usage)

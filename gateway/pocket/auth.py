@@ -1,4 +1,4 @@
-"""The PocketLLM backend's ``/auth`` routes: login and the auth service's state."""
+"""The PocketLLM backend's ``/auth`` routes: login, logout, password change and the auth service's state."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from msgspec import Meta, Struct
 
 from auth.authenticate import Authenticator
 from auth.errors import AuthenticationError
+from auth.principal import Principal
 from gateway.errors import UnauthenticatedError
+from gateway.security import requires_principal
 from gateway.settings import Settings
 
 
@@ -32,6 +34,20 @@ class LoginResponse(Struct):
     is_admin: bool
 
 
+class LogoutRequest(Struct, forbid_unknown_fields=True):
+    """``POST /auth/logout`` (the body is optional)."""
+
+    everywhere: bool = False
+    """Revoke every token of the user (all devices), not just the one this request carries."""
+
+
+class PasswordChange(Struct, forbid_unknown_fields=True):
+    """``POST /auth/password``."""
+
+    current_password: Annotated[str, Meta(min_length=1, max_length=1024)]
+    new_password: Annotated[str, Meta(min_length=8, max_length=1024)]
+
+
 class AuthController(Controller):
     """``/auth``."""
 
@@ -50,6 +66,36 @@ class AuthController(Controller):
         try:
             user, token = await authenticator.login(data.username, data.password, client)
         except AuthenticationError as exc:  # a throttled login is a 429 (the error table)
+            raise UnauthenticatedError(str(exc), code="invalid_credentials") from None
+        return LoginResponse(token, "bearer", user.id, user.username, user.role == "admin")
+
+    @post("/logout", status_code=204, summary="Log out", guards=[requires_principal])
+    async def logout(
+        self,
+        principal: NamedDependency[Principal],
+        authenticator: NamedDependency[Authenticator],
+        data: JSONBody[LogoutRequest | None] = None,
+    ) -> None:
+        """Revoke the token this request carries (``{"everywhere": true}``: every token of the user); it
+        is refused from the next request on, on every replica sharing the store."""
+        await authenticator.logout(principal, everywhere=data is not None and data.everywhere)
+
+    @post("/password", status_code=200, summary="Change your password", guards=[requires_principal])
+    async def change_password(
+        self,
+        request: Request[Any, Any, Any],
+        principal: NamedDependency[Principal],
+        authenticator: NamedDependency[Authenticator],
+        data: JSONBody[PasswordChange],
+    ) -> LoginResponse:
+        """Change the caller's own password (the current one is checked, throttled like a login). Every
+        token issued before is refused from now on; the answer carries a fresh one."""
+        client = request.client.host if request.client else "unknown"
+        try:
+            user, token = await authenticator.change_password(
+                principal, data.current_password, data.new_password, client
+            )
+        except AuthenticationError as exc:  # a throttled attempt is a 429 (the error table)
             raise UnauthenticatedError(str(exc), code="invalid_credentials") from None
         return LoginResponse(token, "bearer", user.id, user.username, user.role == "admin")
 

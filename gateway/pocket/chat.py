@@ -13,11 +13,12 @@ from typing import Annotated, Any, cast
 import msgspec
 from litestar import Controller, Request, Response, WebSocket, delete, get, post, websocket
 from litestar.di import NamedDependency
-from litestar.exceptions import WebSocketDisconnect
+from litestar.exceptions import SerializationException, WebSocketDisconnect
 from litestar.params import FromPath, JSONBody, QueryParameter
 from msgspec import Meta, Struct
 
 from auth.authenticate import Authenticator
+from auth.errors import AuthenticationError
 from auth.principal import Principal
 from auth.store import ChatSession, IdentityStore
 from engine.base import TokenEvent
@@ -31,7 +32,7 @@ from gateway.openai.pipeline import Call, Pipeline, Run, Signal, respond
 from gateway.openai.protocol.chat import ChatCompletionRequest, ChatMessage, ChoiceLogprobs
 from gateway.openai.protocol.common import Usage
 from gateway.pocket.sessions import check_session_id, own_session, session_not_found, title_from
-from gateway.security import authenticate, check_model_access, requires_inference
+from gateway.security import check_model_access, requires_inference
 from gateway.sse import EventStream, frame
 
 
@@ -128,10 +129,10 @@ class Turn:
             "usage": _usage_dict(piece.usage),
         }
 
-    async def record(self, identity_store: IdentityStore, answer: CachedCompletion) -> None:
-        """Store both sides of the exchange."""
+    async def record(self, identity_store: IdentityStore, user_id: str, answer: CachedCompletion) -> None:
+        """Store both sides of the exchange in the user's session."""
         await identity_store.add_messages(
-            self.session_id, [("user", self.data.prompt), ("assistant", answer.choices[0].text)]
+            user_id, self.session_id, [("user", self.data.prompt), ("assistant", answer.choices[0].text)]
         )
 
 
@@ -150,7 +151,7 @@ async def start_turn(
     session = (
         await own_session(identity_store, principal, data.session_id) if data.session_id is not None else None
     )
-    history = await identity_store.list_messages(session.id) if session is not None else []
+    history = await identity_store.list_messages(principal.user_id, session.id) if session is not None else []
     completion = ChatCompletionRequest(
         model=model_name,
         messages=[
@@ -167,7 +168,7 @@ async def start_turn(
         return await prepare_chat(completion, runtime, pipeline.settings.limits, turn.session_id)
 
     async def record(answer: CachedCompletion) -> None:
-        await turn.record(identity_store, answer)
+        await turn.record(identity_store, principal.user_id, answer)
 
     run = await pipeline.start(Call(completion, principal, PocketFrames(turn), prepare, on_answer=record))
     if session is None:
@@ -232,7 +233,7 @@ class ChatController(Controller):
     ) -> dict[str, Any]:
         """The session and its messages in order; 404 for a missing or another user's session."""
         session = await own_session(identity_store, principal, session_id)
-        messages = await identity_store.list_messages(session.id)
+        messages = await identity_store.list_messages(principal.user_id, session.id)
         return {
             **_session_dict(session),
             "messages": [
@@ -263,6 +264,10 @@ def _session_dict(session: ChatSession) -> dict[str, Any]:
     }
 
 
+POLICY_VIOLATION = 1008
+"""The WebSocket close code when the credential stops being valid (revoked, disabled, expired)."""
+
+
 @websocket("/chat/ws")
 async def chat_socket(
     socket: WebSocket[Any, Any, Any],
@@ -273,10 +278,17 @@ async def chat_socket(
 ) -> None:
     """Streaming chat over a WebSocket: authenticate by header or a first ``{"token": ...}`` message, then
     send ``{"prompt", "session_id"?, "model"?, "system"?, ...}``; replies are ``delta`` frames and a ``done``
-    frame."""
+    frame.
+
+    The credential is checked again before every turn: once its key is revoked, its user disabled or its
+    token expired or logged out, the next prompt gets an error message and the socket is closed with 1008
+    (policy violation)."""
     await socket.accept()
     try:
-        principal = await _socket_principal(socket, authenticator)
+        credential = await _socket_credential(socket)
+        principal = await authenticator.authenticate(*credential)
+    except WebSocketDisconnect:
+        return  # the client left before authenticating: nothing to report
     except Exception as exc:
         error = as_gateway_error(exc)
         if error is None:
@@ -284,9 +296,19 @@ async def chat_socket(
         await socket.send_json({"type": "error", "error": error_dict(error)})
         await socket.close(code=4401)
         return
+    if not (socket.headers.get("authorization") or socket.headers.get("x-api-key")):
+        await socket.send_json({"type": "ready", "username": principal.username})
     try:
         while True:
             message = await socket.receive_json()
+            try:
+                principal = await authenticator.authenticate(*credential)
+            except AuthenticationError as exc:
+                error = as_gateway_error(exc)
+                assert error is not None
+                await socket.send_json({"type": "error", "error": error_dict(error)})
+                await socket.close(code=POLICY_VIOLATION, reason="the credential is no longer valid")
+                return
             try:
                 data = msgspec.convert(message, ChatRequest)
                 turn, run = await start_turn(data, principal, identity_store, model_manager, pipeline)
@@ -304,16 +326,19 @@ async def chat_socket(
         return
 
 
-async def _socket_principal(socket: WebSocket[Any, Any, Any], authenticator: Authenticator) -> Principal:
-    if socket.headers.get("authorization") or socket.headers.get("x-api-key"):
-        return await authenticate(socket)
-    first = await socket.receive_json()
+async def _socket_credential(socket: WebSocket[Any, Any, Any]) -> tuple[str | None, str | None]:
+    """The ``(Authorization, x-api-key)`` pair of the socket: its headers, or a first ``{"token"}``."""
+    authorization, api_key = socket.headers.get("authorization"), socket.headers.get("x-api-key")
+    if authorization or api_key:
+        return authorization, api_key
+    try:
+        first = await socket.receive_json()
+    except SerializationException:  # not JSON: no token either
+        first = None
     token = first.get("token") if isinstance(first, dict) else None
     if not isinstance(token, str):
         raise UnauthenticatedError('send {"token": "<api key or JWT>"} first')
-    principal = await authenticator.authenticate(f"Bearer {token}", None)
-    await socket.send_json({"type": "ready", "username": principal.username})
-    return principal
+    return f"Bearer {token}", None
 
 
 async def _socket_reply(socket: WebSocket[Any, Any, Any], turn: Turn, run: Run) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+from auth.errors import SessionExistsError
 from auth.principal import Principal
 from auth.store import ChatSession, IdentityStore
 from gateway.errors import InvalidRequestError, NotFoundError
@@ -39,26 +40,25 @@ async def own_session(store: IdentityStore, principal: Principal, session_id: st
 async def recordable_session(
     store: IdentityStore, principal: Principal, session_id: str
 ) -> ChatSession | None:
-    """Before any work: the caller's session ``session_id``, or ``None`` when it does not exist yet;
-    400 for a malformed id, 404 when it is another user's."""
-    check_session_id(session_id, "X-Session-Id")
-    mine = await store.get_session(session_id, principal.user_id)
-    if mine is None and await store.session_owner(session_id) is not None:
-        raise session_not_found()
-    return mine
+    """Before any work: the caller's session ``session_id``, or ``None`` when they have none of that id
+    yet (400 for a malformed id). Ids are per user: another user's id is just a new session of this one."""
+    return await store.get_session(check_session_id(session_id, "X-Session-Id"), principal.user_id)
 
 
 async def session_for_recording(
     store: IdentityStore, principal: Principal, session_id: str, model: str, title: str
 ) -> ChatSession:
-    """The caller's session ``session_id``, created when new; 404 when the id is another user's."""
-    check_session_id(session_id, "X-Session-Id")
-    session = await store.get_session(session_id, principal.user_id)
+    """The caller's session ``session_id``, created when new (also when two requests create it at once)."""
+    session = await recordable_session(store, principal, session_id)
     if session is not None:
         return session
-    if await store.session_owner(session_id) is not None:
-        raise session_not_found()
-    return await store.create_session(principal.user_id, title, model, session_id)
+    try:
+        return await store.create_session(principal.user_id, title, model, session_id)
+    except SessionExistsError:  # a concurrent request of the same user created it first
+        found = await store.get_session(session_id, principal.user_id)
+        if found is None:
+            raise
+        return found
 
 
 def title_from(prompt: str) -> str:

@@ -68,6 +68,21 @@ class FallbackRateLimiter:
         else:
             self.circuit.success()
 
+    async def renew(self, tickets: Sequence[Ticket]) -> list[str]:
+        """Renew each ticket at the limiter that issued it; while the primary fails its leases cannot be
+        renewed (they expire there, as after a crash) and none is reported lost."""
+        local = [t for t in tickets if t.backend == self.fallback.name]
+        shared = [t for t in tickets if t.backend != self.fallback.name]
+        lost = await self.fallback.renew(local) if local else []
+        if shared:
+            try:
+                lost += await self.primary.renew(shared)
+            except RateLimitBackendError as exc:
+                self.circuit.failure("renew", exc)
+            else:
+                self.circuit.success()
+        return lost
+
     async def close(self) -> None:
         """Close both limiters."""
         await self.primary.close()

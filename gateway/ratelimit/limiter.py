@@ -5,8 +5,9 @@ Every limiter enforces, per subject (an API key, a user), over a sliding window 
   (no double burst at a window edge);
 - tokens per window: each admission reserves ``prompt + max_tokens``, corrected by ``release`` with
   what was really used;
-- concurrent requests: a lease per admitted request, freed by ``release`` (leases also expire after a
-  safety TTL, so a crashed process cannot hold slots forever).
+- concurrent requests: a lease per admitted request, freed by ``release``. A lease lives ``lease_ttl_s``
+  (seconds) unless ``renew`` extends it; the process that holds it renews it while its request runs
+  (``leases.LeaseKeeper``), so the slots of a process that dies come back within the TTL.
 A request is admitted only if every limit of every subject allows it; a refused request records
 nothing (a request refused for concurrency uses none of its RPM).
 """
@@ -56,6 +57,11 @@ class Ticket(Struct, frozen=True):
     """Tokens reserved at admission."""
     backend: str
     """Name of the limiter that admitted it."""
+
+    @property
+    def holds_lease(self) -> bool:
+        """Whether it holds a concurrency slot (which must be renewed while the request runs)."""
+        return any(subject.limits.concurrency is not None for subject in self.subjects)
 
 
 class LimitState(Struct, frozen=True):
@@ -131,6 +137,18 @@ class RateLimiter(Protocol):
         """End an admitted request: free its concurrency slot and set its token charge to
         ``used_tokens`` (the real usage; ``0`` for a request that failed before generating).
         Idempotent: a second call changes nothing."""
+        ...
+
+    async def renew(self, tickets: Sequence[Ticket]) -> list[str]:
+        """Extend the concurrency leases of ``tickets`` (unreleased, issued here) to a full lease TTL from
+        now, all in one call.
+
+        Returns:
+            The ids of tickets whose lease had already expired or been released (they are not revived).
+
+        Raises:
+            RateLimitBackendError: a shared backend failed.
+        """
         ...
 
     async def close(self) -> None:

@@ -75,14 +75,14 @@ class MemoryRateLimiter:
         self,
         *,
         window_s: float = 60.0,
-        lease_ttl_s: float = 900.0,
+        lease_ttl_s: float = 6.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """Create an empty limiter.
 
         Args:
             window_s: the window of ``rpm``/``tpm`` (60 s: per minute).
-            lease_ttl_s: a concurrency slot not released within this is freed anyway.
+            lease_ttl_s: a concurrency slot neither renewed nor released within this is freed anyway.
             clock: monotonic seconds (injectable for tests).
         """
         self.window_s = window_s
@@ -135,6 +135,26 @@ class MemoryRateLimiter:
             if ticket.id in window.amounts:
                 window.token_total += used_tokens - window.amounts[ticket.id]
                 window.amounts[ticket.id] = used_tokens
+
+    async def renew(self, tickets: Sequence[Ticket]) -> list[str]:
+        """Extend the live leases of ``tickets`` to ``lease_ttl_s`` from now; the ids of the lost ones."""
+        now = self._clock()
+        lost = []
+        for ticket in tickets:
+            held = True
+            for subject in ticket.subjects:
+                if subject.limits.concurrency is None:
+                    continue
+                window = self._windows.get(subject.id)
+                if window is not None and window.leases.get(ticket.id, now) > now:
+                    window.leases[ticket.id] = now + self.lease_ttl_s
+                else:
+                    held = False
+                    if window is not None:
+                        window.leases.pop(ticket.id, None)
+            if not held:
+                lost.append(ticket.id)
+        return lost
 
     async def close(self) -> None:
         """Nothing to release."""

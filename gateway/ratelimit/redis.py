@@ -3,7 +3,8 @@
 Per subject under the key prefix ``P`` (times are Redis ``TIME`` in ms, so process clocks never matter):
 - ``P<id>:r`` sorted set of admitted ticket ids scored by admission time (requests window);
 - ``P<id>:t`` the same for token reservations, ``P<id>:h`` hash ticket id -> tokens, plus ``#sum``;
-- ``P<id>:c`` sorted set of in-flight ticket ids scored by lease expiry (the safety TTL).
+- ``P<id>:c`` sorted set of in-flight ticket ids scored by lease expiry (admission or last renewal plus
+  the lease TTL).
 Window keys expire one window after their newest entry, lease sets one lease TTL after theirs.
 """
 
@@ -133,6 +134,28 @@ return 1
 """
 
 
+# KEYS: the lease sets (``P<id>:c``) to renew in. ARGV: lease ms, then the ticket id for each key.
+# A lease that expired or was released is not revived; the script returns those ticket ids.
+_RENEW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local lease = tonumber(ARGV[1])
+local lost = {}
+for i = 1, #KEYS do
+  local id = ARGV[i + 1]
+  local expires = redis.call('ZSCORE', KEYS[i], id)
+  if expires and tonumber(expires) > now then
+    redis.call('ZADD', KEYS[i], now + lease, id)
+    redis.call('PEXPIRE', KEYS[i], lease)
+  else
+    if expires then redis.call('ZREM', KEYS[i], id) end
+    lost[#lost + 1] = id
+  end
+end
+return lost
+"""
+
+
 def _limit(value: int | None) -> int:
     return -1 if value is None else value
 
@@ -148,7 +171,7 @@ class RedisRateLimiter:
         *,
         prefix: str = "pocketllm:rl:",
         window_s: float = 60.0,
-        lease_ttl_s: float = 900.0,
+        lease_ttl_s: float = 6.0,
         timeout_s: float = 0.1,
     ) -> None:
         """Wrap a client (see ``redis_client.create_redis_client``).
@@ -157,7 +180,8 @@ class RedisRateLimiter:
             client: the shared redis.asyncio client (not closed here).
             prefix: namespace of every key this limiter touches.
             window_s: the window of ``rpm``/``tpm``.
-            lease_ttl_s: a concurrency slot not released within this expires (crashed process).
+            lease_ttl_s: a concurrency slot neither renewed nor released within this expires (the
+                process that held it died).
             timeout_s: bound of each call on top of the client's socket timeout.
         """
         self._prefix = prefix
@@ -166,6 +190,7 @@ class RedisRateLimiter:
         self._timeout_s = timeout_s
         self._acquire = client.register_script(_ACQUIRE)
         self._release = client.register_script(_RELEASE)
+        self._renew = client.register_script(_RENEW)
 
     async def _run(self, operation: str, script: Any, keys: list[str], args: list[Any]) -> Any:
         try:
@@ -197,6 +222,20 @@ class RedisRateLimiter:
         """Free the slot and correct the token charge, atomically for every subject."""
         keys = [k for s in ticket.subjects for k in (f"{self._prefix}{s.id}:h", f"{self._prefix}{s.id}:c")]
         await self._run("release", self._release, keys, [ticket.id, used_tokens])
+
+    async def renew(self, tickets: Sequence[Ticket]) -> list[str]:
+        """Extend every lease of ``tickets`` in one script run; the ids of the lost ones."""
+        keys: list[str] = []
+        args: list[Any] = [round(self.lease_ttl_s * 1000)]
+        for ticket in tickets:
+            for subject in ticket.subjects:
+                if subject.limits.concurrency is not None:
+                    keys.append(f"{self._prefix}{subject.id}:c")
+                    args.append(ticket.id)
+        if not keys:
+            return []
+        lost = await self._run("renew", self._renew, keys, args)
+        return list(dict.fromkeys(v.decode() if isinstance(v, bytes) else str(v) for v in lost))
 
     async def close(self) -> None:
         """Nothing to release: the client belongs to whoever created it."""

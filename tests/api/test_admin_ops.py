@@ -204,6 +204,16 @@ def test_admin_metrics_under_load_and_unload_reload_of_another_model(two_models:
     assert after["ttft_s"]["p99"] <= after["latency_s"]["p99"]
     assert after["models"]["chat-a"] == {"state": "ready", "slots": 1, "busy": 0, "queued": 0}
     cache = after["cache"]
-    assert set(cache) == {"hit", "miss", "bypass", "hit_ratio", "backend", "enabled", "available", "entries", "bytes"}
+    assert set(cache) == {
+        "hit",
+        "miss",
+        "bypass",
+        "hit_ratio",
+        "backend",
+        "enabled",
+        "available",
+        "entries",
+        "bytes",
+    }
     assert cache["backend"] == "memory" and cache["enabled"] is True and cache["available"] is True
     assert cache["hit"] + cache["miss"] + cache["bypass"] >= 3 and cache["entries"] >= 0

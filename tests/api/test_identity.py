@@ -268,10 +268,10 @@ def test_x_session_id_records_the_exchange(app: ServedApp) -> None:
         assert [m["role"] for m in messages] == ["user", "assistant"] * 2
         assert messages[1]["content"] == recorded.json()["choices"][0]["message"]["content"]
     admin = login(app.base_url, "admin", "admin123")
-    with _http(app, admin) as http:
-        _error(
-            http.post("/v1/chat/completions", json=_chat_body(), headers={"X-Session-Id": "sdk-session-1"}),
-            404,
+    with _http(app, admin) as http:  # session ids are per user: the same id is the admin's own session
+        mine = http.post("/v1/chat/completions", json=_chat_body(), headers={"X-Session-Id": "sdk-session-1"})
+        assert (
+            mine.status_code == 200 and len(http.get("/chat/history/sdk-session-1").json()["messages"]) == 2
         )
 
 
@@ -343,7 +343,9 @@ def test_production_refuses_default_secrets() -> None:
         load_settings(env={"POCKETLLM_ENV": "production"})
     with pytest.raises(SettingsError, match="32 bytes"):
         load_settings(env={"POCKETLLM_ENV": "production", "SECRET_KEY": "short-secret"})
-    settings = make_settings(env="production", auth={"secret_key": "p" * 40})
+    with pytest.raises(SettingsError, match="repetition"):
+        load_settings(env={"POCKETLLM_ENV": "production", "SECRET_KEY": "p" * 40})
+    settings = make_settings(env="production", auth={"secret_key": "q7Vd-2KpX9sLm4Rt8ZyN1bWc6HfJ0aEu"})
     with TestClient(create_app(settings)) as client:
         assert client.get("/auth/test").json()["users"] == 0  # no default users in production
 

@@ -266,7 +266,7 @@ def seed_session(console: Console, username: str, messages: list[tuple[str, str]
             user = await store.get_user_by_name(username)
             assert user is not None
             session = await store.create_session(user.id, "injection check", MODEL_ID)
-            await store.add_messages(session.id, messages)
+            await store.add_messages(user.id, session.id, messages)
             return session.id
         finally:
             await store.close()

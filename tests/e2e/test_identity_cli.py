@@ -48,6 +48,18 @@ def test_users_and_keys_commands(tmp_path: Path) -> None:
     )
     assert _cli(tmp_path, "keys", "revoke", key_id).returncode == 0
     assert "revoked" in _cli(tmp_path, "keys", "list").stdout
+    last = _cli(tmp_path, "users", "disable", "erin")  # the only admin: nobody could enable anyone again
+    assert last.returncode == 1 and "last enabled admin" in last.stdout
+    assert (
+        _cli(
+            tmp_path, "users", "create", "fay", "--role", "admin", "--password-stdin", stdin="fay-password\n"
+        ).returncode
+        == 0
+    )
     assert _cli(tmp_path, "users", "disable", "erin").returncode == 0
     assert "disabled" in _cli(tmp_path, "users", "list").stdout
+    assert _cli(tmp_path, "users", "enable", "erin").returncode == 0
+    assert "disabled" not in _cli(tmp_path, "users", "list").stdout
+    changed = _cli(tmp_path, "users", "password", "erin", "--password-stdin", stdin="erin-new-password\n")
+    assert changed.returncode == 0 and "older tokens are refused" in changed.stdout
     assert full_key not in (tmp_path / "pocketllm.sqlite3").read_bytes().decode("latin-1")

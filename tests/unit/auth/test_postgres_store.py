@@ -17,6 +17,7 @@ from auth.postgres_store import PostgresStore, describe
 from auth.sqlite_store import SQLiteStore
 from auth.stores import open_store
 from tests.postgres import LocalPostgres, create_schema, free_port, postgres_bin
+from tests.unit.auth.migration_support import check_version_3_rows_kept, version_3_schema
 
 pytestmark = pytest.mark.anyio
 
@@ -37,6 +38,21 @@ def _tables(url: str) -> set[str]:
     return {row[0] for row in rows}
 
 
+async def test_a_version_3_database_gets_sessions_per_user_keeping_every_message(schema_url: str) -> None:
+    with psycopg.connect(schema_url, autocommit=True) as conn:
+        for statement in version_3_schema("postgresql"):
+            conn.execute(statement)
+        conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        conn.execute("INSERT INTO schema_version (version) VALUES (3)")
+    store = PostgresStore(schema_url)
+    await store.open()
+    try:
+        assert store.migrated_from == 3
+        await check_version_3_rows_kept(store)
+    finally:
+        await store.close()
+
+
 async def test_the_schema_is_versioned_and_migrated_once(schema_url: str) -> None:
     store = PostgresStore(schema_url)
     await store.open()
@@ -46,8 +62,9 @@ async def test_the_schema_is_versioned_and_migrated_once(schema_url: str) -> Non
     assert _tables(schema_url) == {
         "users",
         "api_keys",
-        "sessions",
-        "messages",
+        "chat_sessions",
+        "chat_messages",
+        "revoked_tokens",
         "limit_overrides",
         "schema_version",
     }
@@ -202,7 +219,7 @@ async def test_a_server_outage_is_a_typed_error_and_heals(
     for call in (
         lambda: outage_store.get_user(alice.id),
         lambda: outage_store.create_user("bob", None, "user"),
-        lambda: outage_store.add_messages("0" * 32, [("user", "lost")]),
+        lambda: outage_store.add_messages("0" * 32, "0" * 32, [("user", "lost")]),
     ):
         started = time.monotonic()
         with pytest.raises(StoreUnavailableError, match="unavailable"):

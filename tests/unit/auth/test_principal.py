@@ -9,9 +9,10 @@ import pytest
 from auth.principal import ALL_SCOPES, Principal, as_role
 
 
-def test_admin_by_role_or_by_scope() -> None:
-    assert Principal("1", "root", "admin", frozenset({"inference"})).is_admin
-    assert Principal("2", "bot", "user", frozenset({"admin"})).is_admin
+def test_admin_needs_the_role_and_the_scope() -> None:
+    assert Principal("1", "root", "admin", frozenset({"inference", "admin"})).is_admin
+    assert not Principal("1", "root", "admin", frozenset({"inference"})).is_admin  # an admin's inference key
+    assert not Principal("2", "bot", "user", frozenset({"admin"})).is_admin
     assert not Principal("3", "u", "user", frozenset({"inference"})).is_admin
     assert sorted(ALL_SCOPES) == ["admin", "inference"]
 

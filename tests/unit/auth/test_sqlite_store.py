@@ -12,6 +12,7 @@ import pytest
 
 from auth.migrations import statements
 from auth.sqlite_store import DATABASE_NAME, MIGRATIONS, SQLiteStore
+from tests.unit.auth.migration_support import check_version_3_rows_kept, version_3_schema
 
 pytestmark = pytest.mark.anyio
 
@@ -42,6 +43,20 @@ async def test_schema_is_versioned_in_wal_mode_with_foreign_keys(tmp_path: Path)
     reopened = SQLiteStore(tmp_path)
     assert reopened.migrated_from == len(MIGRATIONS)  # nothing to do the second time
     await reopened.close()
+
+
+async def test_a_version_3_database_gets_sessions_per_user_keeping_every_message(tmp_path: Path) -> None:
+    conn = _connect(tmp_path)
+    for statement in version_3_schema("sqlite"):
+        conn.execute(statement)
+    conn.execute("PRAGMA user_version = 3")
+    conn.close()
+    store = SQLiteStore(tmp_path)
+    try:
+        assert store.migrated_from == 3
+        await check_version_3_rows_kept(store)
+    finally:
+        await store.close()
 
 
 async def test_a_version_1_database_is_migrated_keeping_its_rows(tmp_path: Path) -> None:

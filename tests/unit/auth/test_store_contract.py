@@ -8,7 +8,13 @@ import time
 
 import pytest
 
-from auth.errors import SessionExistsError, SessionNotFoundError, StoreClosedError, UserExistsError
+from auth.errors import (
+    LastAdminError,
+    SessionExistsError,
+    SessionNotFoundError,
+    StoreClosedError,
+    UserExistsError,
+)
 from auth.store import UNLIMITED, ApiKey, IdentityStore, LimitOverride, StoredApiKey
 from tests.unit.auth.conftest import StoreOpener
 
@@ -53,6 +59,44 @@ async def test_disable_is_idempotent(store: IdentityStore) -> None:
     assert await store.disable_user("0" * 32) is None
     fetched = await store.get_user_by_name("alice")
     assert fetched is not None and fetched.disabled
+
+
+async def test_enable_and_the_last_enabled_admin(store: IdentityStore) -> None:
+    root = await store.create_user("root", None, "admin")
+    alice = await store.create_user("alice", None, "user")
+    with pytest.raises(LastAdminError):
+        await store.disable_user(root.id)
+    still = await store.get_user(root.id)
+    assert still is not None and not still.disabled
+    second = await store.create_user("second", None, "admin")
+    disabled = await store.disable_user(root.id)  # another admin is enabled: allowed
+    assert disabled is not None and disabled.disabled
+    with pytest.raises(LastAdminError):
+        await store.disable_user(second.id)
+    assert (await store.disable_user(root.id)) == disabled  # already disabled: idempotent, no error
+    enabled = await store.enable_user(root.id)
+    assert enabled is not None and not enabled.disabled and enabled.disabled_at is None
+    assert await store.disable_user(alice.id) is not None
+    assert await store.enable_user("0" * 32) is None
+
+
+async def test_token_versions_and_revoked_token_ids(store: IdentityStore) -> None:
+    alice = await store.create_user("alice", "old", "user")
+    assert alice.token_version == 0
+    assert await store.change_password(alice.id, "new") == 1
+    changed = await store.get_user(alice.id)
+    assert changed is not None and changed.password_hash == "new" and changed.token_version == 1
+    assert await store.revoke_all_tokens(alice.id) == 2
+    await store.set_password_hash(alice.id, "rehash")  # a rehash keeps the tokens
+    rehashed = await store.get_user(alice.id)
+    assert rehashed is not None and rehashed.token_version == 2
+    assert not await store.token_revoked("jti-1")
+    await store.revoke_token("jti-1", alice.id, time.time() + 60)
+    await store.revoke_token("jti-1", alice.id, time.time() + 60)  # idempotent
+    await store.revoke_token("jti-old", alice.id, time.time() - 1)  # already expired: pruned later
+    assert await store.token_revoked("jti-1")
+    await store.revoke_token("jti-2", alice.id, time.time() + 60)
+    assert not await store.token_revoked("jti-old") and await store.token_revoked("jti-2")
 
 
 async def test_password_hash_and_last_login_are_updated(store: IdentityStore) -> None:
@@ -139,13 +183,28 @@ async def test_sessions_are_owner_scoped(store: IdentityStore) -> None:
     assert await store.get_session(session.id, a.id) == session
     assert await store.get_session(session.id, b.id) is None  # another user's: like a missing one
     assert await store.get_session("0" * 32, a.id) is None
-    assert await store.session_owner(session.id) == a.id
-    assert await store.session_owner("0" * 32) is None
     chosen = await store.create_session(b.id, "t", "m", session_id="client-chosen.id:1")
-    assert chosen.id == "client-chosen.id:1" and await store.session_owner(chosen.id) == b.id
+    assert chosen.id == "client-chosen.id:1" and chosen.user_id == b.id
     with pytest.raises(SessionExistsError):
-        await store.create_session(a.id, "steal", "m", session_id="client-chosen.id:1")
-    assert await store.session_owner("client-chosen.id:1") == b.id
+        await store.create_session(b.id, "again", "m", session_id="client-chosen.id:1")
+
+
+async def test_session_ids_are_per_user(store: IdentityStore) -> None:
+    """Another user's id is just a new session of this user: nothing tells that the id is taken."""
+    a = await store.create_user("a", None, "user")
+    b = await store.create_user("b", None, "user")
+    mine = await store.create_session(b.id, "b's", "m", session_id="shared-name")
+    theirs = await store.create_session(a.id, "a's", "m", session_id="shared-name")
+    assert (theirs.id, theirs.user_id) == ("shared-name", a.id)
+    await store.add_messages(b.id, "shared-name", [("user", "b's secret")])
+    await store.add_messages(a.id, "shared-name", [("user", "a's words")])
+    assert [m.content for m in await store.list_messages(a.id, "shared-name")] == ["a's words"]
+    assert [m.content for m in await store.list_messages(b.id, "shared-name")] == ["b's secret"]
+    assert await store.delete_session("shared-name", a.id)
+    kept = await store.get_session("shared-name", b.id)
+    assert kept is not None and kept.title == mine.title and kept.message_count == 1
+    with pytest.raises(SessionNotFoundError):
+        await store.add_messages(a.id, "shared-name", [("user", "gone")])
 
 
 async def test_sessions_are_listed_newest_first_in_pages(store: IdentityStore) -> None:
@@ -157,7 +216,7 @@ async def test_sessions_are_listed_newest_first_in_pages(store: IdentityStore) -
     await store.create_session(b.id, "b's", "m")
     page, total = await store.list_sessions(a.id, limit=10, offset=0)
     assert total == 3 and [s.id for s in page] == [s3.id, s2.id, s1.id]
-    await store.add_messages(s1.id, [("user", "hi")])  # activity makes it the newest
+    await store.add_messages(a.id, s1.id, [("user", "hi")])  # activity makes it the newest
     page, total = await store.list_sessions(a.id, limit=2, offset=0)
     assert total == 3 and [s.id for s in page] == [s1.id, s3.id]
     assert page[0].message_count == 1 and page[0].updated_at >= page[0].created_at
@@ -173,14 +232,14 @@ async def test_deleting_a_session_is_owner_only_and_takes_its_messages(store: Id
     a = await store.create_user("a", None, "user")
     b = await store.create_user("b", None, "user")
     session = await store.create_session(a.id, "t", "m")
-    await store.add_messages(session.id, [("user", "q"), ("assistant", "r")])
+    await store.add_messages(a.id, session.id, [("user", "q"), ("assistant", "r")])
     assert not await store.delete_session(session.id, b.id)
-    assert len(await store.list_messages(session.id)) == 2
+    assert len(await store.list_messages(a.id, session.id)) == 2
+    assert await store.list_messages(b.id, session.id) == []
     assert await store.delete_session(session.id, a.id)
     assert await store.get_session(session.id, a.id) is None
-    assert await store.list_messages(session.id) == []
+    assert await store.list_messages(a.id, session.id) == []
     assert not await store.delete_session(session.id, a.id)
-    assert await store.session_owner(session.id) is None  # the id is free again
 
 
 async def test_sessions_are_counted_in_total_and_per_user(store: IdentityStore) -> None:
@@ -198,10 +257,10 @@ async def test_messages_keep_their_order(store: IdentityStore) -> None:
     a = await store.create_user("a", None, "user")
     session = await store.create_session(a.id, "t", "m")
     other = await store.create_session(a.id, "t", "m")
-    await store.add_messages(session.id, [("user", "1"), ("assistant", "2")])
-    await store.add_messages(other.id, [("user", "elsewhere")])
-    await store.add_messages(session.id, [("user", "3"), ("assistant", "4 ünïcødé \u2028 ok")])
-    messages = await store.list_messages(session.id)
+    await store.add_messages(a.id, session.id, [("user", "1"), ("assistant", "2")])
+    await store.add_messages(a.id, other.id, [("user", "elsewhere")])
+    await store.add_messages(a.id, session.id, [("user", "3"), ("assistant", "4 ünïcødé \u2028 ok")])
+    messages = await store.list_messages(a.id, session.id)
     assert [(m.role, m.content) for m in messages] == [
         ("user", "1"),
         ("assistant", "2"),
@@ -214,19 +273,20 @@ async def test_messages_keep_their_order(store: IdentityStore) -> None:
 
 
 async def test_messages_for_a_missing_session_are_refused(store: IdentityStore) -> None:
+    a = await store.create_user("a", None, "user")
     with pytest.raises(SessionNotFoundError):
-        await store.add_messages("0" * 32, [("user", "lost")])
-    assert await store.list_messages("0" * 32) == []
+        await store.add_messages(a.id, "0" * 32, [("user", "lost")])
+    assert await store.list_messages(a.id, "0" * 32) == []
 
 
 async def test_concurrent_calls_are_all_served(store: IdentityStore) -> None:
     users = await asyncio.gather(*(store.create_user(f"u{i}", None, "user") for i in range(20)))
     sessions = await asyncio.gather(*(store.create_session(u.id, "t", "m") for u in users))
-    await asyncio.gather(*(store.add_messages(s.id, [("user", s.id)]) for s in sessions))
+    await asyncio.gather(*(store.add_messages(s.user_id, s.id, [("user", s.id)]) for s in sessions))
     assert len(await store.list_users()) == 20
     assert (await store.count_sessions())[0] == 20
     for session in sessions:
-        assert [m.content for m in await store.list_messages(session.id)] == [session.id]
+        assert [m.content for m in await store.list_messages(session.user_id, session.id)] == [session.id]
 
 
 async def test_a_restart_loses_nothing(open_store: StoreOpener) -> None:
@@ -239,7 +299,9 @@ async def test_a_restart_loses_nothing(open_store: StoreOpener) -> None:
     revoked = await first.create_key(user.id, "9" * 64, "0000", ["inference"], None, None)
     await first.revoke_key(revoked.id)
     session = await first.create_session(user.id, "title", "m", session_id="kept-session")
-    await first.add_messages(session.id, [("user", "q"), ("assistant", "a")])
+    await first.add_messages(user.id, session.id, [("user", "q"), ("assistant", "a")])
+    await first.revoke_token("jti-kept", user.id, time.time() + 600)
+    version = await first.revoke_all_tokens(user.id)
     await first.close()
 
     second = open_store()
@@ -255,7 +317,8 @@ async def test_a_restart_loses_nothing(open_store: StoreOpener) -> None:
         found_revoked = await second.get_key_by_hash("9" * 64)
         assert found_revoked is not None and found_revoked.revoked
         assert await second.get_session("kept-session", user.id) is not None
-        assert [(m.role, m.content) for m in await second.list_messages("kept-session")] == [
+        assert restored.token_version == version == 1 and await second.token_revoked("jti-kept")
+        assert [(m.role, m.content) for m in await second.list_messages(user.id, "kept-session")] == [
             ("user", "q"),
             ("assistant", "a"),
         ]

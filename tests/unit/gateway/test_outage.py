@@ -111,6 +111,9 @@ def test_limiter_falls_back_to_memory_and_recovers(
         assert {d.ticket.backend for d in local if d.ticket} == {"memory"}
         await limiter.release(shared.ticket, used_tokens=5)  # no exception; its lease expires in Redis
         assert failures and failures[0][0] == "acquire"
+        local_tickets = [d.ticket for d in local if d.ticket]
+        assert await limiter.renew([shared.ticket, *local_tickets]) == []  # local ones renewed, no raise
+        assert [operation for operation, _ in failures][-2:] == ["release", "renew"]
 
         own_redis.start()
         await asyncio.sleep(0.35)

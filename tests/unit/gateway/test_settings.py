@@ -16,6 +16,16 @@ def test_defaults_serve_the_default_model() -> None:
     assert settings.server.port == 8000 and settings.cache.enabled
 
 
+STRONG = "q7Vd-2KpX9sLm4Rt8ZyN1bWc6HfJ0aEu"
+
+
+def test_weak_secret_key_is_refused_in_development_too() -> None:
+    for weak in ("secret", "a" * 32, "change-me-in-production" * 2):
+        with pytest.raises(SettingsError, match="SECRET_KEY"):
+            load_settings(env={"SECRET_KEY": weak})
+    assert load_settings(env={}).auth.secret_key == "change-me-in-production"  # unset: a random secret
+
+
 def test_seed_variable_names_keep_working(tmp_path: Path) -> None:
     gguf = tmp_path / "m.gguf"
     settings = load_settings(
@@ -24,7 +34,7 @@ def test_seed_variable_names_keep_working(tmp_path: Path) -> None:
             "MODEL_N_THREADS": "3",
             "MODEL_N_CTX": "1024",
             "MODEL_SLOTS": "2",
-            "SECRET_KEY": "s3cret",
+            "SECRET_KEY": STRONG,
             "REDIS_HOST": "redis.local",
             "ENABLE_CACHE": "False",
         }
@@ -32,7 +42,7 @@ def test_seed_variable_names_keep_working(tmp_path: Path) -> None:
     model = settings.models[0]
     assert (model.path, model.n_threads, model.n_ctx, model.slots) == (str(gguf), 3, 1024, 2)
     assert settings.model_path(model) == gguf
-    assert settings.auth.secret_key == "s3cret"
+    assert settings.auth.secret_key == STRONG
     assert settings.redis.host == "redis.local"
     assert settings.cache.enabled is False
 
@@ -104,3 +114,50 @@ def test_rate_limit_and_redis_settings(tmp_path: Path) -> None:
     assert (settings.redis.host, settings.redis.key_prefix, settings.redis.timeout_s) == ("r", "gw1:", 0.5)
     with pytest.raises(SettingsError, match="key_rpm"):
         load_settings(env={"POCKETLLM_RATELIMIT__KEY_RPM": "-1"})
+
+
+SHARED = {
+    "POCKETLLM_SERVER__REPLICAS": "3",
+    "DATABASE_URL": "postgresql://gateway@db.internal:5432/pocketllm",
+    "REDIS_HOST": "redis.internal",
+    "SECRET_KEY": "a-deployment-secret-of-32-bytes-at-least",
+}
+
+
+@pytest.mark.parametrize(
+    ("missing", "replaced_by", "named", "why"),
+    [
+        ("DATABASE_URL", None, "`store.url` (DATABASE_URL)", "SQLite"),
+        ("DATABASE_URL", "/srv/pocketllm", "`store.url` (DATABASE_URL)", "SQLite"),
+        ("REDIS_HOST", None, "`redis.host` (REDIS_HOST)", "per process"),
+        ("SECRET_KEY", None, "`auth.secret_key` (SECRET_KEY)", "random secret"),
+    ],
+)
+def test_several_replicas_refuse_what_cannot_be_shared(
+    missing: str, replaced_by: str | None, named: str, why: str
+) -> None:
+    env = {k: v for k, v in SHARED.items() if k != missing}
+    if replaced_by is not None:
+        env[missing] = replaced_by
+    for extra in ({}, {"POCKETLLM_ENV": "production"}):
+        with pytest.raises(SettingsError) as err:
+            load_settings(env=env | extra)
+        assert (
+            "`server.replicas` is 3" in str(err.value) and named in str(err.value) and why in str(err.value)
+        )
+    one = load_settings(env=env | {"POCKETLLM_SERVER__REPLICAS": "1"})  # one replica: all of it is fine
+    assert one.server.replicas == 1 and one.shared_state is (missing == "SECRET_KEY")
+
+
+def test_several_replicas_with_shared_state(tmp_path: Path) -> None:
+    settings = load_settings(env=SHARED)
+    assert settings.server.replicas == 3 and settings.shared_state
+    assert settings.store.url == SHARED["DATABASE_URL"] and settings.redis.host == "redis.internal"
+    config = tmp_path / "replica.toml"
+    config.write_text(
+        '[server]\nreplicas = 2\n[store]\nurl = "postgres://db/p"\n[redis]\nhost = "r"\n'
+        '[auth]\njwt_secret = "another-deployment-secret-of-32-bytes"\n'
+    )
+    assert load_settings(config, env={}).shared_state
+    with pytest.raises(SettingsError, match=r"server\.replicas"):
+        load_settings(env=SHARED | {"POCKETLLM_SERVER__REPLICAS": "0"})

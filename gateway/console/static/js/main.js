@@ -1,7 +1,7 @@
 // The console's entry: login, the views and who may see which. The gateway enforces the roles;
 // the console only leaves out the admin views for a user who would be refused anyway.
 
-import { login, setToken, setUnauthorizedHandler } from "./api.js";
+import { api, login, setToken, setUnauthorizedHandler } from "./api.js";
 import { byId } from "./dom.js";
 import { closeChat, openChat } from "./chat.js";
 import { startDashboard, stopDashboard } from "./dashboard.js";
@@ -67,6 +67,10 @@ nav.addEventListener("click", (event) => {
   if (view && (admin || !nav.querySelector(`[data-view="${view}"]`).hasAttribute("data-admin"))) show(view);
 });
 
-byId("logout").addEventListener("click", () => signOut());
+byId("logout").addEventListener("click", async () => {
+  // revoke the token on the server too, so a copy of it (if one leaked) stops working now
+  await api("POST", "/auth/logout").catch(() => {});
+  signOut();
+});
 setUnauthorizedHandler(() => signOut("Your session has expired: log in again."));
 signOut();

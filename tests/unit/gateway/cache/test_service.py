@@ -148,3 +148,45 @@ def test_disabled(make_cache: MakeCache) -> None:
         assert (await cache.stats())["enabled"] is False
 
     run(make_cache, body, enabled=False)
+
+
+def test_a_request_ttl_is_capped_and_never_reaches_the_backend_unbounded(make_cache: MakeCache) -> None:
+    async def body(cache: ResponseCache) -> None:
+        for seed, asked in enumerate((1e12, 1e15, 1e300, float("inf"))):  # 31,000 years; Redis refuses 1e15
+            policy = cache_policy(None, CacheOptions(ttl=asked))
+            found = await lookup(cache, policy=policy, temperature=0.9, seed=seed)
+            assert found.ttl_s == 120.0
+            assert await cache.store(found, answer())
+        assert cache.circuit.outages == 0 and (await cache.stats())["errors"] == 0
+        short = await lookup(cache, policy=cache_policy(None, CacheOptions(ttl=5)), temperature=0.8)
+        assert short.ttl_s == 5
+
+    run(make_cache, body, default_ttl_s=60.0, max_ttl_s=120.0)
+
+
+def test_the_default_cap_is_a_day_or_the_default_ttl() -> None:
+    assert ResponseCache(MemoryCacheBackend()).max_ttl_s == 86400
+    assert ResponseCache(MemoryCacheBackend(), default_ttl_s=2 * 86400).max_ttl_s == 2 * 86400
+
+
+def test_a_call_redis_refuses_does_not_open_the_shared_circuit(prefix: str) -> None:
+    async def main() -> None:
+        redis = client(timeout_s=2.0)
+        try:
+            cache = ResponseCache(RedisCacheBackend(redis, prefix=prefix, timeout_s=2.0), retry_after_s=30)
+            await redis.set(f"{prefix}m:poisoned", "not a sorted set")  # makes this model's SET script fail
+            poisoned = await cache.lookup(
+                user="mallory", model_id="poisoned", model_digest="d", request=REQUEST, policy=CachePolicy()
+            )
+            assert not await cache.store(poisoned, answer())  # WRONGTYPE: refused, counted
+            assert (await cache.stats())["errors"] == 1
+            assert not cache.circuit.in_outage and cache.circuit.allow()
+            first = await lookup(cache, user="victim")  # another user's requests still use the cache
+            assert await cache.store(first, answer())
+            assert (await lookup(cache, user="victim")).outcome is CacheOutcome.HIT
+            with pytest.raises(ValueError, match="ttl"):
+                await cache.backend.set("k", b"v", ttl_s=1e15, model="m")
+        finally:
+            await redis.aclose()
+
+    asyncio.run(main())

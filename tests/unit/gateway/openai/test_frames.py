@@ -43,7 +43,9 @@ def test_chat_stream_chunks_have_the_openai_shape() -> None:
     assert heads[0]["id"].startswith("chatcmpl-") and heads[0]["model"] == "alias"
     assert heads[0]["system_fingerprint"] == "fp_abcdef0123"
     delta = payload(frames.chunk(Piece(1, "Hi")))
-    assert delta["choices"] == [{"index": 1, "delta": {"content": "Hi"}, "logprobs": None, "finish_reason": None}]
+    assert delta["choices"] == [
+        {"index": 1, "delta": {"content": "Hi"}, "logprobs": None, "finish_reason": None}
+    ]
     assert frames.chunk(Piece(0, "")) is None  # nothing to send
     end = payload(frames.chunk(Piece(0, finish_reason="length")))
     assert end["choices"][0]["finish_reason"] == "length" and end["choices"][0]["delta"] == {}
@@ -67,7 +69,9 @@ def test_completion_stream_echoes_prompts_first() -> None:
 
 def test_json_bodies_from_an_answer() -> None:
     answer = CachedCompletion(
-        choices=[CachedChoice(index=0, text="Hello", finish_reason="stop")], prompt_tokens=4, completion_tokens=2
+        choices=[CachedChoice(index=0, text="Hello", finish_reason="stop")],
+        prompt_tokens=4,
+        completion_tokens=2,
     )
     chat = msgspec.to_builtins(ChatFrames(shape(), "m").body(answer, cached_tokens=3))
     assert chat["object"] == "chat.completion"

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import pytest
 
+from gateway.ratelimit.leases import LeaseKeeper
 from gateway.ratelimit.limiter import LimitSpec, RateLimiter, Subject, format_duration
 from gateway.ratelimit.memory import MemoryRateLimiter
 from gateway.ratelimit.redis import RedisRateLimiter
@@ -115,6 +117,67 @@ def test_leases_expire_after_the_safety_ttl(make_limiter: MakeLimiter) -> None:
         assert (await limiter.acquire(key, tokens=0)).allowed
 
     run(make_limiter, body, lease_ttl_s=0.3)
+
+
+def test_renewed_leases_outlive_the_ttl_and_are_never_revived(make_limiter: MakeLimiter) -> None:
+    async def body(limiter: RateLimiter) -> None:
+        key, other = [subject(concurrency=1)], [subject(concurrency=1, name="user:u")]
+        held = (await limiter.acquire(key, tokens=0)).ticket
+        expiring = (await limiter.acquire(other, tokens=0)).ticket
+        unlimited = (await limiter.acquire([subject(rpm=100, name="key:free")], tokens=0)).ticket
+        assert held and expiring and unlimited and not unlimited.holds_lease
+        for _ in range(8):  # 0.8 s, far past the 0.3 s TTL
+            await asyncio.sleep(0.1)
+            assert await limiter.renew([held, unlimited]) == []
+        assert (await limiter.acquire(key, tokens=0)).limited_by == "concurrency"
+        assert (await limiter.acquire(other, tokens=0)).allowed  # never renewed: expired
+        assert await limiter.renew([expiring]) == [expiring.id]  # expired, and not revived
+        await limiter.release(held, used_tokens=0)
+        assert await limiter.renew([held]) == [held.id]  # released: not revived either
+        again = await limiter.acquire(key, tokens=0)
+        assert again.allowed and again.ticket
+        assert (await limiter.acquire(key, tokens=0)).limited_by == "concurrency"
+
+    run(make_limiter, body, lease_ttl_s=0.3)
+
+
+def test_the_heartbeat_keeps_leases_until_release_or_death(make_limiter: MakeLimiter) -> None:
+    async def body(limiter: RateLimiter) -> None:
+        keeper = LeaseKeeper(limiter, interval_s=0.1)
+        key = [subject(concurrency=2)]
+        first, second = [(await keeper.acquire(key, tokens=0)).ticket for _ in range(2)]
+        assert first and second and keeper.live == 2
+        await asyncio.sleep(1.0)  # three TTLs: only the heartbeat keeps both slots
+        assert (await keeper.acquire(key, tokens=0)).limited_by == "concurrency"
+        await keeper.release(first, used_tokens=0)
+        assert keeper.live == 1
+        third = (await keeper.acquire(key, tokens=0)).ticket
+        assert third and keeper.live == 2
+        await keeper.release(third, used_tokens=0)
+        await keeper.close()  # as if the process died holding ``second``: no release, no renewal
+        died = time.monotonic()
+        while not (await limiter.acquire(key, tokens=0)).allowed:
+            await asyncio.sleep(0.02)
+        assert time.monotonic() - died < 0.3 + 0.15  # back within the TTL
+
+    run(make_limiter, body, lease_ttl_s=0.3)
+
+
+def test_the_heartbeat_forgets_leases_it_was_too_late_for(
+    make_limiter: MakeLimiter, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def body(limiter: RateLimiter) -> None:
+        keeper = LeaseKeeper(limiter, interval_s=10.0)  # far slower than the 0.3 s TTL
+        key = [subject(concurrency=1)]
+        assert (await keeper.acquire(key, tokens=0)).allowed and keeper.live == 1
+        await asyncio.sleep(0.4)
+        await keeper.renew_live()
+        assert keeper.live == 0
+        assert (await keeper.acquire(key, tokens=0)).allowed  # the lost lease was not revived
+        await keeper.close()
+
+    run(make_limiter, body, lease_ttl_s=0.3)
+    assert "1 concurrency leases expired before their requests ended" in caplog.text
 
 
 def test_tokens_reserved_then_reconciled(make_limiter: MakeLimiter) -> None:

@@ -1,0 +1,202 @@
+"""Header floods and slow clients against ``pocketllm serve`` (a real process), with raw sockets: the
+attacks of issue 16 as they were made (a 256 MiB header; twenty connections holding unfinished 16 MiB
+headers; slowloris), and the server's memory measured with psutil."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from tests.conftest import MODEL_ID, NO_EOS, create_key, free_port, login
+from tests.serve_support import server_env, start_server, wait_healthy
+
+MiB = 1024 * 1024
+HEADER_TIMEOUT_S = 2.0
+
+
+class Server:
+    """A running ``pocketllm serve``."""
+
+    def __init__(self, port: int, pid: int) -> None:
+        self.port = port
+        self.base_url = f"http://127.0.0.1:{port}"
+        self.process = psutil.Process(pid)
+
+    def rss_mib(self) -> float:
+        return float(self.process.memory_info().rss) / MiB
+
+    def healthy(self) -> bool:
+        return httpx.get(f"{self.base_url}/health", timeout=10).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def server(model_path: Path) -> Iterator[Server]:
+    del model_path
+    port = free_port()
+    env = server_env(
+        MODEL_SLOTS="1",
+        MODEL_N_CTX="2048",
+        MODEL_N_THREADS="2",
+        POCKETLLM_SERVER__HEADER_TIMEOUT_S=str(HEADER_TIMEOUT_S),
+    )
+    process = start_server(port, env)
+    try:
+        wait_healthy(process, f"http://127.0.0.1:{port}")
+        yield Server(port, process.pid)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.communicate(timeout=30)
+
+
+def _connect(server: Server) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+    return sock
+
+
+def _read_all(sock: socket.socket, timeout: float = 10.0) -> bytes:
+    """Everything until the server closes (or ``timeout``)."""
+    sock.settimeout(timeout)
+    data = b""
+    with contextlib.suppress(ConnectionError, TimeoutError):
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data
+
+
+def _flood_header(server: Server, total: int) -> int:
+    """Send a request whose one header is ``total`` bytes long, 1 MiB at a time, until the server stops
+    reading; returns the bytes it accepted."""
+    sent = 0
+    with _connect(server) as sock:
+        try:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Flood: ")
+            chunk = b"a" * MiB
+            while sent < total:
+                sock.sendall(chunk)
+                sent += len(chunk)
+        except (ConnectionError, TimeoutError, OSError):
+            pass
+    return sent
+
+
+def test_headers_over_the_limit_get_431_in_the_envelope(server: Server) -> None:
+    with _connect(server) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (100 * 1024) + b"\r\n\r\n")
+        answer = _read_all(sock)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 431 "), answer[:200]
+    error = json.loads(body)["error"]
+    assert error["code"] == "request_header_fields_too_large" and error["type"] == "invalid_request_error"
+    with _connect(server) as sock:  # under the limit: served as before
+        sock.sendall(
+            b"GET /health HTTP/1.1\r\nHost: x\r\nX-Ok: "
+            + b"a" * (32 * 1024)
+            + b"\r\nConnection: close\r\n\r\n"
+        )
+        assert _read_all(sock).startswith(b"HTTP/1.1 200 ")
+
+
+def test_a_256_mib_header_is_cut_off_early_and_memory_stays_bounded(server: Server) -> None:
+    before = server.rss_mib()
+    accepted = _flood_header(server, 256 * MiB)
+    grown = server.rss_mib() - before
+    print(
+        f"\n256 MiB header: accepted {accepted / MiB:.1f} MiB, RSS {before:.0f} -> {before + grown:.0f} MiB"
+    )
+    # the attack: RSS 399 -> 845 MiB and a 200; now the server stops reading within the limit plus what
+    # the kernel's socket buffers took
+    assert accepted < 16 * MiB, accepted
+    assert grown < 32, f"RSS grew {grown:.0f} MiB"
+    assert server.healthy()
+
+
+def test_twenty_connections_holding_16_mib_headers_add_little_memory(server: Server) -> None:
+    before = server.rss_mib()
+    accepted: list[int] = []
+    threads = [
+        threading.Thread(target=lambda: accepted.append(_flood_header(server, 16 * MiB))) for _ in range(20)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    grown = server.rss_mib() - before
+    print(
+        f"\n20 x 16 MiB: at most {max(accepted) / MiB:.1f} MiB accepted, RSS {before:.0f} -> {before + grown:.0f} MiB"
+    )
+    assert len(accepted) == 20 and max(accepted) < 16 * MiB
+    assert grown < 48, f"RSS grew {grown:.0f} MiB (the attack added 332 MiB)"
+    assert server.healthy()
+
+
+def test_slowloris_connections_are_closed_after_the_header_timeout(server: Server) -> None:
+    sockets = [_connect(server) for _ in range(20)]
+    idle = _connect(server)  # sends nothing at all
+    started = time.monotonic()
+    closed_at: dict[int, float] = {}
+    answers: dict[int, bytes] = {}
+    try:
+        for sock in sockets:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+            sock.setblocking(False)
+        # a header line every half second: each byte would stop uvicorn's keep-alive timer
+        while len(closed_at) < len(sockets) and time.monotonic() - started < 4 * HEADER_TIMEOUT_S:
+            for index, sock in enumerate(sockets):
+                if index in closed_at:
+                    continue
+                with contextlib.suppress(BlockingIOError):
+                    data = sock.recv(65536)
+                    answers[index] = answers.get(index, b"") + data
+                    if not data:
+                        closed_at[index] = time.monotonic() - started
+                        continue
+                try:
+                    sock.sendall(b"X-Slow: 1\r\n")
+                except OSError:
+                    closed_at[index] = time.monotonic() - started
+            time.sleep(0.5)
+        assert len(closed_at) == len(sockets), f"{len(sockets) - len(closed_at)} slow connections still open"
+        print(
+            f"\nslowloris: 20 connections closed after {min(closed_at.values()):.1f}-{max(closed_at.values()):.1f} s"
+        )
+        assert max(closed_at.values()) < HEADER_TIMEOUT_S + 2
+        assert any(a.startswith(b"HTTP/1.1 408 ") for a in answers.values())
+        assert _read_all(idle, timeout=HEADER_TIMEOUT_S + 3) == b""  # the idle one is closed too
+    finally:
+        for sock in [*sockets, idle]:
+            sock.close()
+    assert server.healthy()
+
+
+def test_the_header_clock_never_cuts_a_running_response_or_a_kept_alive_connection(server: Server) -> None:
+    token = login(server.base_url, "admin", "admin123")
+    key = create_key(server.base_url, token, "user1")["key"]
+    body = {
+        "model": MODEL_ID,
+        "messages": [{"role": "user", "content": "Tell a long story."}],
+        "max_tokens": 60,
+        "stream": True,
+        "logit_bias": NO_EOS,
+    }
+    with httpx.Client(
+        base_url=server.base_url, headers={"Authorization": f"Bearer {key}"}, timeout=120
+    ) as http:
+        started = time.monotonic()
+        with http.stream("POST", "/v1/chat/completions", json=body) as response:
+            frames = [line for line in response.iter_lines() if line.startswith("data: ")]
+        took = time.monotonic() - started
+        assert frames[-1] == "data: [DONE]" and len(frames) > 60
+        time.sleep(HEADER_TIMEOUT_S / 2)
+        assert http.get("/health").status_code == 200  # the same kept-alive connection
+    assert took > HEADER_TIMEOUT_S, f"the stream took {took:.1f}s: too short to show anything"
