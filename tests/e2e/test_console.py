@@ -352,13 +352,18 @@ def test_model_output_is_rendered_as_text_never_as_html(page: Page, console: Con
 
 
 def test_a_user_sees_no_admin_views_and_the_gateway_refuses_them(page: Page, console: Console) -> None:
+    sent: list[tuple[str, str | None]] = []  # every request of the page: URL and Authorization header
+    page.on("request", lambda request: sent.append((request.url, request.headers.get("authorization"))))
     log_in(page, console, "user1", "password123")
     sync_api.expect(page.get_by_role("button", name="Chat", exact=True)).to_be_visible()
     sync_api.expect(page.get_by_role("button", name="Dashboard")).to_be_hidden()
     sync_api.expect(page.get_by_role("button", name="Users & keys")).to_be_hidden()
+    bearer = next(header for url, header in sent if header and url.endswith("/chat/history?limit=50"))
+    token = bearer.removeprefix("Bearer ")
+    assert all(token not in url for url, _ in sent)  # never in a URL
 
-    # hiding is not the control: the same token the console holds is refused by every admin route
-    user = {"Authorization": f"Bearer {login(console.base_url, 'user1', 'password123')}"}
+    # hiding is not the control: the very token the console holds is refused by every admin route
+    user = {"Authorization": bearer}
     calls = [
         ("GET", "/admin/metrics", None),
         ("GET", "/admin/users", None),
@@ -373,6 +378,12 @@ def test_a_user_sees_no_admin_views_and_the_gateway_refuses_them(page: Page, con
         assert response.status_code == 403, (method, path, response.text)
         assert response.json()["error"]["code"] == "permission_denied"
     assert console.health()["state"] == "ready"
+
+    # logging out revokes the token on the server, not only in the page
+    assert httpx.get(f"{console.base_url}/chat/history", headers=user, timeout=10).status_code == 200
+    page.get_by_role("button", name="Log out").click()
+    sync_api.expect(page.locator("#login-view")).to_be_visible()
+    assert httpx.get(f"{console.base_url}/chat/history", headers=user, timeout=10).status_code == 401
 
 
 def stream_load(console: Console, key: str, stop: threading.Event) -> None:
