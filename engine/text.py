@@ -47,8 +47,13 @@ class StopMatcher:
             if index >= 0 and (first < 0 or index < first):
                 first = index
         if first >= 0:
-            self._buffer = ""
-            return buffer[:first], True
+            pending = self._pending_start(buffer, first)
+            if pending is None:
+                self._buffer = ""
+                return buffer[:first], True
+            # a longer stop that starts earlier may still complete: it would win, so wait for it
+            self._buffer = buffer[pending:]
+            return buffer[:pending], False
         hold = 0
         for stop in self._stops:
             for length in range(min(len(stop) - 1, len(buffer)), hold, -1):
@@ -58,7 +63,17 @@ class StopMatcher:
         self._buffer = buffer[len(buffer) - hold :]
         return buffer[: len(buffer) - hold], False
 
-    def flush(self) -> str:
-        """Release held-back text at the end of a generation that did not stop on a string."""
+    def _pending_start(self, buffer: str, before: int) -> int | None:
+        """The earliest position before ``before`` where a stop string has begun but not yet ended."""
+        for start in range(before):
+            rest = buffer[start:]
+            if any(len(stop) > len(rest) and stop.startswith(rest) for stop in self._stops):
+                return start
+        return None
+
+    def flush(self) -> tuple[str, bool]:
+        """Release held-back text at the end of a generation: ``(text, whether it held a stop string)``
+        (held text can hold a whole stop string while a longer one that began earlier was pending)."""
         text, self._buffer = self._buffer, ""
-        return text
+        cuts = [index for stop in self._stops if (index := text.find(stop)) >= 0]
+        return (text[: min(cuts)], True) if cuts else (text, False)

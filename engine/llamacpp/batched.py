@@ -399,7 +399,7 @@ class BatchedEngine(TextFacade):
         elif outcome is not None:
             if job.stopper is not None and (outcome == "length" or not job.params.stop):
                 tail, _ = job.stopper.feed(job.detokenizer.flush())
-                tail += job.stopper.flush()
+                tail += job.stopper.flush()[0]
                 if tail:
                     self._outbox.put(job.channel, TokenEvent(tail, -1))
             self._outbox.put(job.channel, Finished(outcome, len(job.prompt), job.produced, job.cached))

@@ -179,7 +179,7 @@ class SequentialEngine(TextFacade):
             tokens.close()
         if finish == "length" or not params.stop:
             tail, _ = stopper.feed(detokenizer.flush())
-            tail += stopper.flush()
+            tail += stopper.flush()[0]
             if tail:
                 emit(TokenEvent(tail, -1))
         return Finished(finish, len(prompt), produced, cached)

@@ -16,8 +16,9 @@ def _run(pieces: list[str], stops: list[str]) -> tuple[str, bool]:
         out.append(text)
         if hit:
             return "".join(out), True
-    out.append(matcher.flush())
-    return "".join(out), False
+    text, hit = matcher.flush()
+    out.append(text)
+    return "".join(out), hit
 
 
 def test_stop_across_token_boundaries_is_never_shown() -> None:
@@ -33,6 +34,12 @@ def test_partial_stop_prefix_is_released_when_it_does_not_complete() -> None:
 
 def test_earliest_stop_wins() -> None:
     assert _run(["one two three"], ["three", "two"]) == ("one ", True)
+
+
+def test_a_longer_stop_starting_earlier_wins_over_a_shorter_one_found_first() -> None:
+    """Found by the property test below: "\x02" completes before "0\x020", which starts earlier."""
+    assert _run(["0", "\x02", "0"], ["\x02", "0\x020"]) == ("", True)
+    assert _run(["0", "\x02", "1"], ["\x02", "0\x020"]) == ("0", True)
 
 
 def test_no_stops_passes_through() -> None:
