@@ -156,7 +156,7 @@ def test_several_replicas_with_shared_state(tmp_path: Path) -> None:
     config = tmp_path / "replica.toml"
     config.write_text(
         '[server]\nreplicas = 2\n[store]\nurl = "postgres://db/p"\n[redis]\nhost = "r"\n'
-        '[auth]\njwt_secret = "another-deployment-secret-of-32-bytes"\n'
+        '[auth]\njwt_secret = "q7Vd2xL9mZ4rT8kW1nB6yH3sJ0fG5pEuA"\n'
     )
     assert load_settings(config, env={}).shared_state
     with pytest.raises(SettingsError, match=r"server\.replicas"):
