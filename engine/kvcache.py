@@ -24,6 +24,7 @@ import numpy.typing as npt
 from engine.base import CacheScope, KVCacheStats
 
 Tokens = npt.NDArray[np.int32]
+State = npt.NDArray[np.uint8]
 
 
 def common_prefix(a: Tokens, b: Tokens) -> int:
@@ -39,7 +40,7 @@ class Entry:
 
     tenant: str | None
     tokens: Tokens
-    state: bytearray
+    state: State
 
     @property
     def size(self) -> int:
@@ -108,7 +109,7 @@ class HostKVCache:
                 self._entries.move_to_end(key)
 
     def keep(
-        self, tenant: str | None, tokens: Sequence[int], size: int, fill: Callable[[bytearray], bool]
+        self, tenant: str | None, tokens: Sequence[int], size: int, fill: Callable[[State], bool]
     ) -> bool:
         """Keep a sequence of ``size`` state bytes; ``fill`` copies the state into a buffer.
 
@@ -135,7 +136,7 @@ class HostKVCache:
             self._remove(oldest)
             with self._lock:
                 self._evictions += 1
-        state = bytearray(size)
+        state = np.empty(size, dtype=np.uint8)  # not zeroed: ``fill`` writes every byte, once
         if not fill(state):
             return False
         with self._lock:

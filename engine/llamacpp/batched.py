@@ -44,7 +44,7 @@ from engine.base import (
     TokenEvent,
     TopLogprob,
 )
-from engine.kvcache import Entry, HostKVCache
+from engine.kvcache import Entry, HostKVCache, State
 from engine.llamacpp.common import Embedder, EventChannel, Outbox, TextFacade, relay
 from engine.llamacpp.cpu import model_params
 from engine.llamacpp.model import ModelText, check_gguf
@@ -316,9 +316,9 @@ class BatchedEngine(TextFacade):
         ctx = self._ctx.ctx
         size = llama_cpp.llama_state_seq_get_size(ctx, slot)
 
-        def fill(buffer: bytearray) -> bool:
-            view = (ctypes.c_uint8 * len(buffer)).from_buffer(buffer)
-            return bool(llama_cpp.llama_state_seq_get_data(ctx, view, len(buffer), slot) == len(buffer))
+        def fill(state: State) -> bool:
+            pointer = state.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
+            return bool(llama_cpp.llama_state_seq_get_data(ctx, pointer, state.size, slot) == state.size)
 
         kept_it = self._host.keep(self._owner[slot], list(held), size, fill)
         logger.debug(
@@ -335,8 +335,8 @@ class BatchedEngine(TextFacade):
         assert self._host is not None
         started = time.perf_counter()
         self._ctx.kv_cache_seq_rm(slot, 0, -1)
-        view = (ctypes.c_uint8 * entry.size).from_buffer(entry.state)
-        restored = llama_cpp.llama_state_seq_set_data(self._ctx.ctx, view, entry.size, slot) == entry.size
+        pointer = entry.state.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
+        restored = llama_cpp.llama_state_seq_set_data(self._ctx.ctx, pointer, entry.size, slot) == entry.size
         with self._cache_lock:
             self._cache[slot] = entry.tokens.tolist() if restored else []
         if not restored:
