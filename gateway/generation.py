@@ -8,8 +8,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
+from functools import partial
 
-from engine.base import Cancellation, Engine, EngineError, Finished, GenerationParams, TokenEvent
+from engine.base import CacheScope, Cancellation, Engine, EngineError, Finished, GenerationParams, TokenEvent
+from engine.kvcache import system_prefix
 from engine.pool import Reservation, SlotPool
 from gateway.errors import ContextLengthError, InvalidRequestError, from_engine_error
 from gateway.protocol.chat import ChatCompletionRequest
@@ -38,6 +40,8 @@ class Job:
     n: int
     echo_texts: list[str] = field(default_factory=list)
     session: str | None = None
+    scope: CacheScope | None = None
+    """Whose cached KV state the prompts may reuse (the caller's, and the shared system prefix)."""
 
     @property
     def choices(self) -> int:
@@ -200,9 +204,13 @@ def _budget(
 
 
 async def prepare_chat(
-    request: ChatCompletionRequest, runtime: ModelRuntime, limits: LimitsSettings, session: str | None = None
+    request: ChatCompletionRequest,
+    runtime: ModelRuntime,
+    limits: LimitsSettings,
+    session: str | None = None,
+    tenant: str | None = None,
 ) -> Job:
-    """Validate a chat request against the model and build its job."""
+    """Validate a chat request against the model and build its job (``tenant``: the caller's user id)."""
     engine, pool = runtime.ready()
     n = _check_n(request.n, limits)
     if request.top_logprobs and not request.logprobs:
@@ -249,13 +257,21 @@ async def prepare_chat(
         top_logprobs=request.top_logprobs or 0,
         grammar=grammar,
     )
-    return Job(runtime, engine, pool, [prompt], params, n, session=session)
+
+    def shared() -> int:
+        render = partial(engine.render_chat, add_generation_prompt=False)
+        return system_prefix(render, engine.tokenize, messages, prompt)
+
+    long = len(prompt_text) > _TOKENIZE_OFF_LOOP_CHARS
+    scope = CacheScope(tenant, await asyncio.to_thread(shared) if long else shared())
+    return Job(runtime, engine, pool, [prompt], params, n, session=session, scope=scope)
 
 
 async def prepare_completion(
-    request: CompletionRequest, runtime: ModelRuntime, limits: LimitsSettings
+    request: CompletionRequest, runtime: ModelRuntime, limits: LimitsSettings, tenant: str | None = None
 ) -> Job:
-    """Validate a text-completion request against the model and build its job."""
+    """Validate a text-completion request against the model and build its job (``tenant``: the
+    caller's user id)."""
     engine, pool = runtime.ready()
     n = _check_n(request.n, limits)
     items = split_inputs(request.prompt, "prompt")
@@ -296,7 +312,16 @@ async def prepare_completion(
         logprobs=request.logprobs is not None,
         top_logprobs=request.logprobs or 0,
     )
-    return Job(runtime, engine, pool, prompts, params, n, echo_texts=texts if request.echo else [])
+    return Job(
+        runtime,
+        engine,
+        pool,
+        prompts,
+        params,
+        n,
+        echo_texts=texts if request.echo else [],
+        scope=CacheScope(tenant),
+    )
 
 
 def reserve(job: Job) -> Reservation:
@@ -358,7 +383,7 @@ async def _run_choices(job: Job, slot: int) -> AsyncIterator[ChoiceToken | Choic
                 index += 1
                 continue
             cancel = Cancellation()
-            events = job.engine.generate(slot, prompt, params, cancel)
+            events = job.engine.generate(slot, prompt, params, cancel, job.scope)
             try:
                 async for event in events:
                     job.pool.raise_if_aborted()

@@ -153,7 +153,7 @@ class OpenAIController(Controller):
                 await store.add_messages(session.id, [("user", prompt), ("assistant", reply)])
 
         headers = {"X-Session-Id": session_id} if session_id else {}
-        job = await prepare_chat(data, runtime, settings.limits, session_id)
+        job = await prepare_chat(data, runtime, settings.limits, session_id, principal.user_id)
         created = int(time.time())
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         include_usage = bool(data.stream_options and data.stream_options.include_usage)
@@ -201,7 +201,7 @@ class OpenAIController(Controller):
     ) -> Response[Completion] | EventStream:
         """OpenAI (legacy) text completions, JSON or SSE; rate limits and the cache as for chat."""
         runtime = _resolve(models, principal, data.model)
-        job = await prepare_completion(data, runtime, settings.limits)
+        job = await prepare_completion(data, runtime, settings.limits, principal.user_id)
         created = int(time.time())
         completion_id = f"cmpl-{uuid.uuid4().hex}"
         include_usage = bool(data.stream_options and data.stream_options.include_usage)

@@ -142,7 +142,9 @@ async def _start_turn(
         max_tokens=data.max_tokens,
         temperature=data.temperature,
     )
-    job = await prepare_chat(completion, runtime, settings.limits, session.id if session else None)
+    job = await prepare_chat(
+        completion, runtime, settings.limits, session.id if session else None, principal.user_id
+    )
     reserved = job.prompt_tokens + job.params.max_tokens
     admission = await admit(services, settings.ratelimit, store, principal, tokens=reserved)
     if session is None:
