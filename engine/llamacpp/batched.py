@@ -7,7 +7,8 @@ Every sequence keeps its own sampler chain (its temperature, penalties, seed, gr
 Each slot's sequence keeps its KV cache after a request; the next request on that slot only decodes
 what differs from the cached tokens (the same chat session, the same system prompt). A sequence that
 loses its slot to another request is kept in a bounded host-memory cache (``engine.kvcache``) and
-restored into whichever slot its next request gets.
+restored into whichever slot its next request gets; when the engine is idle, the slots' sequences
+are copied there ahead of time, so a request that replaces one does not wait for the copy.
 """
 
 from __future__ import annotations
@@ -172,6 +173,8 @@ class BatchedEngine(TextFacade):
         self._owner: list[str | None] = [None] * slots
         """The tenant whose request last ran on each slot (its sequence is that tenant's)."""
         self._host = HostKVCache(kv_cache_mib * 1024 * 1024) if kv_cache_mib > 0 else None
+        self._unsaved: set[int] = set()
+        """Slots whose sequence grew since the host cache last got a copy of it."""
         self._cache_lock = threading.Lock()
         self._running: dict[int, _Job] = {}
         self._deferred: dict[int, list[_Job]] = {}
@@ -230,6 +233,9 @@ class BatchedEngine(TextFacade):
         try:
             while True:
                 block = not self._running
+                if block and self._unsaved and self._inbox.empty():
+                    self._keep(self._unsaved.pop())  # one slot at a time: a new request waits for one copy
+                    continue
                 while True:
                     try:
                         job = self._inbox.get(block=block)
@@ -295,6 +301,7 @@ class BatchedEngine(TextFacade):
             found = self._host.lookup(
                 np.asarray(prompt[:limit], dtype=np.int32), scope, kept + MIN_RESTORE_GAIN - 1
             )
+        self._unsaved.discard(slot)
         self._stash(slot, 0 if found is not None else kept)
         if found is not None:
             entry, usable = found
@@ -309,8 +316,13 @@ class BatchedEngine(TextFacade):
 
     def _stash(self, slot: int, kept: int) -> None:
         """Copy the slot's sequence into the host cache if the next request keeps less than half of it."""
+        if 2 * kept < len(self._cache[slot]):
+            self._keep(slot)
+
+    def _keep(self, slot: int) -> None:
+        """Copy the slot's sequence into the host cache (nothing happens if it is there already)."""
         held = self._cache[slot]
-        if self._host is None or len(held) < MIN_RESTORE_GAIN or 2 * kept >= len(held):
+        if self._host is None or len(held) < MIN_RESTORE_GAIN:
             return
         started = time.perf_counter()
         ctx = self._ctx.ctx
@@ -491,6 +503,8 @@ class BatchedEngine(TextFacade):
     def _finish(self, job: _Job, outcome: FinishReason | EngineError | None) -> None:
         """End a sequence: flush text, report, free its sampler and its slot (KV stays cached)."""
         self._running.pop(job.slot, None)
+        if self._host is not None:
+            self._unsaved.add(job.slot)
         if job.sampler is not None:
             job.sampler.close()
             job.sampler = None

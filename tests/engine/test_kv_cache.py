@@ -121,7 +121,9 @@ def test_the_host_cache_stays_within_its_bound_and_drops_the_least_recently_used
         stats = engine.kv_cache_stats()
         assert stats.capacity_bytes == 24 * 1024 * 1024
         assert 0 < stats.size_bytes <= stats.capacity_bytes
-        assert stats.entries < 4 and stats.evictions == 4 - stats.entries
+        # about 10 MB per sequence: two fit; the slot's sequences were copied on replacement, and
+        # maybe once more while the engine was idle (an unchanged sequence is never stored twice)
+        assert stats.entries <= 2 and stats.evictions >= 2
         # the most recent stashed sequence comes back, the oldest was evicted
         _, recent = run(engine, 0, prompts[3], ALICE)
         assert recent.cached_tokens >= len(prompts[3]) - 2
