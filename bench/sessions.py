@@ -107,8 +107,9 @@ def turn(
     return first, text, cached
 
 
-def run_sessions(servers: list[Server], sessions: int, turns: int) -> None:
-    """Every session's turns, round-robin; each request to every server in turn."""
+def run_sessions(servers: list[Server], sessions: int, turns: int, pause: float) -> None:
+    """Every session's turns, round-robin; each request to every server in turn, ``pause`` seconds apart
+    (a user's time to read the reply: background work of one server must not slow the other one)."""
     histories = {
         server.name: [[{"role": "system", "content": SYSTEM}] for _ in range(sessions)] for server in servers
     }
@@ -122,6 +123,7 @@ def run_sessions(servers: list[Server], sessions: int, turns: int) -> None:
                     history = histories[server.name][s]
                     history.append({"role": "user", "content": question})
                     ttft, reply, cached = turn(http, server, history, ids[s])
+                    time.sleep(pause)
                     history.append({"role": "assistant", "content": reply})
                     (server.cold if number == 0 else server.returning).append(ttft)
                     if number:
@@ -136,7 +138,7 @@ def run_sessions(servers: list[Server], sessions: int, turns: int) -> None:
             )
 
 
-def measure(model: Path, binary: Path, sessions: int, turns: int, threads: int) -> list[Server]:
+def measure(model: Path, binary: Path, sessions: int, turns: int, threads: int, pause: float) -> list[Server]:
     """Start both servers fresh, run the workload, read their RSS."""
     servers: list[Server] = []
     with contextlib.ExitStack() as stack:
@@ -146,7 +148,7 @@ def measure(model: Path, binary: Path, sessions: int, turns: int, threads: int) 
             env["ENABLE_CACHE"] = "False"
             base_url, process = stack.enter_context(running_process(command, env, port, ready))
             servers.append(Server(name, base_url, credentials(name, base_url), process.pid))
-        run_sessions(servers, sessions, turns)
+        run_sessions(servers, sessions, turns, pause)
         for server in servers:
             server.rss = server.rss_mib()
     return servers
@@ -161,6 +163,7 @@ def main() -> None:
     parser.add_argument("--sessions", default="12,32,64")
     parser.add_argument("--turns", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--pause", type=float, default=0.2, help="seconds between requests")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
@@ -174,7 +177,7 @@ def main() -> None:
     ratios = ["| sessions | returning TTFT p50 gateway / llama-server | cold TTFT p50 gateway / llama-server |",
               "|---|---|---|"]  # fmt: skip
     for sessions in (int(n) for n in args.sessions.split(",")):
-        servers = measure(model, binary, sessions, args.turns, args.threads)
+        servers = measure(model, binary, sessions, args.turns, args.threads, args.pause)
         for server in servers:
             p90 = statistics.quantiles(server.returning, n=10)[-1] if len(server.returning) > 1 else 0.0
             lines.append(
@@ -190,11 +193,11 @@ def main() -> None:
     text = (
         f"## Chat sessions beyond the slots: gateway vs llama-server ({datetime.now(UTC):%Y-%m-%d %H:%M} UTC)\n\n"
         f"Command: `python bench/sessions.py --sessions {args.sessions} --turns {args.turns} "
-        f"--threads {args.threads} --write`  \n"
+        f"--threads {args.threads} --pause {args.pause:g} --write`  \n"
         f"Machine: {os.cpu_count()} cores; model {MODEL_ID} Q4_1; both servers 4 slots x 2048 tokens, "
         f"{args.threads} threads, side by side, each request sent to one then the other; ~500-token "
-        f"openings, then short questions, 24 greedy tokens per reply, one request at a time, round-robin "
-        f"over the sessions. Gateway: `X-Session-Id`, response cache off, host KV cache "
+        f"openings, then short questions, 24 greedy tokens per reply, one request at a time ({args.pause:g} s "
+        f"apart), round-robin over the sessions. Gateway: `X-Session-Id`, response cache off, host KV cache "
         f"{DEFAULT_KV_CACHE_MIB} MiB (default); llama-server: default `--cache-ram` (8192 MiB). "
         f"Cold = the opening turn, returning = every later turn.\n\n"
         + "\n".join(lines)
