@@ -71,7 +71,7 @@ class _Job:
     params: GenerationParams
     cancel: Cancellation
     channel: EventChannel
-    scope: CacheScope = CacheScope()
+    scope: CacheScope = field(default_factory=CacheScope)
     sampler: LlamaSampler | None = None
     """``None`` for plain greedy: the best logit is picked in numpy (see ``_argmax``)."""
     pending: list[int] = field(default_factory=list)
