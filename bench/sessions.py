@@ -169,28 +169,7 @@ def main() -> None:
     args = parser.parse_args()
     model = ensure_model(load_registry()[MODEL_ID], ROOT / "models" / f"{MODEL_ID}.gguf")
     binary = build(args.cache, 2)
-    lines = [
-        "| sessions | target | cold TTFT p50 ms | returning TTFT p50 ms | returning TTFT p90 ms "
-        "| cached tokens per returning turn (median) | RSS at end MiB |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    ratios = ["| sessions | returning TTFT p50 gateway / llama-server | cold TTFT p50 gateway / llama-server |",
-              "|---|---|---|"]  # fmt: skip
-    for sessions in (int(n) for n in args.sessions.split(",")):
-        servers = measure(model, binary, sessions, args.turns, args.threads, args.pause)
-        for server in servers:
-            p90 = statistics.quantiles(server.returning, n=10)[-1] if len(server.returning) > 1 else 0.0
-            lines.append(
-                f"| {sessions} | {server.name} | {p50_ms(server.cold)} | {p50_ms(server.returning)} | "
-                f"{p90 * 1000:.0f} | {statistics.median(server.cached) if server.cached else 0:.0f} | "
-                f"{server.rss:.0f} |"
-            )
-        ours, theirs = servers
-        ratios.append(
-            f"| {sessions} | **{statistics.median(ours.returning) / statistics.median(theirs.returning):.2f}x** | "
-            f"**{statistics.median(ours.cold) / statistics.median(theirs.cold):.2f}x** |"
-        )
-    text = (
+    header = (
         f"## Chat sessions beyond the slots: gateway vs llama-server ({datetime.now(UTC):%Y-%m-%d %H:%M} UTC)\n\n"
         f"Command: `python bench/sessions.py --sessions {args.sessions} --turns {args.turns} "
         f"--threads {args.threads} --pause {args.pause:g} --write`  \n"
@@ -199,16 +178,39 @@ def main() -> None:
         f"openings, then short questions, 24 greedy tokens per reply, one request at a time ({args.pause:g} s "
         f"apart), round-robin over the sessions. Gateway: `X-Session-Id`, response cache off, host KV cache "
         f"{DEFAULT_KV_CACHE_MIB} MiB (default); llama-server: default `--cache-ram` (8192 MiB). "
-        f"Cold = the opening turn, returning = every later turn.\n\n"
-        + "\n".join(lines)
-        + "\n\n"
-        + "\n".join(ratios)
-        + "\n"
+        f"Cold = the opening turn, returning = every later turn. Servers start afresh for each row.\n\n"
+        "| sessions | target | cold TTFT p50 ms | returning TTFT p50 ms | returning TTFT p90 ms "
+        "| cached tokens per returning turn (median) | RSS at end MiB | returning p50 gateway / llama-server "
+        "| cold p50 gateway / llama-server |\n"
+        "|---|---|---|---|---|---|---|---|---|"
     )
-    print(text)
-    if args.write:
+    emit(header, args.write)
+    for sessions in (int(n) for n in args.sessions.split(",")):
+        servers = measure(model, binary, sessions, args.turns, args.threads, args.pause)
+        ours, theirs = servers
+        rows = []
+        for server in servers:
+            p90 = statistics.quantiles(server.returning, n=10)[-1] if len(server.returning) > 1 else 0.0
+            ratios = " | |"
+            if server is ours:
+                returning = statistics.median(ours.returning) / statistics.median(theirs.returning)
+                cold = statistics.median(ours.cold) / statistics.median(theirs.cold)
+                ratios = f" **{returning:.2f}x** | **{cold:.2f}x** |"
+            rows.append(
+                f"| {sessions} | {server.name} | {p50_ms(server.cold)} | {p50_ms(server.returning)} | "
+                f"{p90 * 1000:.0f} | {statistics.median(server.cached) if server.cached else 0:.0f} | "
+                f"{server.rss:.0f} |" + ratios
+            )
+        emit("\n".join(rows), args.write, separator="\n")
+
+
+def emit(text: str, write: bool, separator: str = "\n\n") -> None:
+    """Print ``text`` and, with ``--write``, append it to bench/RESULTS.md at once (a long run that is
+    stopped keeps the rows it finished)."""
+    print(text, flush=True)
+    if write:
         results_file = ROOT / "bench" / "RESULTS.md"
-        results_file.write_text(results_file.read_text().rstrip() + "\n\n" + text)
+        results_file.write_text(results_file.read_text().rstrip() + separator + text + "\n")
 
 
 if __name__ == "__main__":
