@@ -48,6 +48,15 @@ def free_port() -> int:
 @contextlib.contextmanager
 def running(command: list[str], env: dict[str, str], port: int, ready_path: str) -> Iterator[str]:
     """Start a server, wait until ``ready_path`` answers 200, stop it afterwards."""
+    with running_process(command, env, port, ready_path) as (base_url, _):
+        yield base_url
+
+
+@contextlib.contextmanager
+def running_process(
+    command: list[str], env: dict[str, str], port: int, ready_path: str
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """``running``, also yielding the server's process."""
     log = open(ROOT / "bench" / f".server-{port}.log", "w")
     process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     base_url = f"http://127.0.0.1:{port}"
@@ -62,7 +71,7 @@ def running(command: list[str], env: dict[str, str], port: int, ready_path: str)
             if time.monotonic() > deadline:
                 raise SystemExit(f"{command[0]} never became ready")
             time.sleep(0.3)
-        yield base_url
+        yield base_url, process
     finally:
         process.terminate()
         try:

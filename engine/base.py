@@ -71,6 +71,35 @@ class Finished:
 GenerationEvent = TokenEvent | Finished
 
 
+@dataclass(frozen=True, slots=True)
+class CacheScope:
+    """Whose KV state a sequence may reuse, and under whose name its own is kept.
+
+    KV state left by a request of the same ``tenant`` is reused in full (in its slot or from the
+    host-memory cache); another tenant's only for the first ``shared_prefix`` prompt tokens, the part
+    that is the same for everyone by construction (``engine.kvcache.system_prefix``).
+    """
+
+    tenant: str | None = None
+    """The user the request runs for; ``None`` is one anonymous tenant."""
+    shared_prefix: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class KVCacheStats:
+    """The host-memory KV cache of one model (all zero where the engine has none)."""
+
+    capacity_bytes: int = 0
+    size_bytes: int = 0
+    entries: int = 0
+    hits: int = 0
+    """Requests that had a kept sequence restored into their slot."""
+    misses: int = 0
+    """Requests whose slot did not hold their prompt and that found no kept sequence sharing more of it."""
+    evictions: int = 0
+    """Entries dropped to make room (least recently used first)."""
+
+
 class Cancellation:
     """A flag the event loop sets and the engine thread polls between tokens."""
 
@@ -180,10 +209,16 @@ class Engine(Protocol):
         ...
 
     def generate(
-        self, slot: int, prompt: list[int], params: GenerationParams, cancel: Cancellation
+        self,
+        slot: int,
+        prompt: list[int],
+        params: GenerationParams,
+        cancel: Cancellation,
+        scope: CacheScope | None = None,
     ) -> AsyncIterator[GenerationEvent]:
         """Run one sequence on ``slot``; yields token events then exactly one ``Finished``.
 
+        ``scope`` says whose cached KV state the prompt may reuse (``None``: the anonymous tenant).
         Closing the iterator early (or setting ``cancel``) stops the sequence within one token and
         frees the slot's compute. Raises ``EngineError`` subclasses only.
         """
@@ -199,6 +234,10 @@ class Engine(Protocol):
 
     def prefix_match(self, slot: int, prompt: Sequence[int]) -> int:
         """How many leading tokens of ``prompt`` the slot already holds in its KV cache (0 if none)."""
+        ...
+
+    def kv_cache_stats(self) -> KVCacheStats:
+        """Size and counters of the host-memory KV cache (thread-safe)."""
         ...
 
     def close(self) -> None:

@@ -7,18 +7,20 @@ attributes are the route, the model (a configured id or alias), the status and a
 
 ``GatewayMetrics`` implements the engine pool's ``PoolObserver`` protocol (``queue_changed``,
 ``queue_waited``, ``slots_changed``) and offers the hooks the cache and rate limiter call
-(``cache_outcome``, ``rate_limited``, ``redis_error``).
+(``cache_outcome``, ``rate_limited``, ``redis_error``). A loaded model's host-memory KV cache is
+observed through ``watch_kv_cache`` (each collection reads the engine's ``kv_cache_stats``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from opentelemetry.metrics import Meter
+from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 
+from engine.base import KVCacheStats
 from telemetry.summary import RequestSummary
 
 PROVIDER_NAME = "llama.cpp"
@@ -43,6 +45,12 @@ CACHE_REQUESTS = "pocketllm.cache.requests"
 RATE_LIMIT_REJECTIONS = "pocketllm.rate_limit.rejections"
 ENGINE_ERRORS = "pocketllm.engine.errors"
 REDIS_ERRORS = "pocketllm.redis.errors"
+KV_CACHE_SIZE = "pocketllm.kv_cache.size"
+KV_CACHE_CAPACITY = "pocketllm.kv_cache.capacity"
+KV_CACHE_ENTRIES = "pocketllm.kv_cache.entries"
+KV_CACHE_HITS = "pocketllm.kv_cache.hits"
+KV_CACHE_MISSES = "pocketllm.kv_cache.misses"
+KV_CACHE_EVICTIONS = "pocketllm.kv_cache.evictions"
 # --- process and system (semantic-convention names; recorded by telemetry.system) ----------------
 PROCESS_CPU_TIME = "process.cpu.time"
 PROCESS_CPU_UTILIZATION = "process.cpu.utilization"
@@ -159,6 +167,18 @@ class GatewayMetrics:
         self._redis_errors = meter.create_counter(
             REDIS_ERRORS, "{error}", "Redis failures by component and operation"
         )
+        self._kv_sources: dict[str, Callable[[], KVCacheStats]] = {}
+        kv_instruments: list[tuple[str, str, str, Callable[[KVCacheStats], int], bool]] = [
+            (KV_CACHE_SIZE, "By", "Bytes of KV state kept in host memory", lambda s: s.size_bytes, False),
+            (KV_CACHE_CAPACITY, "By", "Bound of the host-memory KV cache", lambda s: s.capacity_bytes, False),
+            (KV_CACHE_ENTRIES, "{sequence}", "Sequences kept in host memory", lambda s: s.entries, False),
+            (KV_CACHE_HITS, "{request}", "Requests given a kept sequence", lambda s: s.hits, True),
+            (KV_CACHE_MISSES, "{request}", "Requests that found no kept sequence", lambda s: s.misses, True),
+            (KV_CACHE_EVICTIONS, "{sequence}", "Kept sequences dropped", lambda s: s.evictions, True),
+        ]  # fmt: skip
+        for name, unit, description, read, monotonic in kv_instruments:
+            create = meter.create_observable_counter if monotonic else meter.create_observable_gauge
+            create(name, [self._kv_callback(read)], unit, description)
 
     # --- engine.pool.PoolObserver ----------------------------------------------------------------
     def queue_changed(self, model: str, length: int) -> None:
@@ -199,9 +219,25 @@ class GatewayMetrics:
         self._queue_rejections.add(1, {ATTR_MODEL: model or "", "reason": reason})
 
     def model_unloaded(self, model: str) -> None:
-        """A model was unloaded: its slots and queue read zero."""
+        """A model was unloaded: its slots and queue read zero, its KV cache is no longer observed."""
         self.queue_changed(model, 0)
         self.slots_changed(model, 0)
+        self._kv_sources.pop(model, None)
+
+    def watch_kv_cache(self, model: str, stats: Callable[[], KVCacheStats]) -> None:
+        """Observe ``model``'s host-memory KV cache: ``stats`` (the engine's ``kv_cache_stats``) is
+        read at each collection, until ``model_unloaded``."""
+        self._kv_sources[model] = stats
+
+    def _kv_callback(
+        self, read: Callable[[KVCacheStats], int]
+    ) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        def callback(_: CallbackOptions) -> Iterable[Observation]:
+            return [
+                Observation(read(stats()), {ATTR_MODEL: model}) for model, stats in self._kv_sources.items()
+            ]
+
+        return callback
 
     def request_finished(self, outcome: RequestOutcome) -> None:
         """Record one finished HTTP request."""

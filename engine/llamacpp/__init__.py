@@ -8,7 +8,7 @@ from engine.llamacpp import cpu
 
 cpu.apply()  # before any model loads (see cpu.py: ggml's AMX kernels crash on some CPUs)
 
-from engine.llamacpp.batched import BatchedEngine  # noqa: E402
+from engine.llamacpp.batched import DEFAULT_KV_CACHE_MIB, BatchedEngine  # noqa: E402
 from engine.llamacpp.sequential import SequentialEngine  # noqa: E402
 
 ENGINES: dict[str, type[BatchedEngine] | type[SequentialEngine]] = {
@@ -28,8 +28,14 @@ def open_engine(
     chat_template: str | None,
     embeddings: bool,
     flash_attention: bool = True,
+    kv_cache_mib: int = DEFAULT_KV_CACHE_MIB,
 ) -> BatchedEngine | SequentialEngine:
-    """Load ``path`` with the engine ``kind``: ``batched`` (continuous batching) or ``sequential``."""
+    """Load ``path`` with the engine ``kind``: ``batched`` (continuous batching) or ``sequential``.
+
+    ``kv_cache_mib`` bounds the batched engine's host-memory cache of sequences that lost their slot
+    (0: none); the sequential engine has no such cache.
+    """
+    extra = {"kv_cache_mib": kv_cache_mib} if kind == "batched" else {}
     return ENGINES[kind](
         path,
         slots=slots,
@@ -39,4 +45,5 @@ def open_engine(
         chat_template=chat_template,
         embeddings=embeddings,
         flash_attention=flash_attention,
+        **extra,
     )

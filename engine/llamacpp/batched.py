@@ -5,7 +5,10 @@ ones, so a request starts at the next step instead of waiting for others to fini
 are read once per step for all sequences (on a CPU, decoding is memory-bound: that is the win).
 Every sequence keeps its own sampler chain (its temperature, penalties, seed, grammar, logit bias).
 Each slot's sequence keeps its KV cache after a request; the next request on that slot only decodes
-what differs from the cached tokens (the same chat session, the same system prompt).
+what differs from the cached tokens (the same chat session, the same system prompt). A sequence that
+loses its slot to another request is kept in a bounded host-memory cache (``engine.kvcache``) and
+restored into whichever slot its next request gets; when the engine is idle, the slots' sequences
+are copied there ahead of time, so a request that replaces one does not wait for the copy.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import os
 import queue
 import random
 import threading
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +30,7 @@ from llama_cpp._internals import LlamaContext, LlamaModel, LlamaSampler
 from llama_cpp._logger import set_verbose as set_llama_verbose
 
 from engine.base import (
+    CacheScope,
     Cancellation,
     ContextOverflowError,
     EngineCrashedError,
@@ -35,10 +40,12 @@ from engine.base import (
     GenerationEvent,
     GenerationParams,
     GrammarError,
+    KVCacheStats,
     ModelLoadError,
     TokenEvent,
     TopLogprob,
 )
+from engine.kvcache import Entry, HostKVCache, State
 from engine.llamacpp.common import Embedder, EventChannel, Outbox, TextFacade, relay
 from engine.llamacpp.cpu import model_params
 from engine.llamacpp.model import ModelText, check_gguf
@@ -50,6 +57,9 @@ logger = logging.getLogger("pocketllm.engine")
 MIN_PROMPT_SUFFIX = 2
 """Prompt tokens always decoded, however much of the prompt a slot caches (see sequential.py)."""
 PENALTY_LAST_N = 64
+MIN_RESTORE_GAIN = 16
+"""A kept sequence is restored only when it supplies at least this many more tokens than the slot."""
+DEFAULT_KV_CACHE_MIB = 512
 
 
 @dataclass(eq=False)
@@ -61,6 +71,7 @@ class _Job:
     params: GenerationParams
     cancel: Cancellation
     channel: EventChannel
+    scope: CacheScope = field(default_factory=CacheScope)
     sampler: LlamaSampler | None = None
     """``None`` for plain greedy: the best logit is picked in numpy (see ``_argmax``)."""
     pending: list[int] = field(default_factory=list)
@@ -124,7 +135,9 @@ class BatchedEngine(TextFacade):
         chat_template: str | None = None,
         embeddings: bool = True,
         flash_attention: bool = True,
+        kv_cache_mib: int = DEFAULT_KV_CACHE_MIB,
     ) -> None:
+        """Load the model; ``kv_cache_mib`` bounds the host-memory KV cache (0 turns it off)."""
         size = check_gguf(path)
         set_llama_verbose(os.environ.get("POCKETLLM_LLAMA_VERBOSE") == "1")
         self._path = path
@@ -157,6 +170,11 @@ class BatchedEngine(TextFacade):
         self._n_vocab = self._model.n_vocab()
         self._text = ModelText(self._model, path, size, chat_template, n_ctx_per_slot)
         self._cache: list[list[int]] = [[] for _ in range(slots)]
+        self._owner: list[str | None] = [None] * slots
+        """The tenant whose request last ran on each slot (its sequence is that tenant's)."""
+        self._host = HostKVCache(kv_cache_mib * 1024 * 1024) if kv_cache_mib > 0 else None
+        self._unsaved: set[int] = set()
+        """Slots whose sequence grew since the host cache last got a copy of it."""
         self._cache_lock = threading.Lock()
         self._running: dict[int, _Job] = {}
         self._deferred: dict[int, list[_Job]] = {}
@@ -191,18 +209,33 @@ class BatchedEngine(TextFacade):
 
     # -- generation ----------------------------------------------------------------------------------
 
+    def kv_cache_stats(self) -> KVCacheStats:
+        """Size and counters of the host-memory KV cache."""
+        return self._host.stats() if self._host is not None else KVCacheStats()
+
     def generate(
-        self, slot: int, prompt: list[int], params: GenerationParams, cancel: Cancellation
+        self,
+        slot: int,
+        prompt: list[int],
+        params: GenerationParams,
+        cancel: Cancellation,
+        scope: CacheScope | None = None,
     ) -> AsyncIterator[GenerationEvent]:
         """Queue a sequence for the decode loop and relay its events to the event loop."""
         if self._closed:
             raise EngineCrashedError("the engine is closed")
-        return relay(lambda channel: self._inbox.put(_Job(slot, prompt, params, cancel, channel)), cancel)
+        scope = scope or CacheScope()
+        return relay(
+            lambda channel: self._inbox.put(_Job(slot, prompt, params, cancel, channel, scope)), cancel
+        )
 
     def _loop(self) -> None:
         try:
             while True:
                 block = not self._running
+                if block and self._unsaved and self._inbox.empty():
+                    self._keep(self._unsaved.pop())  # one slot at a time: a new request waits for one copy
+                    continue
                 while True:
                     try:
                         job = self._inbox.get(block=block)
@@ -243,15 +276,94 @@ class BatchedEngine(TextFacade):
             raise ContextOverflowError(len(prompt), params.max_tokens, self._n_ctx_per_slot)
         job.sampler = None if _is_plain_greedy(params) else self._sampler(params)
         job.stopper = StopMatcher(params.stop)
-        cached = min(self.prefix_match(job.slot, prompt), max(0, len(prompt) - MIN_PROMPT_SUFFIX))
-        if not self._ctx.kv_cache_seq_rm(job.slot, cached, -1):
-            self._ctx.kv_cache_seq_rm(job.slot, 0, -1)
-            cached = 0
-        with self._cache_lock:
-            del self._cache[job.slot][cached:]
+        cached = self._reuse(job)
         job.cached = cached
         job.pending = prompt[cached:]
         self._running[job.slot] = job
+
+    def _reuse(self, job: _Job) -> int:
+        """Prepare the slot's KV cache for ``job``; return how many leading prompt tokens it keeps.
+
+        The slot keeps its common prefix with the prompt (another tenant's sequence only up to the
+        shared prefix). When a kept sequence in the host cache offers more, the slot's sequence goes
+        there and that one comes in; when the prompt keeps less than half of what the slot holds,
+        the slot's sequence goes there too before it is cut. At least ``MIN_PROMPT_SUFFIX`` prompt
+        tokens are always decoded (see sequential.py: that keeps greedy output equal to a cold run).
+        """
+        slot, prompt, scope = job.slot, job.prompt, job.scope
+        limit = max(0, len(prompt) - MIN_PROMPT_SUFFIX)
+        kept = self.prefix_match(slot, prompt)
+        if self._owner[slot] != scope.tenant:
+            kept = min(kept, scope.shared_prefix)
+        kept = min(kept, limit)
+        found: tuple[Entry, int] | None = None
+        if self._host is not None and kept < limit:
+            found = self._host.lookup(
+                np.asarray(prompt[:limit], dtype=np.int32), scope, kept + MIN_RESTORE_GAIN - 1
+            )
+        self._unsaved.discard(slot)
+        self._stash(slot, 0 if found is not None else kept)
+        if found is not None:
+            entry, usable = found
+            kept = min(usable, limit) if self._restore(slot, entry, usable, scope) else 0
+        if not self._ctx.kv_cache_seq_rm(slot, kept, -1):
+            self._ctx.kv_cache_seq_rm(slot, 0, -1)
+            kept = 0
+        with self._cache_lock:
+            del self._cache[slot][kept:]
+        self._owner[slot] = scope.tenant
+        return kept
+
+    def _stash(self, slot: int, kept: int) -> None:
+        """Copy the slot's sequence into the host cache if the next request keeps less than half of it."""
+        if 2 * kept < len(self._cache[slot]):
+            self._keep(slot)
+
+    def _keep(self, slot: int) -> None:
+        """Copy the slot's sequence into the host cache (nothing happens if it is there already)."""
+        held = self._cache[slot]
+        if self._host is None or len(held) < MIN_RESTORE_GAIN:
+            return
+        started = time.perf_counter()
+        ctx = self._ctx.ctx
+        size = llama_cpp.llama_state_seq_get_size(ctx, slot)
+
+        def fill(state: State) -> bool:
+            pointer = state.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
+            return bool(llama_cpp.llama_state_seq_get_data(ctx, pointer, state.size, slot) == state.size)
+
+        kept_it = self._host.keep(self._owner[slot], list(held), size, fill)
+        logger.debug(
+            "slot %d: %d tokens (%d bytes) %s the host cache in %.1f ms",
+            slot,
+            len(held),
+            size,
+            "kept in" if kept_it else "not kept in",
+            (time.perf_counter() - started) * 1000,
+        )
+
+    def _restore(self, slot: int, entry: Entry, usable: int, scope: CacheScope) -> bool:
+        """Copy a kept sequence's KV state into the slot (replacing what it held)."""
+        assert self._host is not None
+        started = time.perf_counter()
+        self._ctx.kv_cache_seq_rm(slot, 0, -1)
+        pointer = entry.state.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
+        restored = llama_cpp.llama_state_seq_set_data(self._ctx.ctx, pointer, entry.size, slot) == entry.size
+        with self._cache_lock:
+            self._cache[slot] = entry.tokens.tolist() if restored else []
+        if not restored:
+            logger.warning("restoring %d tokens into slot %d failed", len(entry.tokens), slot)
+            self._ctx.kv_cache_seq_rm(slot, 0, -1)
+            return False
+        self._host.restored(entry, usable, scope.tenant)
+        logger.debug(
+            "slot %d: %d of %d kept tokens restored in %.1f ms",
+            slot,
+            usable,
+            len(entry.tokens),
+            (time.perf_counter() - started) * 1000,
+        )
+        return True
 
     def _sampler(self, params: GenerationParams) -> LlamaSampler:
         sampler = LlamaSampler()
@@ -391,6 +503,8 @@ class BatchedEngine(TextFacade):
     def _finish(self, job: _Job, outcome: FinishReason | EngineError | None) -> None:
         """End a sequence: flush text, report, free its sampler and its slot (KV stays cached)."""
         self._running.pop(job.slot, None)
+        if self._host is not None:
+            self._unsaved.add(job.slot)
         if job.sampler is not None:
             job.sampler.close()
             job.sampler = None
@@ -434,6 +548,8 @@ class BatchedEngine(TextFacade):
         self._outbox.flush()
         self._embeddings.close()
         self._threadpool.close()
+        if self._host is not None:
+            self._host.clear()
         llama_cpp.llama_batch_free(self._batch)
         self._ctx.close()
         self._model.close()

@@ -18,6 +18,7 @@ from llama_cpp import Llama, LogitsProcessorList
 from llama_cpp.llama_grammar import LlamaGrammar
 
 from engine.base import (
+    CacheScope,
     Cancellation,
     ContextOverflowError,
     EngineCrashedError,
@@ -26,6 +27,7 @@ from engine.base import (
     FinishReason,
     GenerationEvent,
     GenerationParams,
+    KVCacheStats,
     TokenEvent,
 )
 from engine.llamacpp.common import Embedder, Emit, TextFacade, relay
@@ -74,6 +76,8 @@ class SequentialEngine(TextFacade):
         except EngineError:
             self.close()
             raise
+        self._owner: list[str | None] = [None] * slots
+        """The tenant whose request last ran on each slot."""
         first = self._contexts[0]
         self._text = ModelText(first._model, path, size, chat_template, first.n_ctx())
 
@@ -91,24 +95,40 @@ class SequentialEngine(TextFacade):
             matched += 1
         return matched
 
+    def kv_cache_stats(self) -> KVCacheStats:
+        """This engine keeps no KV state outside its slots: all zero."""
+        return KVCacheStats()
+
     def generate(
-        self, slot: int, prompt: list[int], params: GenerationParams, cancel: Cancellation
+        self,
+        slot: int,
+        prompt: list[int],
+        params: GenerationParams,
+        cancel: Cancellation,
+        scope: CacheScope | None = None,
     ) -> AsyncIterator[GenerationEvent]:
         """Run one sequence on ``slot``'s thread, relaying its events to the event loop."""
         loop = asyncio.get_running_loop()
+        scope = scope or CacheScope()
 
         def submit(emit: Emit) -> None:
-            loop.run_in_executor(self._workers[slot], self._run, slot, prompt, params, cancel, emit)
+            loop.run_in_executor(self._workers[slot], self._run, slot, prompt, params, cancel, scope, emit)
 
         return relay(submit, cancel)
 
     def _run(
-        self, slot: int, prompt: list[int], params: GenerationParams, cancel: Cancellation, emit: Emit
+        self,
+        slot: int,
+        prompt: list[int],
+        params: GenerationParams,
+        cancel: Cancellation,
+        scope: CacheScope,
+        emit: Emit,
     ) -> None:
         if cancel.cancelled:
             return
         try:
-            emit(self._generate(self._contexts[slot], slot, prompt, params, cancel, emit))
+            emit(self._generate(self._contexts[slot], slot, prompt, params, cancel, scope, emit))
         except EngineError as exc:
             emit(exc)
         except Exception as exc:  # the worker thread must never die silently
@@ -122,17 +142,20 @@ class SequentialEngine(TextFacade):
         prompt: list[int],
         params: GenerationParams,
         cancel: Cancellation,
+        scope: CacheScope,
         emit: Emit,
     ) -> Finished:
         n_ctx = llm.n_ctx()
         if len(prompt) + params.max_tokens > n_ctx:
             raise ContextOverflowError(len(prompt), params.max_tokens, n_ctx)
         cached = self.prefix_match(slot, prompt)
-        if cached > len(prompt) - MIN_PROMPT_SUFFIX:
-            # llama.cpp's kernels for a one-token batch round differently from larger batches, so a
-            # fully cached prompt re-decodes its last few tokens: greedy output then equals a cold run.
-            cached = max(0, len(prompt) - MIN_PROMPT_SUFFIX)
-            llm.n_tokens = min(llm.n_tokens, cached)
+        if self._owner[slot] != scope.tenant:
+            cached = min(cached, scope.shared_prefix)  # another tenant's sequence: the shared part only
+        self._owner[slot] = scope.tenant
+        # llama.cpp's kernels for a one-token batch round differently from larger batches, so a
+        # fully cached prompt re-decodes its last few tokens: greedy output then equals a cold run.
+        cached = min(cached, max(0, len(prompt) - MIN_PROMPT_SUFFIX))
+        llm.n_tokens = min(llm.n_tokens, cached)
         llm.set_seed(params.seed if params.seed is not None else random.getrandbits(32))
         processors: list[LogitsProcessor] = []
         if params.logit_bias:

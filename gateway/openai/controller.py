@@ -98,7 +98,7 @@ class OpenAIController(Controller):
         cache_control = request.headers.getall("cache-control", [])
 
         async def prepare() -> Job:
-            return await prepare_chat(data, runtime, settings.limits, session_id)
+            return await prepare_chat(data, runtime, settings.limits, session_id, principal.user_id)
 
         run = await pipeline.start(Call(data, principal, frames, prepare, cache_control, record))
         if session_id:
@@ -122,7 +122,7 @@ class OpenAIController(Controller):
         cache_control = request.headers.getall("cache-control", [])
 
         async def prepare() -> Job:
-            return await prepare_completion(data, runtime, settings.limits)
+            return await prepare_completion(data, runtime, settings.limits, principal.user_id)
 
         run = await pipeline.start(Call(data, principal, frames, prepare, cache_control))
         return await respond(request, run, stream=bool(data.stream))

@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, replace
+from functools import partial
 
-from engine.base import Cancellation, Engine, Finished, GenerationParams, TokenEvent
+from engine.base import CacheScope, Cancellation, Engine, Finished, GenerationParams, TokenEvent
+from engine.kvcache import system_prefix
 from engine.models import ModelRuntime
 from engine.pool import Reservation, SlotPool
 from gateway.errors import ContextLengthError, InvalidRequestError, NotFoundError
@@ -57,6 +59,8 @@ class Job:
     prompts: list[list[int]]
     params: GenerationParams
     session: str | None = None
+    scope: CacheScope | None = None
+    """Whose cached KV state the prompts may reuse (the caller's, and the shared system prefix)."""
 
     @property
     def runtime(self) -> ModelRuntime:
@@ -257,9 +261,13 @@ def completion_shape(request: CompletionRequest, runtime: ModelRuntime, limits: 
 
 
 async def prepare_chat(
-    request: ChatCompletionRequest, runtime: ModelRuntime, limits: LimitsSettings, session: str | None = None
+    request: ChatCompletionRequest,
+    runtime: ModelRuntime,
+    limits: LimitsSettings,
+    session: str | None = None,
+    tenant: str | None = None,
 ) -> Job:
-    """Validate a chat request against the model and build its job."""
+    """Validate a chat request against the model and build its job (``tenant``: the caller's user id)."""
     engine, pool = runtime.ready()
     shape = chat_shape(request, runtime, limits)
     if request.top_logprobs and not request.logprobs:
@@ -296,13 +304,21 @@ async def prepare_chat(
         top_logprobs=request.top_logprobs or 0,
         grammar=grammar,
     )
-    return Job(shape, engine, pool, [prompt], params, session=session)
+
+    def shared() -> int:
+        render = partial(engine.render_chat, add_generation_prompt=False)
+        return system_prefix(render, engine.tokenize, messages, prompt)
+
+    long = len(prompt_text) > _TOKENIZE_OFF_LOOP_CHARS
+    scope = CacheScope(tenant, await asyncio.to_thread(shared) if long else shared())
+    return Job(shape, engine, pool, [prompt], params, session=session, scope=scope)
 
 
 async def prepare_completion(
-    request: CompletionRequest, runtime: ModelRuntime, limits: LimitsSettings
+    request: CompletionRequest, runtime: ModelRuntime, limits: LimitsSettings, tenant: str | None = None
 ) -> Job:
-    """Validate a text-completion request against the model and build its job."""
+    """Validate a text-completion request against the model and build its job (``tenant``: the
+    caller's user id)."""
     engine, pool = runtime.ready()
     shape = completion_shape(request, runtime, limits)
     items = split_inputs(request.prompt, "prompt")
@@ -331,7 +347,7 @@ async def prepare_completion(
         logprobs=request.logprobs is not None,
         top_logprobs=request.logprobs or 0,
     )
-    return Job(shape, engine, pool, prompts, params)
+    return Job(shape, engine, pool, prompts, params, scope=CacheScope(tenant))
 
 
 @dataclass(slots=True)
@@ -447,7 +463,7 @@ async def run_choices(job: Job, slot: int) -> AsyncGenerator[ChoiceToken | Choic
                 yield ChoiceFinished(index, Finished("length", len(prompt), 0))
                 continue
             cancel = Cancellation()
-            events = job.engine.generate(slot, prompt, params, cancel)
+            events = job.engine.generate(slot, prompt, params, cancel, job.scope)
             try:
                 async for event in events:
                     job.pool.raise_if_aborted()

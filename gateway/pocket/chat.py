@@ -165,7 +165,9 @@ async def start_turn(
     turn = Turn(data, session, model_name, chat_shape(completion, runtime, pipeline.settings.limits))
 
     async def prepare() -> Job:
-        return await prepare_chat(completion, runtime, pipeline.settings.limits, turn.session_id)
+        return await prepare_chat(
+            completion, runtime, pipeline.settings.limits, turn.session_id, principal.user_id
+        )
 
     async def record(answer: CachedCompletion) -> None:
         await turn.record(identity_store, principal.user_id, answer)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from engine.base import Cancellation, Engine, GenerationEvent, GenerationParams
+from engine.base import CacheScope, Cancellation, Engine, GenerationEvent, GenerationParams
 
 FAULT_MARKER = "FAULT-INJECT"
 
@@ -27,11 +27,16 @@ class FaultyEngine:
         return getattr(self.real, name)
 
     async def generate(
-        self, slot: int, prompt: list[int], params: GenerationParams, cancel: Cancellation
+        self,
+        slot: int,
+        prompt: list[int],
+        params: GenerationParams,
+        cancel: Cancellation,
+        scope: CacheScope | None = None,
     ) -> AsyncIterator[GenerationEvent]:
         """The real generation; for a marked prompt, ``error`` is raised after ``after`` tokens."""
         faulty = FAULT_MARKER in self.real.detokenize(prompt)
-        events = self.real.generate(slot, prompt, params, cancel)
+        events = self.real.generate(slot, prompt, params, cancel, scope)
         produced = 0
         try:
             async for event in events:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
+from engine.base import KVCacheStats
 from gateway.settings import load_settings
 from telemetry import metrics as names
 from telemetry.metrics import GatewayMetrics, RequestOutcome, views
@@ -77,6 +78,38 @@ def test_instruments_record_with_the_llm_buckets() -> None:
     assert found[names.QUEUE_LENGTH].data.data_points[0].value == 3
     assert dict(found[names.CACHE_REQUESTS].data.data_points[0].attributes) == {"outcome": "hit"}
     assert metrics.summary.snapshot()["cache"]["hit"] == 1
+    provider.shutdown()
+
+
+def test_the_kv_cache_of_a_watched_model_is_observed_until_it_is_unloaded() -> None:
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader], shutdown_on_exit=False)
+    metrics = GatewayMetrics(provider.get_meter("test"))
+    stats = KVCacheStats(capacity_bytes=100, size_bytes=60, entries=2, hits=5, misses=3, evictions=1)
+    metrics.watch_kv_cache("m", lambda: stats)
+
+    def observed() -> dict[str, tuple[int | float, dict[str, object]]]:
+        data = reader.get_metrics_data()
+        assert data is not None
+        return {
+            m.name: (point.value, dict(point.attributes or {}))  # type: ignore[union-attr]
+            for rm in data.resource_metrics
+            for sm in rm.scope_metrics
+            for m in sm.metrics
+            for point in m.data.data_points
+            if m.name.startswith("pocketllm.kv_cache.")
+        }
+
+    assert observed() == {
+        names.KV_CACHE_SIZE: (60, {"model": "m"}),
+        names.KV_CACHE_CAPACITY: (100, {"model": "m"}),
+        names.KV_CACHE_ENTRIES: (2, {"model": "m"}),
+        names.KV_CACHE_HITS: (5, {"model": "m"}),
+        names.KV_CACHE_MISSES: (3, {"model": "m"}),
+        names.KV_CACHE_EVICTIONS: (1, {"model": "m"}),
+    }
+    metrics.model_unloaded("m")
+    assert observed() == {}
     provider.shutdown()
 
 
