@@ -87,6 +87,7 @@ class ModelManager:
         queue: QueueSettings,
         observer: PoolObserver | None = None,
         on_reload: Callable[[str], Awaitable[Any]] | None = None,
+        on_loaded: Callable[[str, Engine], None] | None = None,
     ) -> None:
         """Configure the models (nothing is loaded yet).
 
@@ -94,12 +95,14 @@ class ModelManager:
             models: each model's settings and the path of its GGUF file.
             queue: admission to every model's slots.
             observer: the pools' metrics observer.
+            on_loaded: called with a model's id and engine each time it is loaded (metrics).
             on_reload: awaited with a model's id each time it is loaded again (not the first time), e.g.
                 to drop its cached responses.
         """
         self._queue = queue
         self._observer = observer
         self._on_reload = on_reload
+        self._on_loaded = on_loaded
         self._runtimes: dict[str, ModelRuntime] = {}
         self._names: dict[str, ModelRuntime] = {}
         registry = load_registry()
@@ -173,6 +176,8 @@ class ModelManager:
             )
             runtime.state = "ready"
             runtime.loads += 1
+            if self._on_loaded is not None:
+                self._on_loaded(runtime.id, engine)
             if runtime.loads > 1 and self._on_reload is not None:
                 await self._on_reload(runtime.id)
             logger.info(
@@ -205,6 +210,7 @@ class ModelManager:
             chat_template=model.chat_template,
             embeddings=model.embeddings,
             flash_attention=model.flash_attention,
+            kv_cache_mib=model.kv_cache_mib,
         )
 
     async def unload(self, model_id: str, *, drain_timeout_s: float = 30.0) -> None:

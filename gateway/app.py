@@ -92,6 +92,7 @@ def create_app(settings: Settings, *, on_load_failure: Callable[[list[str]], Non
         settings.queue,
         observer=telemetry.metrics,
         on_reload=backends.cache.invalidate_model,
+        on_loaded=lambda model_id, engine: telemetry.metrics.watch_kv_cache(model_id, engine.kv_cache_stats),
     )
     authenticator = build_authenticator(settings, backends.redis)
     drainer = Drainer(models, settings.server.drain_timeout_s)

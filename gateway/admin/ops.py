@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,7 @@ def model_load(runtime: ModelRuntime) -> dict[str, Any]:
         "slots": runtime.settings.slots,
         "busy": pool.busy if pool else 0,
         "queued": pool.waiting if pool else 0,
+        "kv_cache": asdict(runtime.engine.kv_cache_stats()) if runtime.engine is not None else None,
     }
 
 
