@@ -94,7 +94,6 @@ def model_load(runtime: ModelRuntime) -> dict[str, Any]:
         "slots": runtime.settings.slots,
         "busy": pool.busy if pool else 0,
         "queued": pool.waiting if pool else 0,
-        "kv_cache": asdict(runtime.engine.kv_cache_stats()) if runtime.engine is not None else None,
     }
 
 
@@ -122,6 +121,9 @@ class AdminOpsController(Controller):
         return {
             **snapshot,
             "models": {r.id: model_load(r) for r in model_manager.runtimes},
+            "kv_cache": {
+                r.id: asdict(r.engine.kv_cache_stats()) for r in model_manager.runtimes if r.engine is not None
+            },
             "system": await asyncio.to_thread(telemetry.system.snapshot),
         }
 
