@@ -122,7 +122,9 @@ class AdminOpsController(Controller):
             **snapshot,
             "models": {r.id: model_load(r) for r in model_manager.runtimes},
             "kv_cache": {
-                r.id: asdict(r.engine.kv_cache_stats()) for r in model_manager.runtimes if r.engine is not None
+                r.id: asdict(r.engine.kv_cache_stats())
+                for r in model_manager.runtimes
+                if r.engine is not None
             },
             "system": await asyncio.to_thread(telemetry.system.snapshot),
         }
