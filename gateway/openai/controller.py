@@ -11,7 +11,6 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody
 
 from auth.principal import Principal
-from auth.store import IdentityStore
 from engine.models import ModelManager, ModelRuntime
 from gateway.cache.entry import CachedCompletion
 from gateway.openai.frames import ChatFrames, CompletionFrames
@@ -69,7 +68,6 @@ class OpenAIController(Controller):
         settings: NamedDependency[Settings],
         principal: NamedDependency[Principal],
         pipeline: NamedDependency[Pipeline],
-        identity_store: NamedDependency[IdentityStore],
     ) -> Response[ChatCompletion] | EventStream:
         """OpenAI chat completions, JSON or SSE (``stream: true``).
 
@@ -81,6 +79,7 @@ class OpenAIController(Controller):
         session_id = request.headers.get("x-session-id")
         record = None
         if session_id is not None:
+            identity_store = pipeline.store  # (not a dependency: Litestar checks a Protocol per request)
             prompt = data.messages[-1].text()
             existing = await recordable_session(identity_store, principal, session_id)
 

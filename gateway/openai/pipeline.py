@@ -104,6 +104,7 @@ class Pipeline:
         self.settings = settings
         self.limiter = limiter
         self.cache = cache
+        self.store = store
         self.overrides = LimitOverrides(store)
 
     async def start(self, call: Call) -> Run:
@@ -293,6 +294,13 @@ class Run:
 
     async def answer(self) -> CachedCompletion:
         """Run to the end and return the finished answer (choices in index order)."""
+        if self._found.value is not None:  # a cached answer needs no replay to be whole
+            try:
+                if self.call.on_answer is not None:
+                    await self.call.on_answer(self._found.value)
+            finally:
+                await self._admission.release(0)
+            return self._found.value
         async with aclosing(self.events()) as events:
             async for _ in events:
                 pass
