@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import llama_cpp
 from llama_cpp import Llama
 
-from engine.base import Cancellation, Finished, GenerationEvent, ModelInfo
+from engine.base import Cancellation, Finished, GenerationEvent, ModelInfo, ToolPrompt
 from engine.llamacpp.model import ModelText, grammar_for_response_format
+from engine.tools import FunctionTool, ToolRequest
 
 Emit = Callable[[GenerationEvent | BaseException], None]
 logger = logging.getLogger("pocketllm.engine")
@@ -43,9 +44,24 @@ class TextFacade:
         """Tokens back to text."""
         return self._text.detokenize(tokens)
 
-    def render_chat(self, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
+    @property
+    def tool_format(self) -> Literal["hermes", "generic"]:
+        """How tools reach the model: the template's own ``<tool_call>`` format or the generic one."""
+        return self._text.tool_format
+
+    def render_chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        tools: Sequence[FunctionTool] = (),
+        add_generation_prompt: bool = True,
+    ) -> str:
         """Apply the chat template."""
-        return self._text.render_chat(messages, add_generation_prompt=add_generation_prompt)
+        return self._text.render_chat(messages, tools=tools, add_generation_prompt=add_generation_prompt)
+
+    def tool_prompt(self, messages: Sequence[Mapping[str, Any]], request: ToolRequest) -> ToolPrompt:
+        """Prompt and grammar for a chat request with tools."""
+        return self._text.tool_prompt(messages, request)
 
     def check_grammar(self, grammar: str) -> None:
         """Raise ``GrammarError`` if the grammar does not compile."""
