@@ -199,7 +199,7 @@ class ToolCallParser:
             self._step(deltas)
         content = "".join(self._content) if self._content else None
         truncated = None
-        if self._state in ("head", "name", "key", "arguments", "tail"):
+        if self._state in ("key", "arguments", "tail"):  # its ToolCallStart went out
             truncated = ToolCall(self._id, self._name, "".join(self._arguments))
         reason: Literal["stop", "length", "tool_calls"] = finish_reason
         if self._state == "after" and finish_reason == "stop":
