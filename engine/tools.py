@@ -254,6 +254,9 @@ class ToolCallParser:
         if state == "arguments":
             return self._read_arguments(deltas)
         if state == "tail":
+            # the schema grammar lets a value end in one optional space (llama.cpp's converter)
+            while self._text.startswith(" ", self._pos):
+                self._pos += 1
             found = self._expect(_TAIL)
             if found is None:
                 return False

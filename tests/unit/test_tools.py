@@ -99,6 +99,15 @@ def test_any_chunking_streams_the_same_calls(sizes: list[int]) -> None:
     ]
 
 
+def test_a_space_after_the_arguments_is_not_part_of_them() -> None:
+    """The schema grammar ends a value with an optional space (found by the property test)."""
+    text = '<tool_call>\n{"name": "add", "arguments": {"a": 1} }\n</tool_call>'
+    for sizes in ([len(text)], [1] * len(text)):
+        _, calls = _assemble(_stream(text, sizes))
+        assert calls[0]["arguments"] == '{"a": 1}'
+    assert parse_tool_output(text, "stop").finish_reason == "tool_calls"
+
+
 def test_a_call_starts_with_its_name_and_empty_arguments_then_fragments() -> None:
     text = _calls_text(("get_weather", {"city": "Paris"}))
     deltas = _stream(text, [1] * len(text))
