@@ -127,10 +127,11 @@ def test_every_call_validates_against_its_generated_schema(engine: BatchedEngine
                 counts["schemas"] += 1
                 assert output.content is None
                 assert len(output.calls) <= 1
-                if output.finish_reason == "length":  # the budget cut the call: nothing to validate
-                    assert output.calls == ()
+                if output.finish_reason == "length" and not output.calls:  # the budget cut the call
+                    assert output.truncated is None or output.truncated.name == f"f{index}"
                     continue
-                assert output.finish_reason == "tool_calls" and len(output.calls) == 1
+                # (a call can end on the very last token of the budget: "length" with a whole call)
+                assert output.finish_reason in ("tool_calls", "length") and len(output.calls) == 1
                 assert output.calls[0].name == f"f{index}"
                 jsonschema.validate(json.loads(output.calls[0].arguments), schema)
                 counts["finished"] += 1
