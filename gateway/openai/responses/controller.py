@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from litestar import Controller, Request, Response, delete, get, post
 from litestar.di import NamedDependency
-from litestar.params import FromPath, JSONBody, QueryParameter
+from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 
 from auth.principal import Principal
 from auth.store import IdentityStore, StoredResponse
@@ -153,8 +153,8 @@ class ResponsesController(Controller):
         principal: NamedDependency[Principal],
         identity_store: NamedDependency[IdentityStore],
         response_id: FromPath[str],
-        after: str | None = None,
-        order: Literal["asc", "desc"] = "desc",
+        after: FromQuery[str | None] = None,
+        order: FromQuery[Literal["asc", "desc"]] = "desc",
         # QueryParameter, not Meta: Litestar does not apply msgspec Meta constraints to query parameters
         limit: Annotated[int, QueryParameter(ge=1, le=100)] = 20,
     ) -> ItemList:
