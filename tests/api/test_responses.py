@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -30,8 +31,9 @@ WEATHER = {
 
 
 @pytest.fixture
-def sdk(served: ServedApp) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{served.base_url}/v1", api_key=served.api_key, max_retries=0)
+def sdk(served: ServedApp) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"{served.base_url}/v1", api_key=served.api_key, max_retries=0) as client:
+        yield client
 
 
 def _unique() -> str:
@@ -228,11 +230,12 @@ def test_text_format_json_schema_parsed_by_the_sdk(sdk: openai.OpenAI) -> None:
     assert parsed.text.format.type == "json_schema"
     plain = sdk.responses.create(
         model=MODEL_ID,
-        input=_unique() + ' Reply with the JSON object {"a": 1}.',
+        input='Reply with the JSON object {"name": "Tom", "legs": 4}.',
         text={"format": {"type": "json_object"}},
-        max_output_tokens=200,
+        max_output_tokens=300,
         temperature=0,
     )
+    assert plain.status == "completed"
     assert isinstance(json.loads(plain.output_text), dict)
 
 
@@ -274,13 +277,16 @@ def test_store_false_is_not_kept(sdk: openai.OpenAI) -> None:
         sdk.responses.retrieve(created.id)
 
 
-def test_another_users_response_is_a_404(sdk: openai.OpenAI, served: ServedApp) -> None:
+def test_another_users_response_is_a_404(
+    sdk: openai.OpenAI, served: ServedApp, request: pytest.FixtureRequest
+) -> None:
     mine = sdk.responses.create(model=MODEL_ID, input=_unique(), max_output_tokens=4, temperature=0)
     other = new_user(served)
     _, headers = new_key(served, other["username"])
     theirs = openai.OpenAI(
         base_url=f"{served.base_url}/v1", api_key=headers["Authorization"].split()[1], max_retries=0
     )
+    request.addfinalizer(theirs.close)
     for attempt in (
         lambda: theirs.responses.retrieve(mine.id),
         lambda: theirs.responses.delete(mine.id),
