@@ -88,6 +88,13 @@ MIGRATIONS: list[tuple[Statement, ...]] = [
         "CREATE INDEX chat_sessions_by_user ON chat_sessions(user_id, updated_at DESC)",
         "CREATE INDEX chat_messages_by_session ON chat_messages(user_id, session_id, id)",
     ),
+    (  # 5: stored responses of the Responses API (/v1/responses), per user; ``previous_id`` chains the
+        # turns of a conversation; ``input`` (this turn's input items) and ``body`` (the response object)
+        # are JSON text the gateway owns
+        "CREATE TABLE responses (user_id TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE, "
+        "id TEXT NOT NULL, previous_id TEXT, model TEXT NOT NULL, created_at DOUBLE PRECISION NOT NULL, "
+        "input TEXT NOT NULL, body TEXT NOT NULL, PRIMARY KEY (user_id, id))",
+    ),
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 from auth.errors import LastAdminError, SessionExistsError, SessionNotFoundError, UserExistsError
 from auth.migrations import SCHEMA_VERSION, Dialect
 from auth.principal import Role, as_role
-from auth.store import ApiKey, ChatMessage, ChatSession, LimitOverride, StoredApiKey, User
+from auth.store import ApiKey, ChatMessage, ChatSession, LimitOverride, StoredApiKey, StoredResponse, User
 
 Row = Sequence[Any]
 
@@ -39,6 +39,10 @@ _SELECT_SESSION = (
     "(SELECT COUNT(*) FROM chat_messages m WHERE m.user_id = s.user_id AND m.session_id = s.id) "
     "FROM chat_sessions s"
 )
+
+_RESPONSE_COLUMNS = "id, user_id, previous_id, model, created_at, input, body"
+RESPONSE_CHAIN_MAX = 1000
+"""Links followed back from a response (a guard: ids are made by the gateway, so chains have no cycles)."""
 
 
 class DuplicateRowError(Exception):
@@ -362,3 +366,44 @@ class SqlStore(ABC):
             "ORDER BY id"
         )
         return [ChatMessage(*row) for row in await self._fetch_all(sql, (user_id, session_id))]
+
+    # stored responses (Responses API)
+    async def save_response(self, response: StoredResponse) -> None:
+        """See ``IdentityStore.save_response``."""
+        await self._execute(
+            f"INSERT INTO responses ({_RESPONSE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                response.id,
+                response.user_id,
+                response.previous_id,
+                response.model,
+                response.created_at,
+                response.input,
+                response.body,
+            ),
+        )
+
+    async def get_response(self, response_id: str, user_id: str) -> StoredResponse | None:
+        """See ``IdentityStore.get_response``."""
+        row = await self._fetch_one(
+            f"SELECT {_RESPONSE_COLUMNS} FROM responses WHERE id = ? AND user_id = ?", (response_id, user_id)
+        )
+        return StoredResponse(*row) if row else None
+
+    async def response_chain(self, response_id: str, user_id: str) -> list[StoredResponse]:
+        """See ``IdentityStore.response_chain``."""
+        columns = ", ".join(f"r.{name}" for name in _RESPONSE_COLUMNS.split(", "))
+        rows = await self._fetch_all(
+            f"WITH RECURSIVE chain ({_RESPONSE_COLUMNS}, depth) AS ("
+            f"SELECT {_RESPONSE_COLUMNS}, 0 FROM responses WHERE id = ? AND user_id = ? "
+            f"UNION ALL SELECT {columns}, c.depth + 1 FROM responses r "
+            "JOIN chain c ON r.id = c.previous_id AND r.user_id = c.user_id WHERE c.depth < ?) "
+            f"SELECT {_RESPONSE_COLUMNS} FROM chain ORDER BY depth DESC",
+            (response_id, user_id, RESPONSE_CHAIN_MAX),
+        )
+        return [StoredResponse(*row) for row in rows]
+
+    async def delete_response(self, response_id: str, user_id: str) -> bool:
+        """See ``IdentityStore.delete_response``."""
+        sql = "DELETE FROM responses WHERE id = ? AND user_id = ?"
+        return await self._execute(sql, (response_id, user_id)) > 0

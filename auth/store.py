@@ -35,6 +35,7 @@ __all__ = [
     "SessionExistsError",
     "SessionNotFoundError",
     "StoredApiKey",
+    "StoredResponse",
     "User",
     "UserExistsError",
 ]
@@ -113,6 +114,21 @@ class ChatMessage:
     role: str
     content: str
     created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResponse:
+    """One stored response of the Responses API: the input items of its turn and the response object,
+    both as JSON text (the gateway's wire format; the store does not look inside)."""
+
+    id: str
+    user_id: str
+    previous_id: str | None
+    """The response this one continued (``previous_response_id``), or None for a conversation's first."""
+    model: str
+    created_at: float
+    input: str
+    body: str
 
 
 UNLIMITED = -1
@@ -265,6 +281,23 @@ class IdentityStore(Protocol):
 
     async def list_messages(self, user_id: str, session_id: str) -> list[ChatMessage]:
         """The messages of the user's session in the order they were added (empty when there is none)."""
+        ...
+
+    async def save_response(self, response: StoredResponse) -> None:
+        """Store a response for its user (``response.user_id``); ids are unique per user."""
+        ...
+
+    async def get_response(self, response_id: str, user_id: str) -> StoredResponse | None:
+        """The response when it exists and is ``user_id``'s."""
+        ...
+
+    async def response_chain(self, response_id: str, user_id: str) -> list[StoredResponse]:
+        """The user's response and those it continued (``previous_id`` links), oldest first; empty when
+        there is no such response of this user. A deleted response ends the chain there."""
+        ...
+
+    async def delete_response(self, response_id: str, user_id: str) -> bool:
+        """Delete the user's response; False when missing or another user's."""
         ...
 
     def on_identity_change(self, callback: Callable[[], None]) -> None:

@@ -8,9 +8,12 @@ The pool (``engine.pool``) decides *when* a request may run and on which slot; t
 from __future__ import annotations
 
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from engine.tools import FunctionTool, ToolRequest
 
 FinishReason = Literal["stop", "length"]
 
@@ -135,6 +138,20 @@ class ModelInfo:
     ``n_ctx * max_token_bytes`` cannot fit into ``n_ctx`` tokens, whatever it holds."""
 
 
+@dataclass(frozen=True, slots=True)
+class ToolPrompt:
+    """What a chat request with tools runs: its prompt text and the grammar its answer follows."""
+
+    text: str
+    """The rendered prompt (tokenize it with ``add_special=True``, like ``render_chat``'s output)."""
+    grammar: str | None
+    """GBNF for ``GenerationParams.grammar``; ``None`` for ``tool_choice: none``."""
+    calls_allowed: bool
+    """Pass to ``engine.tools.ToolCallParser(calls_allowed=...)``."""
+    tool_format: Literal["hermes", "generic"]
+    """How the tools reached the model: the template's own rendering or the generic system text."""
+
+
 class EngineError(Exception):
     """A failure inside an engine. Subclasses are mapped to API errors in one table in the gateway."""
 
@@ -204,8 +221,23 @@ class Engine(Protocol):
         """Turn tokens back into text (thread-safe)."""
         ...
 
-    def render_chat(self, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
-        """Apply the model's chat template; raises ``TemplateError``."""
+    @property
+    def tool_format(self) -> Literal["hermes", "generic"]:
+        """``hermes``: the chat template renders tools and ``<tool_call>`` calls; else ``generic``."""
+        ...
+
+    def render_chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        tools: Sequence[FunctionTool] = (),
+        add_generation_prompt: bool = True,
+    ) -> str:
+        """Apply the model's chat template (``tools`` go to templates that render them); ``TemplateError``."""
+        ...
+
+    def tool_prompt(self, messages: Sequence[Mapping[str, Any]], request: ToolRequest) -> ToolPrompt:
+        """Prompt and grammar for a request with tools; ``TemplateError``, ``GrammarError``."""
         ...
 
     def generate(

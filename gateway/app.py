@@ -39,6 +39,7 @@ from gateway.middleware import JsonBodyMiddleware, RequestIdMiddleware
 from gateway.observability import build_telemetry, telemetry_middleware
 from gateway.openai.controller import OpenAIController
 from gateway.openai.pipeline import Pipeline
+from gateway.openai.responses.controller import ResponsesController
 from gateway.pocket.auth import AuthController
 from gateway.pocket.chat import ChatController, chat_socket
 from gateway.ratelimit.admin import AdminLimitsController
@@ -147,6 +148,7 @@ def create_app(settings: Settings, *, on_load_failure: Callable[[list[str]], Non
             docs_redirect,
             redoc_redirect,
             OpenAIController,
+            ResponsesController,
             AuthController,
             ChatController,
             chat_socket,

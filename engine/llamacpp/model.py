@@ -6,21 +6,22 @@ This package is the only place that imports ``llama_cpp``.
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import llama_cpp
 from jinja2 import TemplateError as JinjaTemplateError
 from llama_cpp import Llama
 from llama_cpp._internals import LlamaModel
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+from llama_cpp.llama_grammar import JSON_GBNF
 
-from engine.base import GrammarError, ModelInfo, ModelLoadError, TemplateError
+from engine.base import GrammarError, ModelInfo, ModelLoadError, TemplateError, ToolPrompt
+from engine.llamacpp.grammar import json_schema_grammar, tool_call_grammar
+from engine.tools import CALL_OPEN, FunctionTool, ToolRequest, generic_messages, template_messages
 
 logger = logging.getLogger("pocketllm.engine")
 
@@ -119,6 +120,18 @@ class ModelText:
             max_token_bytes=self._longest_token(model.n_vocab()),
         )
         self.path = path
+        self.tool_format = self._tool_format(template)
+
+    def _tool_format(self, template: str) -> Literal["hermes", "generic"]:
+        """``hermes`` if the template renders ``tools`` and writes calls as ``<tool_call>`` blocks."""
+        if CALL_OPEN.strip() not in template:
+            return "generic"
+        probe = FunctionTool("probe_function_5f3a", "probe", {"type": "object", "properties": {}})
+        try:
+            text = self.render_chat([{"role": "user", "content": "hi"}], tools=[probe])
+        except TemplateError:
+            return "generic"
+        return "hermes" if probe.name in text else "generic"
 
     def _longest_token(self, n_vocab: int) -> int:
         buffer = ctypes.create_string_buffer(1024)
@@ -157,13 +170,46 @@ class ModelText:
         """Whether ``token`` ends generation (EOS, EOT, ``<|im_end|>``...)."""
         return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
 
-    def render_chat(self, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
-        """Render messages with the chat template; raises ``TemplateError``."""
+    def render_chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        tools: Sequence[FunctionTool] = (),
+        add_generation_prompt: bool = True,
+    ) -> str:
+        """Render messages (and ``tools``, for templates that render them) with the chat template.
+
+        Raises:
+            TemplateError: the template failed on these messages.
+        """
         formatter = self._formatter if add_generation_prompt else self._formatter_no_prompt
+        openai_tools = [tool.openai() for tool in tools] or None
         try:
-            return formatter(messages=list(messages)).prompt  # type: ignore[arg-type]
+            return formatter(messages=list(messages), tools=openai_tools).prompt  # type: ignore[arg-type]
         except (JinjaTemplateError, ValueError, TypeError, KeyError) as exc:
             raise TemplateError(str(exc)) from None
+
+    def tool_prompt(self, messages: Sequence[Mapping[str, Any]], request: ToolRequest) -> ToolPrompt:
+        """The prompt and grammar for a chat request with tools (or with tool turns in its history).
+
+        Template-native (``tool_format == "hermes"``): the template renders the tools and the
+        history's calls and results. Generic: the tools are described in the system turn and the
+        history's calls and results are rendered as text (``engine.tools.generic_messages``).
+        ``tool_choice: none`` describes no tools and adds no grammar.
+
+        Raises:
+            TemplateError: the template failed on these messages.
+            GrammarError: a function's parameters cannot be turned into a grammar.
+        """
+        grammar = tool_call_grammar(request) if request.calls_allowed else None
+        if grammar is not None:
+            self.check_grammar(grammar)
+        if self.tool_format == "hermes":
+            tools = request.tools if request.calls_allowed else ()
+            text = self.render_chat(template_messages(messages), tools=tools)
+        else:
+            text = self.render_chat(generic_messages(messages, request))
+        return ToolPrompt(text, grammar, request.calls_allowed, self.tool_format)
 
     def check_grammar(self, grammar: str) -> None:
         """Compile ``grammar`` against the vocabulary once; raises ``GrammarError`` if it does not parse."""
@@ -178,11 +224,5 @@ def grammar_for_response_format(kind: str, schema: dict[str, Any] | None) -> str
     if kind == "json_object":
         return JSON_GBNF
     if kind == "json_schema":
-        if not schema:
-            return JSON_GBNF
-        try:
-            grammar: str = json_schema_to_gbnf(json.dumps(schema))
-            return grammar
-        except Exception as exc:  # the converter is third-party and fails in many ways (asserts, too)
-            raise GrammarError(f"the JSON schema cannot be turned into a grammar: {exc}") from None
+        return json_schema_grammar(schema) if schema else JSON_GBNF
     return None

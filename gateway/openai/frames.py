@@ -18,6 +18,7 @@ import msgspec
 
 from engine.base import TokenEvent
 from gateway.cache.entry import CachedCompletion
+from gateway.errors import GatewayError, sse_frame
 from gateway.openai.generation import Shape
 from gateway.openai.protocol.chat import (
     AssistantMessage,
@@ -32,7 +33,7 @@ from gateway.openai.protocol.chat import (
 )
 from gateway.openai.protocol.common import PromptTokensDetails, Usage
 from gateway.openai.protocol.completions import Completion, CompletionChoice, CompletionLogprobs
-from gateway.sse import frame
+from gateway.sse import DONE, frame
 
 Logprobs = ChoiceLogprobs | CompletionLogprobs
 
@@ -74,6 +75,8 @@ class Frames:
 
     object: ClassVar[Literal["chat.completion", "text_completion"]]
     id_prefix: ClassVar[str]
+    done: ClassVar[bytes | None] = DONE
+    """The frame that ends a stream that did not fail (``None``: none)."""
 
     def __init__(self, shape: Shape, model: str, include_usage: bool = False) -> None:
         self.shape = shape
@@ -110,6 +113,10 @@ class Frames:
     def body(self, answer: CachedCompletion, cached_tokens: int) -> Any:
         """The JSON body of a finished answer."""
         raise NotImplementedError
+
+    def error(self, error: GatewayError) -> bytes:
+        """The frame that ends a stream with ``error`` (``data: {"error": ...}``)."""
+        return sse_frame(error)
 
 
 class ChatFrames(Frames):

@@ -36,7 +36,7 @@ from engine.pool import Reservation
 from gateway.cache.entry import CachedChoice, CachedCompletion, ReplayChunk
 from gateway.cache.key import cache_policy
 from gateway.cache.service import CacheLookup, ResponseCache
-from gateway.errors import ClientDisconnectedError, InternalError, as_gateway_error, sse_frame
+from gateway.errors import ClientDisconnectedError, InternalError, as_gateway_error
 from gateway.openai.frames import Frames, Piece, usage_of
 from gateway.openai.generation import (
     COMPLETIONS_DEFAULT_MAX_TOKENS,
@@ -51,10 +51,11 @@ from gateway.openai.generation import (
 from gateway.openai.protocol.chat import ChatCompletionRequest
 from gateway.openai.protocol.common import Usage
 from gateway.openai.protocol.completions import CompletionRequest
+from gateway.openai.responses.protocol import ResponseRequest
 from gateway.ratelimit.admission import Admission, LimitOverrides, admit
 from gateway.ratelimit.limiter import RateLimiter
 from gateway.settings import LimitsSettings, Settings
-from gateway.sse import DONE, PING, EventStream
+from gateway.sse import PING, EventStream
 from telemetry.requests import SPAN_CACHE, current_request
 
 T = TypeVar("T")
@@ -78,13 +79,14 @@ class Signal(enum.Enum):
 
 
 Event = Piece | Signal
+GenerationRequest = ChatCompletionRequest | CompletionRequest | ResponseRequest
 
 
 @dataclass(slots=True)
 class Call:
     """One request on its way in: what was sent, who asks, how its answer is shown, how to prepare it."""
 
-    request: ChatCompletionRequest | CompletionRequest
+    request: GenerationRequest
     principal: Principal
     frames: Frames
     """The answer's wire shape; its ``shape`` is what the answer looks like."""
@@ -180,9 +182,7 @@ class Pipeline:
         return vectors, used
 
 
-def _key_view(
-    request: ChatCompletionRequest | CompletionRequest, shape: Shape, limits: LimitsSettings
-) -> dict[str, Any]:
+def _key_view(request: GenerationRequest, shape: Shape, limits: LimitsSettings) -> dict[str, Any]:
     """The request as plain data for the cache key, made without tokenizing.
 
     A chat ``max_completion_tokens`` and the same ``max_tokens`` share an entry. Without either, the
@@ -386,14 +386,15 @@ async def stream_frames(run: Run) -> AsyncIterator[bytes]:
                         yield data
         for chunk in frames.tail(run.usage):
             yield chunk
-        yield DONE
+        if frames.done is not None:
+            yield frames.done
     except Exception as exc:
         error = as_gateway_error(exc)
         if error is None:
             logger.exception("a stream failed")
             error = InternalError("internal server error")
         current_request().failed(error.code or error.error_type)
-        yield sse_frame(error)
+        yield frames.error(error)
 
 
 async def _replay(value: CachedCompletion) -> AsyncGenerator[ReplayChunk | ChoiceFinished]:

@@ -66,6 +66,7 @@ async def test_the_schema_is_versioned_and_migrated_once(schema_url: str) -> Non
         "chat_messages",
         "revoked_tokens",
         "limit_overrides",
+        "responses",
         "schema_version",
     }
     with psycopg.connect(schema_url) as conn:

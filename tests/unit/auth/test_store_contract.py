@@ -15,7 +15,7 @@ from auth.errors import (
     StoreClosedError,
     UserExistsError,
 )
-from auth.store import UNLIMITED, ApiKey, IdentityStore, LimitOverride, StoredApiKey
+from auth.store import UNLIMITED, ApiKey, IdentityStore, LimitOverride, StoredApiKey, StoredResponse
 from tests.unit.auth.conftest import StoreOpener
 
 pytestmark = pytest.mark.anyio
@@ -361,5 +361,51 @@ async def test_limit_overrides_are_stored_replaced_and_cleared(open_store: Store
             "key:k1": LimitOverride(rpm=0, concurrency=2),
             "user:u2": LimitOverride(rpm=1),
         }
+    finally:
+        await reopened.close()
+
+
+def _response(user_id: str, response_id: str, previous_id: str | None, at: float) -> StoredResponse:
+    return StoredResponse(
+        response_id,
+        user_id,
+        previous_id,
+        "m",
+        at,
+        f'[{{"turn": "{response_id}"}}]',
+        f'{{"id": "{response_id}"}}',
+    )
+
+
+async def test_responses_are_owner_scoped_and_chained(open_store: StoreOpener) -> None:
+    store = open_store()
+    try:
+        alice = await store.create_user("alice", None, "user")
+        bob = await store.create_user("bob", None, "user")
+        first = _response(alice.id, "resp_1", None, 1.5)
+        second = _response(alice.id, "resp_2", "resp_1", 2.5)
+        third = _response(alice.id, "resp_3", "resp_2", 3.5)
+        for response in (first, second, third):
+            await store.save_response(response)
+        await store.save_response(_response(bob.id, "resp_b", "resp_2", 4.0))  # bob names alice's id
+        assert await store.get_response("resp_2", alice.id) == second
+        assert await store.get_response("resp_2", bob.id) is None  # another user's: as if missing
+        assert await store.response_chain("resp_3", alice.id) == [first, second, third]
+        assert await store.response_chain("resp_1", alice.id) == [first]
+        assert await store.response_chain("resp_3", bob.id) == []
+        # bob's link to alice's id is not followed: chains never cross users
+        assert [r.id for r in await store.response_chain("resp_b", bob.id)] == ["resp_b"]
+        assert not await store.delete_response("resp_2", bob.id)
+        assert await store.delete_response("resp_2", alice.id)
+        assert not await store.delete_response("resp_2", alice.id)
+        assert await store.get_response("resp_2", alice.id) is None
+        assert await store.response_chain("resp_3", alice.id) == [third]  # the chain ends at a deleted one
+    finally:
+        await store.close()
+    reopened = open_store()  # they survive a restart
+    try:
+        users = {u.username: u.id for u in await reopened.list_users()}
+        found = await reopened.get_response("resp_1", users["alice"])
+        assert found is not None and found.body == '{"id": "resp_1"}' and found.created_at == 1.5
     finally:
         await reopened.close()
