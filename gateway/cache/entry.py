@@ -44,8 +44,8 @@ class ReplayChunk(Struct, frozen=True):
 class CachedCompletion(Struct, kw_only=True, omit_defaults=True):
     """A finished answer: what is stored, and what a JSON body is built from (fresh or cached).
 
-    Only finished generations (``stop``/``length``) are ever stored. The response's id, model name and
-    ``created`` are the new request's own, so they are not kept.
+    Only finished generations (``stop``, ``length``, ``tool_calls``) are ever stored. The response's id,
+    model name and ``created`` are the new request's own, so they are not kept.
     """
 
     choices: list[CachedChoice]

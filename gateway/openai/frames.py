@@ -138,9 +138,11 @@ class ChatFrames(Frames):
         return frame(ChatCompletionChunk(self.id, self.created, self.model, self.fingerprint, choices, usage))
 
     def head(self) -> Iterator[bytes]:
-        """The role of every choice."""
+        """The role of every choice (with ``content: ""``, unless the answer may be calls only: then the
+        content stays absent, as OpenAI's, until there is reply text)."""
+        delta = ChoiceDelta(role="assistant") if self.shape.tool_calls else ChoiceDelta("assistant", "")
         for index in range(self.shape.choices):
-            yield self._chunk([ChunkChoice(index, ChoiceDelta(role="assistant", content=""))])
+            yield self._chunk([ChunkChoice(index, delta)])
 
     def chunk(self, piece: Piece) -> bytes | None:
         """A content delta, tool-call deltas (one chunk each, as OpenAI sends them), and the choice's
