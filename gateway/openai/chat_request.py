@@ -60,7 +60,7 @@ def legacy_functions(request: ChatCompletionRequest) -> bool:
 
 def tool_request(request: ChatCompletionRequest) -> ToolRequest | None:
     """The request's tools and choice (``None`` without tools); legacy ``functions``/``function_call``
-    map onto the same (one call at most, as that API has).
+    map onto the same (one call at most, as that API has). A named function is called exactly once.
 
     Raises:
         InvalidRequestError: ``tools`` and ``functions`` together, or a choice that names no offered tool.
@@ -101,6 +101,8 @@ def tool_request(request: ChatCompletionRequest) -> ToolRequest | None:
         )
         for definition in definitions
     )
+    if isinstance(choice, FunctionChoice):
+        parallel = False  # called once, as OpenAI does (instructor and LangChain rely on it)
     try:
         return ToolRequest(tools, choice, parallel)
     except ToolSpecError as exc:
