@@ -22,6 +22,9 @@ class CachedChoice(Struct, kw_only=True, omit_defaults=True):
     finish_reason: str
     logprobs: dict[str, Any] | None = None
     """As sent on the wire: chat ``{"content": [...]}`` or legacy ``{"tokens": [...], ...}``."""
+    tool_calls: list[dict[str, Any]] | None = None
+    """Chat tool calls as sent on the wire (``{"id", "type", "function": {"name", "arguments"}}``);
+    ``text`` is then the reply text beside them (often empty). Absent in entries made before tools."""
 
 
 class ReplayChunk(Struct, frozen=True):
@@ -34,13 +37,15 @@ class ReplayChunk(Struct, frozen=True):
     """The logprobs of exactly the tokens in ``text`` (same shape as ``CachedChoice.logprobs``)."""
     finish_reason: str | None = None
     """Set on the last chunk of its choice only."""
+    tool_calls: list[dict[str, Any]] | None = None
+    """The choice's tool calls, on its last chunk (after its text)."""
 
 
 class CachedCompletion(Struct, kw_only=True, omit_defaults=True):
     """A finished answer: what is stored, and what a JSON body is built from (fresh or cached).
 
-    Only finished generations (``stop``/``length``) are ever stored. The response's id, model name and
-    ``created`` are the new request's own, so they are not kept.
+    Only finished generations (``stop``, ``length``, ``tool_calls``) are ever stored. The response's id,
+    model name and ``created`` are the new request's own, so they are not kept.
     """
 
     choices: list[CachedChoice]
@@ -69,7 +74,9 @@ class CachedCompletion(Struct, kw_only=True, omit_defaults=True):
             pieces = pieces or [(text, None) for text in _split_text(choice.text, max_chunks)]
             last = len(pieces) - 1
             out.extend(
-                ReplayChunk(choice.index, text, logprobs, choice.finish_reason if i == last else None)
+                ReplayChunk(choice.index, text, logprobs, None, None)
+                if i < last
+                else ReplayChunk(choice.index, text, logprobs, choice.finish_reason, choice.tool_calls)
                 for i, (text, logprobs) in enumerate(pieces)
             )
         return out

@@ -18,7 +18,7 @@ from gateway.circuit import Circuit, OnBackendError
 
 logger = logging.getLogger("gateway.services.cache")
 
-STORABLE_FINISH_REASONS = frozenset({"stop", "length"})
+STORABLE_FINISH_REASONS = frozenset({"stop", "length", "tool_calls", "function_call"})
 """Only finished generations are stored: never errors, never cancelled ones."""
 
 
@@ -183,7 +183,8 @@ class ResponseCache:
 
         Returns:
             Whether it was stored: not when the lookup carries no key (hit, bypass, ``no-store``), a
-            choice did not finish with ``stop``/``length``, or the backend is unavailable.
+            choice did not finish (``stop``, ``length``, ``tool_calls``, ``function_call``), or the
+            backend is unavailable.
         """
         if lookup.key is None or not self.enabled or not self.circuit.allow():
             return False

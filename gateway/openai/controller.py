@@ -71,7 +71,8 @@ class OpenAIController(Controller):
     ) -> Response[ChatCompletion] | EventStream:
         """OpenAI chat completions, JSON or SSE (``stream: true``).
 
-        With an ``X-Session-Id`` header the exchange is recorded into that chat session of the caller.
+        With an ``X-Session-Id`` header the exchange is recorded into that chat session of the caller;
+        it and ``prompt_cache_key`` send the request to the slot that ran the same session or key last.
         Rate limits apply before generation (429 ``rate_limit_exceeded``); deterministic requests are
         answered from the response cache when they can be (``x-cache: hit|miss|bypass``).
         """
@@ -96,8 +97,13 @@ class OpenAIController(Controller):
         frames = ChatFrames(chat_shape(data, runtime, settings.limits), data.model, include_usage)
         cache_control = request.headers.getall("cache-control", [])
 
+        # prompt_cache_key routes like a session (to the slot that last ran it), without recording
+        affinity = session_id
+        if affinity is None and data.prompt_cache_key:
+            affinity = f"prompt_cache_key:{data.prompt_cache_key}"
+
         async def prepare() -> Job:
-            return await prepare_chat(data, runtime, settings.limits, session_id, principal.user_id)
+            return await prepare_chat(data, runtime, settings.limits, affinity, principal.user_id)
 
         run = await pipeline.start(Call(data, principal, frames, prepare, cache_control, record))
         if session_id:

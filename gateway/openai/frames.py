@@ -17,7 +17,8 @@ from typing import Any, ClassVar, Literal
 import msgspec
 
 from engine.base import TokenEvent
-from gateway.cache.entry import CachedCompletion
+from engine.tools import ArgumentsDelta, ToolCallStart
+from gateway.cache.entry import CachedChoice, CachedCompletion
 from gateway.errors import GatewayError, sse_frame
 from gateway.openai.generation import Shape
 from gateway.openai.protocol.chat import (
@@ -29,6 +30,9 @@ from gateway.openai.protocol.chat import (
     ChoiceLogprobs,
     ChunkChoice,
     LogprobEntry,
+    MessageToolCall,
+    ToolCallDelta,
+    ToolCallFunctionDelta,
     TopLogprobEntry,
 )
 from gateway.openai.protocol.common import PromptTokensDetails, Usage
@@ -49,6 +53,8 @@ class Piece:
     finish_reason: str | None = None
     usage: Usage | None = None
     """Set on the piece that finishes the last choice: the whole answer's usage."""
+    tool_calls: tuple[ToolCallStart | ArgumentsDelta, ...] = ()
+    """Chat with tools: calls starting and their argument fragments (sent after ``text``)."""
 
 
 def usage_of(prompt: int, completion: int, cached: int) -> Usage:
@@ -139,18 +145,36 @@ class ChatFrames(Frames):
         return frame(ChatCompletionChunk(self.id, self.created, self.model, self.fingerprint, choices, usage))
 
     def head(self) -> Iterator[bytes]:
-        """The role of every choice."""
+        """The role of every choice (with ``content: ""``, unless the answer may be calls only: then the
+        content stays absent, as OpenAI's, until there is reply text)."""
+        delta = ChoiceDelta(role="assistant") if self.shape.tool_calls else ChoiceDelta("assistant", "")
         for index in range(self.shape.choices):
-            yield self._chunk([ChunkChoice(index, ChoiceDelta(role="assistant", content=""))])
+            yield self._chunk([ChunkChoice(index, delta)])
 
     def chunk(self, piece: Piece) -> bytes | None:
-        """A content delta, or the choice's ``finish_reason``."""
-        if piece.finish_reason is not None:
-            return self._chunk([ChunkChoice(piece.index, ChoiceDelta(), None, piece.finish_reason)])  # type: ignore[arg-type]
-        if not piece.text and piece.logprobs is None:
-            return None
+        """A content delta, tool-call deltas (one chunk each, as OpenAI sends them), and the choice's
+        ``finish_reason`` in a chunk of its own; ``None`` when the piece carries nothing."""
         logprobs = piece.logprobs if isinstance(piece.logprobs, ChoiceLogprobs) else None
-        return self._chunk([ChunkChoice(piece.index, ChoiceDelta(content=piece.text), logprobs)])
+        deltas = [ChoiceDelta(content=piece.text)] if piece.text or logprobs is not None else []
+        deltas += [self._call_delta(delta) for delta in piece.tool_calls]
+        chunks = [ChunkChoice(piece.index, delta) for delta in deltas]
+        if chunks:
+            chunks[0].logprobs = logprobs
+        if piece.finish_reason is not None:
+            chunks.append(ChunkChoice(piece.index, ChoiceDelta(), None, piece.finish_reason))  # type: ignore[arg-type]
+        return b"".join(self._chunk([choice]) for choice in chunks) or None
+
+    def _call_delta(self, delta: ToolCallStart | ArgumentsDelta) -> ChoiceDelta:
+        """``delta.tool_calls`` (or the legacy ``delta.function_call``) of one call delta."""
+        if isinstance(delta, ToolCallStart):
+            function = ToolCallFunctionDelta("", delta.name)
+            call = ToolCallDelta(delta.index, function, delta.id, "function")
+        else:
+            function = ToolCallFunctionDelta(delta.text)
+            call = ToolCallDelta(delta.index, function)
+        if self.shape.legacy_functions:
+            return ChoiceDelta(function_call=function)
+        return ChoiceDelta(tool_calls=[call])
 
     def tail(self, usage: Usage) -> Iterator[bytes]:
         """The usage chunk, when asked for."""
@@ -167,7 +191,7 @@ class ChatFrames(Frames):
             choices=[
                 ChatChoice(
                     index=c.index,
-                    message=AssistantMessage("assistant", c.text),
+                    message=_message(c, legacy=self.shape.legacy_functions),
                     logprobs=self.stored_logprobs(c.logprobs),
                     finish_reason=c.finish_reason,  # type: ignore[arg-type]
                 )
@@ -175,6 +199,17 @@ class ChatFrames(Frames):
             ],
             usage=usage_of(answer.prompt_tokens, answer.completion_tokens, cached_tokens),
         )
+
+
+def _message(choice: CachedChoice, *, legacy: bool) -> AssistantMessage:
+    """The answer's message: ``content`` is ``null`` when it holds only calls."""
+    if not choice.tool_calls:
+        return AssistantMessage("assistant", choice.text)
+    calls = msgspec.convert(choice.tool_calls, list[MessageToolCall])
+    content = choice.text or None
+    if legacy:
+        return AssistantMessage("assistant", content, function_call=calls[0].function)
+    return AssistantMessage("assistant", content, tool_calls=calls)
 
 
 class CompletionFrames(Frames):

@@ -11,11 +11,20 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass, replace
 from functools import partial
 
-from engine.base import CacheScope, Cancellation, Engine, Finished, GenerationParams, TokenEvent
+from engine.base import CacheScope, Cancellation, Engine, Finished, GenerationParams, GrammarError, TokenEvent
 from engine.kvcache import system_prefix
 from engine.models import ModelRuntime
 from engine.pool import Reservation, SlotPool
+from engine.tools import ToolRequest
 from gateway.errors import ContextLengthError, InvalidRequestError, NotFoundError
+from gateway.openai.chat_request import (
+    calls_allowed,
+    engine_messages,
+    legacy_functions,
+    refuse_unsupported,
+    tool_request,
+    uses_tool_turns,
+)
 from gateway.openai.protocol.chat import ChatCompletionRequest
 from gateway.openai.protocol.completions import CompletionRequest
 from gateway.openai.protocol.embeddings import EmbeddingRequest
@@ -42,6 +51,11 @@ class Shape:
     logprobs: bool
     echo_texts: tuple[str, ...] = ()
     """Text completions with ``echo``: each prompt's text, written before its choices."""
+    tool_calls: bool = False
+    """Chat with tools offered (and not ``tool_choice: none``): the answer may hold calls, so its text
+    passes through ``engine.tools.ToolCallParser``."""
+    legacy_functions: bool = False
+    """The request used the legacy ``functions``: a call is answered as ``function_call``."""
 
     @property
     def choices(self) -> int:
@@ -242,9 +256,18 @@ def _params(
 
 
 def chat_shape(request: ChatCompletionRequest, runtime: ModelRuntime, limits: LimitsSettings) -> Shape:
-    """The shape of a chat answer (``n`` checked; 503 when the model is not loaded)."""
+    """The shape of a chat answer (``n``, tools and unsupported features checked; 503 when the model is
+    not loaded)."""
     runtime.ready()
-    return Shape(runtime, 1, _check_n(request.n, limits), bool(request.logprobs))
+    refuse_unsupported(request)
+    return Shape(
+        runtime,
+        1,
+        _check_n(request.n, limits),
+        bool(request.logprobs),
+        tool_calls=calls_allowed(request),
+        legacy_functions=legacy_functions(request),
+    )
 
 
 def completion_shape(request: CompletionRequest, runtime: ModelRuntime, limits: LimitsSettings) -> Shape:
@@ -278,12 +301,14 @@ async def prepare_chat(
             f"{len(request.messages)} messages. Please reduce the number of messages.",
             param="messages",
         )
-    messages = [
-        {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in request.messages
-    ]
-    prompt_text = engine.render_chat(messages)
-    grammar = None
+    prompt_text, grammar = await _chat_prompt(request, engine)
     if request.response_format is not None and request.response_format.type != "text":
+        if shape.tool_calls:
+            raise InvalidRequestError(
+                "`response_format` together with tools is not supported (the answer is either text or "
+                "calls); use tool_choice 'none', or offer the output as a tool",
+                param="response_format",
+            )
         schema_spec = request.response_format.json_schema
         if request.response_format.type == "json_schema" and not schema_spec:
             raise InvalidRequestError(
@@ -306,12 +331,39 @@ async def prepare_chat(
     )
 
     def shared() -> int:
+        # tokens of the leading system messages' rendering: the only part another tenant may reuse
         render = partial(engine.render_chat, add_generation_prompt=False)
-        return system_prefix(render, engine.tokenize, messages, prompt)
+        plain = [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            for m in request.messages
+        ]
+        return system_prefix(render, engine.tokenize, plain, prompt)
 
     long = len(prompt_text) > _TOKENIZE_OFF_LOOP_CHARS
     scope = CacheScope(tenant, await asyncio.to_thread(shared) if long else shared())
     return Job(shape, engine, pool, [prompt], params, session=session, scope=scope)
+
+
+async def _chat_prompt(request: ChatCompletionRequest, engine: Engine) -> tuple[str, str | None]:
+    """The rendered prompt and, with tools, the grammar that holds the answer to text or valid calls.
+
+    A request without tools and without tool turns in its history renders plain ``role``/``content``
+    messages; otherwise ``Engine.tool_prompt`` renders the tools and the history's calls and results.
+    """
+    tools = tool_request(request)
+    if tools is None and not uses_tool_turns(request):
+        messages = [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            for m in request.messages
+        ]
+        return engine.render_chat(messages), None
+    history = engine_messages(request.messages)
+    try:
+        prompt = await asyncio.to_thread(engine.tool_prompt, history, tools or ToolRequest(()))
+    except GrammarError as exc:
+        param = "functions" if legacy_functions(request) else "tools"
+        raise InvalidRequestError(str(exc), param=param) from None
+    return prompt.text, prompt.grammar
 
 
 async def prepare_completion(

@@ -23,7 +23,7 @@ import enum
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import msgspec
@@ -33,11 +33,12 @@ from auth.principal import Principal
 from auth.store import IdentityStore
 from engine.base import Finished
 from engine.pool import Reservation
+from engine.tools import ArgumentsDelta, ContentDelta, ToolCallParser, ToolCallStart, new_call_id
 from gateway.cache.entry import CachedChoice, CachedCompletion, ReplayChunk
 from gateway.cache.key import cache_policy
 from gateway.cache.service import CacheLookup, ResponseCache
 from gateway.errors import ClientDisconnectedError, InternalError, as_gateway_error
-from gateway.openai.frames import Frames, Piece, usage_of
+from gateway.openai.frames import Frames, Logprobs, Piece, usage_of
 from gateway.openai.generation import (
     COMPLETIONS_DEFAULT_MAX_TOKENS,
     ChoiceFinished,
@@ -182,6 +183,10 @@ class Pipeline:
         return vectors, used
 
 
+_NOT_IN_KEY = ("store", "metadata", "service_tier", "safety_identifier", "prompt_cache_key")
+"""Request fields that change nothing in the answer: requests differing only in them share an entry."""
+
+
 def _key_view(request: GenerationRequest, shape: Shape, limits: LimitsSettings) -> dict[str, Any]:
     """The request as plain data for the cache key, made without tokenizing.
 
@@ -190,6 +195,8 @@ def _key_view(request: GenerationRequest, shape: Shape, limits: LimitsSettings) 
     the same one, unless the default or the context per slot changes, so both are part of the key.
     """
     view: dict[str, Any] = msgspec.to_builtins(request)
+    for name in _NOT_IN_KEY:
+        view.pop(name, None)
     requested = view.pop("max_completion_tokens", None) or view.get("max_tokens")
     view["max_tokens"] = requested
     if requested is None:
@@ -231,6 +238,11 @@ class Run:
         self._logprobs: dict[int, list[dict[str, Any]]] = {}
         self._offsets = {index: len(call.frames.echo(index)) for index in range(self._choices)}
         self._finishes: dict[int, str] = {}
+        self._calls: dict[int, list[dict[str, Any]]] = {}
+        """Each choice's tool calls in OpenAI's wire shape (arguments grow as they stream)."""
+        self._parsers: dict[int, ToolCallParser] = {}
+        if job is not None and job.shape.tool_calls:
+            self._parsers = {index: ToolCallParser() for index in range(self._choices)}
         self._completion_tokens = 0
         self._cached_tokens = 0
         self._generated = 0
@@ -283,7 +295,7 @@ class Run:
                     continue
                 if piece.finish_reason is not None and len(self._finishes) == self._choices:
                     await self._finished()
-                    piece = Piece(piece.index, finish_reason=piece.finish_reason, usage=self.usage)
+                    piece = replace(piece, usage=self.usage)
                 yield piece
         finally:
             if source is not None:
@@ -314,24 +326,63 @@ class Run:
 
     def _collect(self, item: ChoiceToken | ChoiceFinished | ReplayChunk) -> Piece | None:
         frames = self.call.frames
+        parser = self._parsers.get(item.index)
         if isinstance(item, ChoiceFinished):
-            self._finishes[item.index] = item.event.finish_reason
             self._completion_tokens += item.event.completion_tokens
             self._cached_tokens = max(self._cached_tokens, item.event.cached_tokens)
-            return Piece(item.index, finish_reason=item.event.finish_reason)
+            finish_reason: str = item.event.finish_reason
+            piece = Piece(item.index)
+            if parser is not None:
+                deltas, output = parser.finish(item.event.finish_reason)
+                piece = self._tool_piece(item.index, "", None, deltas)
+                finish_reason = output.finish_reason
+                if finish_reason == "tool_calls" and frames.shape.legacy_functions:
+                    finish_reason = "function_call"
+            self._finishes[item.index] = finish_reason
+            return replace(piece, finish_reason=finish_reason)
         if isinstance(item, ReplayChunk):
             text, logprobs = item.text, frames.stored_logprobs(item.logprobs)
-        else:
-            event, text, logprobs = item.event, item.event.text, None
-            if event.token_id >= 0:
-                self._generated += 1
-                if frames.shape.logprobs:
-                    logprobs = frames.token_logprobs(event, self._offsets[item.index])
-        self._offsets[item.index] += len(text)
-        self._texts.setdefault(item.index, []).append(text)
+            calls = item.tool_calls or ()
+            replayed: list[ToolCallStart | ArgumentsDelta] = []
+            for number, call in enumerate(calls):  # each call whole, under a new id
+                function = call["function"]
+                replayed += [ToolCallStart(number, new_call_id(), function["name"])]
+                replayed += [ArgumentsDelta(number, function["arguments"])]
+            return self._tool_piece(item.index, text, logprobs, replayed)
+        event, text, logprobs = item.event, item.event.text, None
+        if event.token_id >= 0:
+            self._generated += 1
+            if frames.shape.logprobs:
+                logprobs = frames.token_logprobs(event, self._offsets[item.index])
+        if parser is not None:
+            return self._tool_piece(item.index, "", logprobs, parser.feed(text))
+        return self._text_piece(item.index, text, logprobs)
+
+    def _text_piece(self, index: int, text: str, logprobs: Logprobs | None) -> Piece:
+        self._offsets[index] += len(text)
+        self._texts.setdefault(index, []).append(text)
         if logprobs is not None:
-            self._logprobs.setdefault(item.index, []).append(msgspec.to_builtins(logprobs))
-        return Piece(item.index, text, logprobs)
+            self._logprobs.setdefault(index, []).append(msgspec.to_builtins(logprobs))
+        return Piece(index, text, logprobs)
+
+    def _tool_piece(
+        self,
+        index: int,
+        text: str,
+        logprobs: Logprobs | None,
+        deltas: Sequence[ContentDelta | ToolCallStart | ArgumentsDelta],
+    ) -> Piece:
+        """A piece of reply text and call deltas; the calls are kept in their wire shape as they grow."""
+        text += "".join(delta.text for delta in deltas if isinstance(delta, ContentDelta))
+        calls = self._calls.setdefault(index, [])
+        tool_deltas = tuple(delta for delta in deltas if not isinstance(delta, ContentDelta))
+        for delta in tool_deltas:
+            if isinstance(delta, ToolCallStart):
+                function = {"name": delta.name, "arguments": ""}
+                calls.append({"id": delta.id, "type": "function", "function": function})
+            else:
+                calls[delta.index]["function"]["arguments"] += delta.text
+        return replace(self._text_piece(index, text, logprobs), tool_calls=tool_deltas)
 
     def _completion(self) -> CachedCompletion:
         return CachedCompletion(
@@ -341,6 +392,7 @@ class Run:
                     text="".join(self._texts.get(index, [])),
                     finish_reason=self._finishes[index],
                     logprobs=_merge_logprobs(self._logprobs[index]) if index in self._logprobs else None,
+                    tool_calls=self._calls.get(index) or None,
                 )
                 for index in range(self._choices)
             ],

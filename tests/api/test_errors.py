@@ -41,14 +41,14 @@ def assert_envelope(
 @pytest.mark.parametrize(
     ("fields", "param"),
     [
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        ({"functions": []}, "functions"),
-        ({"parallel_tool_calls": True}, "parallel_tool_calls"),
+        ({"web_search_options": {}}, "web_search_options"),
+        ({"frobnicate": True}, "frobnicate"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "when": 1}}]}, "tools[0].function.when"),
     ],
 )
 def test_unsupported_fields_are_named(client: httpx.Client, fields: dict[str, Any], param: str) -> None:
     error = assert_envelope(client.post(CHAT, json=_chat(**fields)), 400, "unsupported_parameter", param)
-    assert param in error["message"]
+    assert param.rsplit(".", 1)[-1] in error["message"]
 
 
 @pytest.mark.parametrize(
@@ -62,10 +62,20 @@ def test_unsupported_fields_are_named(client: httpx.Client, fields: dict[str, An
         ({"presence_penalty": 3}, "presence_penalty"),
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
-        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "video", "video": "x"}]}]},
+            "messages[0].content[0].type",
+        ),
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
-            "messages[0].content[0].type",
+            "messages[0].content[0]",
+        ),
+        ({"functions": []}, "functions"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "sometimes"},
+            "tool_choice",
         ),
         ({"response_format": {"type": "yaml"}}, "response_format.type"),
         ({"stop": ["s"] * 17}, "stop"),

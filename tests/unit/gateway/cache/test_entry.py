@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -82,3 +83,33 @@ def test_legacy_logprobs_follow_tokens() -> None:
 def test_logprobs_that_do_not_spell_the_text_fall_back_to_words(logprobs: dict[str, object]) -> None:
     value = completion("one two three", logprobs=[logprobs])
     assert joined(value, 0) == "one two three"
+
+
+CALL = {
+    "id": "call_1",
+    "type": "function",
+    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+}
+
+
+def test_tool_calls_round_trip_and_ride_on_the_last_chunk() -> None:
+    value = CachedCompletion(
+        choices=[CachedChoice(index=0, text="", finish_reason="tool_calls", tool_calls=[CALL, CALL])],
+        prompt_tokens=5,
+        completion_tokens=9,
+    )
+    assert decode_completion(encode_completion(value)) == value
+    chunks = value.chunks()
+    assert [c.tool_calls for c in chunks[:-1]] == [None] * (len(chunks) - 1)
+    assert chunks[-1].tool_calls == [CALL, CALL] and chunks[-1].finish_reason == "tool_calls"
+
+
+def test_an_entry_stored_before_tool_calls_still_decodes() -> None:
+    old = msgspec.msgpack.encode(
+        {
+            "choices": [{"index": 0, "text": "Hi", "finish_reason": "stop"}],
+            "prompt_tokens": 1,
+            "completion_tokens": 1,
+        }
+    )
+    assert decode_completion(old).choices[0].tool_calls is None
