@@ -10,7 +10,9 @@ are skipped, saying so, only when it cannot be built.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import secrets
 import subprocess
 import time
 import uuid
@@ -31,6 +33,9 @@ pytestmark = pytest.mark.slow
 REMOTE = "remote-smol"
 RETRY = "retry-smol"
 DOWN = "down-smol"
+BUSY = "busy-smol"
+EMBED = "embed-smol"
+TOOLS = "tools-smol"
 
 
 def _closed_port_url() -> str:
@@ -52,13 +57,14 @@ def llama_server_binary() -> Path:
 
 
 @contextlib.contextmanager
-def run_llama_server(binary: Path, model: Path) -> Iterator[str]:
-    """``llama-server`` with the SmolLM2 model on a free loopback port; yields its base URL (no /v1)."""
+def run_llama_server(binary: Path, model: Path, *extra: str) -> Iterator[str]:
+    """``llama-server`` with the SmolLM2 model on a free loopback port (``--jinja``: the model's own chat
+    template renders messages and tools); yields its base URL (no /v1)."""
     port = free_port()
     process = subprocess.Popen(
         [
             *(str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port)),
-            *("-np", "2", "-c", "2048", "-t", "1", "--slots", "--no-webui"),
+            *("-np", "2", "-c", "2048", "-t", "1", "--slots", "--no-webui", "--jinja", *extra),
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -96,6 +102,24 @@ def llama(llama_server_binary: Path, model_path: Path) -> Iterator[str]:
         yield base
 
 
+@pytest.fixture(scope="module")
+def llama_embed(llama_server_binary: Path, model_path: Path) -> Iterator[str]:
+    """A llama-server serving embeddings only (``--embeddings``; mean pooling of SmolLM2)."""
+    with run_llama_server(llama_server_binary, model_path, "--embeddings", "--pooling", "mean") as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def llama_tools(llama_server_binary: Path, model_path: Path) -> Iterator[str]:
+    """A llama-server whose chat template renders tools (Qwen2.5's: the same ChatML tokens as SmolLM2's,
+    whose own template leaves tools out of the prompt)."""
+    template = llama_server_binary.parents[2] / "llama.cpp/models/templates/Qwen-Qwen2.5-7B-Instruct.jinja"
+    if not template.exists():  # pragma: no cover - depends on the cached build
+        pytest.skip(f"no tool-calling chat template in the llama.cpp checkout ({template})")
+    with run_llama_server(llama_server_binary, model_path, "--chat-template-file", str(template)) as base:
+        yield base
+
+
 def upstream_settings(models: list[dict[str, Any]]) -> Any:
     import tempfile  # noqa: PLC0415
 
@@ -111,9 +135,9 @@ def upstream_settings(models: list[dict[str, Any]]) -> Any:
 
 
 @pytest.fixture(scope="module")
-def app(llama: str) -> Iterator[ServedApp]:
-    """The gateway with three upstream models: one on llama-server, one whose first replica refuses
-    connections, one whose every replica does."""
+def app(llama: str, llama_embed: str, llama_tools: str) -> Iterator[ServedApp]:
+    """The gateway with upstream models: one on llama-server, one whose first replica refuses connections,
+    one whose every replica does, one limited to a request at a time, one serving embeddings, one whose template renders tools."""
     settings = upstream_settings(
         [
             {"id": REMOTE, "upstream": {"urls": [f"{llama}/v1"], "model": "smollm2"}},
@@ -121,6 +145,9 @@ def app(llama: str) -> Iterator[ServedApp]:
                 "id": RETRY,
                 "upstream": {"urls": [_closed_port_url(), f"{llama}/v1"], "health_interval_s": 60.0},
             },
+            {"id": BUSY, "upstream": {"urls": [f"{llama}/v1"], "max_concurrency": 1}},
+            {"id": EMBED, "upstream": {"urls": [f"{llama_embed}/v1"]}},
+            {"id": TOOLS, "upstream": {"urls": [f"{llama_tools}/v1"]}},
             {
                 "id": DOWN,
                 "upstream": {"urls": [_closed_port_url(), _closed_port_url()], "connect_timeout_s": 1.0},
@@ -354,3 +381,439 @@ def test_gateway_in_front_of_a_gateway(model_path: Path) -> None:
         inner.terminate()
         output, _ = inner.communicate(timeout=30)
     assert f"request_id={request_id}" in output  # the request id went along
+
+
+# --- the Responses API, tools, pings, 429, traceparent and embeddings through upstreams ---------------
+WEATHER_CHAT = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Get the weather for a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+WEATHER_RESPONSES = {"type": "function", **WEATHER_CHAT["function"]}  # type: ignore[dict-item]
+NO_STORE = {"Cache-Control": "no-store"}
+
+
+def _direct_chat(llama: str, **body: Any) -> dict[str, Any]:
+    reply = httpx.post(f"{llama}/v1/chat/completions", json=body, timeout=120)
+    assert reply.status_code == 200, reply.text
+    message: dict[str, Any] = reply.json()["choices"][0]
+    return message
+
+
+def test_responses_json_stream_and_chain_on_an_upstream_model(app: ServedApp, llama: str) -> None:
+    direct = _direct_chat(llama, messages=MESSAGES, max_tokens=12, temperature=0)
+    with sdk(app) as client:
+        created = client.responses.create(
+            model=REMOTE,
+            input=MESSAGES[0]["content"],
+            max_output_tokens=12,
+            temperature=0,
+            extra_headers=NO_STORE,
+        )
+        assert created.model == REMOTE and created.id.startswith("resp_")
+        assert created.output_text == direct["message"]["content"]
+        assert created.status == ("incomplete" if direct["finish_reason"] == "length" else "completed")
+        assert created.usage is not None and created.usage.output_tokens == 12
+        assert client.responses.retrieve(created.id) == created  # stored
+
+        events = list(
+            client.responses.create(
+                model=REMOTE,
+                input=MESSAGES[0]["content"],
+                max_output_tokens=12,
+                temperature=0,
+                stream=True,
+                extra_headers=NO_STORE,
+            )
+        )
+        kinds = [event.type for event in events]
+        assert kinds[:4] == [
+            "response.created",
+            "response.in_progress",
+            "response.output_item.added",
+            "response.content_part.added",
+        ]
+        assert kinds.count("response.output_text.delta") >= 3  # one per upstream chunk
+        assert kinds[-1] in ("response.completed", "response.incomplete")
+        streamed = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+        final = events[-1].response  # type: ignore[union-attr]
+        assert streamed == final.output_text == direct["message"]["content"]
+        assert client.responses.retrieve(final.id) == final
+
+        # a chain: the upstream gets the first turn (input and answer) before the new input
+        second = client.responses.create(
+            model=REMOTE,
+            previous_response_id=created.id,
+            input="And one more?",
+            max_output_tokens=8,
+            temperature=0,
+        )
+    again = _direct_chat(
+        llama,
+        messages=[
+            *MESSAGES,
+            {"role": "assistant", "content": created.output_text},
+            {"role": "user", "content": "And one more?"},
+        ],
+        max_tokens=8,
+        temperature=0,
+    )
+    assert second.output_text == again["message"]["content"]
+    assert second.previous_response_id == created.id
+
+
+def test_responses_function_call_items_reach_the_upstream_as_chat_messages(
+    app: ServedApp, llama: str
+) -> None:
+    items: list[Any] = [
+        {"role": "user", "content": "What is the weather in Paris?"},
+        {
+            "type": "function_call",
+            "call_id": "call_1",
+            "name": "get_weather",
+            "arguments": '{"city": "Paris"}',
+        },
+        {"type": "function_call_output", "call_id": "call_1", "output": "Sunny, 21 C"},
+    ]
+    with sdk(app) as client:
+        answered = client.responses.create(
+            model=REMOTE,
+            input=items,
+            tools=[WEATHER_RESPONSES],  # type: ignore[list-item]
+            tool_choice="none",
+            max_output_tokens=16,
+            temperature=0,
+        )
+    direct = _direct_chat(
+        llama,
+        messages=[
+            items[0],
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "call_1", "content": "Sunny, 21 C"},
+        ],
+        tools=[WEATHER_CHAT],
+        tool_choice="none",
+        max_tokens=16,
+        temperature=0,
+    )
+    assert [item.type for item in answered.output] == ["message"]
+    assert answered.output_text == direct["message"]["content"]
+
+
+def test_tools_are_passed_to_llama_server(app: ServedApp, llama_tools: str) -> None:
+    """SmolLM2-135M on llama-server (``--jinja``) does not call a function, even with ``tool_choice``
+    required (llama-server's grammar lets free text come first, and this model never gets to the call;
+    llama-server also ignores a named ``tool_choice`` object), so what is tested here is that the request,
+    tools included, reaches it: a template that renders tools (Qwen2.5's, same ChatML tokens) makes the
+    prompt longer by the tools, as the upstream's own usage shows, and the answer is well-formed text."""
+    question = [{"role": "user", "content": "What is the weather in Paris?"}]
+    plain = httpx.post(
+        f"{llama_tools}/v1/chat/completions", json={"messages": question, "max_tokens": 1}, timeout=60
+    ).json()
+    with sdk(app) as client:
+        for choice in ("auto", "required", "none"):
+            body: dict[str, Any] = {"tools": [WEATHER_CHAT], "tool_choice": choice, "max_tokens": 16}
+            direct = httpx.post(
+                f"{llama_tools}/v1/chat/completions",
+                json={"messages": question, **body, "temperature": 0},
+                timeout=60,
+            ).json()
+            answer = client.chat.completions.create(
+                model=TOOLS, messages=question, **body, temperature=0, extra_headers=NO_STORE
+            )
+            assert answer.usage is not None
+            assert answer.usage.prompt_tokens == direct["usage"]["prompt_tokens"]
+            assert answer.usage.prompt_tokens > plain["usage"]["prompt_tokens"] + 50  # the tools are in it
+            # (not the same text: greedy decoding over llama-server's reused prompt cache is not bit-exact)
+            assert answer.choices[0].message.content and answer.choices[0].finish_reason in ("stop", "length")
+            assert not answer.choices[0].message.tool_calls and not direct["choices"][0]["message"].get(
+                "tool_calls"
+            )
+
+
+def test_a_stream_waiting_for_room_on_a_replica_gets_pings(app: ServedApp) -> None:
+    hold = {"model": BUSY, "messages": MESSAGES, "max_tokens": 1000, "stream": True, "logit_bias": NO_EOS}
+    wait = {"model": BUSY, "messages": MESSAGES, "max_tokens": 4, "stream": True, **{"temperature": 0.5}}
+    with (
+        httpx.Client(base_url=app.base_url, headers=app.headers, timeout=60) as first_http,
+        httpx.Client(base_url=app.base_url, headers={**app.headers, **NO_STORE}, timeout=60) as second_http,
+    ):
+        with contextlib.ExitStack() as holding:
+            held = holding.enter_context(first_http.stream("POST", "/v1/chat/completions", json=hold))
+            assert held.status_code == 200
+            held_lines = held.iter_lines()  # kept: a dropped iterator closes the connection
+            next(line for line in held_lines if line.startswith("data: "))  # the only room is taken
+            started = time.monotonic()
+            with second_http.stream("POST", "/v1/chat/completions", json=wait) as waiting:
+                assert waiting.status_code == 200
+                lines = waiting.iter_lines()
+                seen: list[str] = []
+                for line in lines:
+                    if not line:
+                        continue
+                    seen.append(line)
+                    if seen.count(": ping") == 2:
+                        break
+                assert all(line == ": ping" for line in seen), seen
+                assert time.monotonic() - started < 5  # every ping_interval_s (0.5 s here)
+                holding.close()  # the first client leaves: the replica has room again
+                rest = [line for line in lines if line]
+        assert rest and rest[-1] == "data: [DONE]"
+        assert rest[0].startswith("data: ") or rest[0] == ": ping"
+        assert any('"content"' in line for line in rest)
+
+
+# --- a second `pocketllm serve` as the upstream: tool calls, 429 with Retry-After, traceparent ---------
+VIA = "via-gateway"
+LIMITED = "via-gateway-limited"
+
+
+class Inner:
+    """A `pocketllm serve` process; its output is read as it comes (``lines``)."""
+
+    def __init__(self) -> None:
+        import threading  # noqa: PLC0415
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = start_server(
+            self.port,
+            server_env(
+                POCKETLLM_MODEL__N_THREADS="1", POCKETLLM_MODEL__SLOTS="2", POCKETLLM_MODEL__N_CTX="2048"
+            ),
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._reader.join(timeout=10)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+
+
+@pytest.fixture(scope="module")
+def outer(model_path: Path) -> Iterator[tuple[ServedApp, Inner]]:
+    """A gateway whose models are served by another gateway: one with an ordinary key, one with a key
+    limited to 1 request a minute there."""
+    del model_path  # pulled: the inner gateway serves it
+    inner = Inner()
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert inner.process.poll() is None, "".join(inner.lines)
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{inner.url}/health", timeout=2).status_code == 200:
+                    break
+            assert time.monotonic() < deadline, "the inner gateway never became healthy"
+            time.sleep(0.2)
+        admin = login(inner.url, "admin", "admin123")
+        os.environ["POCKETLLM_TEST_VIA_KEY"] = create_key(inner.url, admin, "user1")["key"]
+        limited = create_key(inner.url, admin, "user1")
+        put = httpx.put(
+            f"{inner.url}/admin/keys/{limited['id']}/limits",
+            json={"rpm": 1},
+            headers={"Authorization": f"Bearer {admin}"},
+            timeout=30,
+        )
+        assert put.status_code == 200, put.text
+        os.environ["POCKETLLM_TEST_LIMITED_KEY"] = limited["key"]
+        upstream = {"urls": [f"{inner.url}/v1"], "model": MODEL_ID}
+        settings = upstream_settings(
+            [
+                {"id": VIA, "upstream": {**upstream, "api_key_env": "POCKETLLM_TEST_VIA_KEY"}},
+                {"id": LIMITED, "upstream": {**upstream, "api_key_env": "POCKETLLM_TEST_LIMITED_KEY"}},
+            ]
+        )
+        with serve(settings) as served:
+            yield served, inner
+    finally:
+        os.environ.pop("POCKETLLM_TEST_VIA_KEY", None)
+        os.environ.pop("POCKETLLM_TEST_LIMITED_KEY", None)
+        inner.stop()
+
+
+def test_tool_calls_through_an_upstream_json_and_streamed(outer: tuple[ServedApp, Inner]) -> None:
+    """The inner gateway holds its model to the call syntax (tool_choice required or named), so its
+    calls are real; the outer must re-emit them in its own shape."""
+    app, _ = outer
+    question = [{"role": "user", "content": "What is the weather in Paris?"}]
+    with sdk(app) as client:
+        for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+            answer = client.chat.completions.create(
+                model=VIA,
+                messages=question,  # type: ignore[arg-type]
+                tools=[WEATHER_CHAT],  # type: ignore[list-item]
+                tool_choice=choice,  # type: ignore[arg-type]
+                parallel_tool_calls=False,
+                max_tokens=48,
+                temperature=0,
+                extra_headers=NO_STORE,
+            )
+            assert answer.model == VIA and answer.choices[0].finish_reason == "tool_calls"
+            calls = answer.choices[0].message.tool_calls
+            assert calls is not None and len(calls) == 1
+            call = calls[0]
+            assert call.type == "function" and call.function.name == "get_weather" and call.id
+            assert set(json.loads(call.function.arguments)) == {"city"}
+            with client.chat.completions.stream(
+                model=VIA,
+                messages=question,  # type: ignore[arg-type]
+                tools=[WEATHER_CHAT],  # type: ignore[list-item]
+                tool_choice=choice,  # type: ignore[arg-type]
+                parallel_tool_calls=False,
+                max_tokens=48,
+                temperature=0,
+                extra_headers=NO_STORE,
+            ) as stream:
+                chunks = [event.chunk for event in stream if event.type == "chunk"]
+                merged = stream.get_final_completion()
+            assert len({c.id for c in chunks}) == 1 and all(c.model == VIA for c in chunks)
+            streamed = merged.choices[0].message.tool_calls
+            assert (
+                merged.choices[0].finish_reason == "tool_calls"
+                and streamed is not None
+                and len(streamed) == 1
+            )
+            assert streamed[0].function.name == "get_weather"
+            assert streamed[0].function.arguments == call.function.arguments  # greedy: the same call
+
+
+def test_responses_function_call_through_an_upstream(outer: tuple[ServedApp, Inner]) -> None:
+    app, _ = outer
+    with sdk(app) as client:
+        asked = client.responses.create(
+            model=VIA,
+            input="What is the weather in Paris?",
+            tools=[WEATHER_RESPONSES],  # type: ignore[list-item]
+            tool_choice="required",
+            parallel_tool_calls=False,
+            max_output_tokens=48,
+            temperature=0,
+            extra_headers=NO_STORE,
+        )
+        assert [item.type for item in asked.output] == ["function_call"]
+        call = asked.output[0]
+        assert call.type == "function_call" and call.name == "get_weather" and call.call_id
+        assert set(json.loads(call.arguments)) == {"city"}
+        assert client.responses.retrieve(asked.id) == asked
+        events = list(
+            client.responses.create(
+                model=VIA,
+                input="What is the weather in Paris?",
+                tools=[WEATHER_RESPONSES],  # type: ignore[list-item]
+                tool_choice="required",
+                parallel_tool_calls=False,
+                max_output_tokens=48,
+                temperature=0,
+                stream=True,
+                extra_headers=NO_STORE,
+            )
+        )
+        kinds = [event.type for event in events]
+        assert kinds[:3] == ["response.created", "response.in_progress", "response.output_item.added"]
+        assert "response.function_call_arguments.delta" in kinds
+        assert kinds[-3:] == [
+            "response.function_call_arguments.done",
+            "response.output_item.done",
+            "response.completed",
+        ]
+        final = events[-1].response  # type: ignore[union-attr]
+        streamed_call = final.output[0]
+        arguments = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
+        assert (
+            streamed_call.type == "function_call" and streamed_call.arguments == arguments == call.arguments
+        )
+        assert client.responses.retrieve(final.id) == final
+        answered = client.responses.create(
+            model=VIA,
+            previous_response_id=asked.id,
+            input=[{"type": "function_call_output", "call_id": call.call_id, "output": "Sunny, 21 C"}],
+            tools=[WEATHER_RESPONSES],  # type: ignore[list-item]
+            tool_choice="none",
+            max_output_tokens=16,
+            temperature=0,
+        )
+    assert [item.type for item in answered.output] == ["message"] and answered.output_text
+
+
+def test_an_upstream_429_is_passed_on_with_retry_after(outer: tuple[ServedApp, Inner]) -> None:
+    app, _ = outer
+    body = {"model": LIMITED, "messages": MESSAGES, "max_tokens": 2}
+    with httpx.Client(base_url=app.base_url, headers={**app.headers, **NO_STORE}, timeout=60) as http:
+        assert http.post("/v1/chat/completions", json=body).status_code == 200  # its one request a minute
+        for stream in (False, True):
+            refused = http.post("/v1/chat/completions", json={**body, "stream": stream})
+            assert refused.status_code == 429, refused.text
+            assert 1 <= int(refused.headers["retry-after"]) <= 60
+            error = refused.json()["error"]
+            assert set(error) == {"message", "type", "param", "code"}
+            assert error["code"] == "upstream_rate_limited" and error["type"] == "requests"
+            assert "Bearer" not in error["message"] and "127.0.0.1" not in error["message"]
+    with sdk(app) as client, pytest.raises(openai.RateLimitError) as caught:
+        client.chat.completions.create(model=LIMITED, messages=MESSAGES, max_tokens=2)  # type: ignore[arg-type]
+    assert caught.value.response.headers["retry-after"]
+
+
+def test_traceparent_reaches_the_upstream(outer: tuple[ServedApp, Inner]) -> None:
+    app, inner = outer
+    trace_id, parent = secrets.token_hex(16), secrets.token_hex(8)
+    request_id = f"trace-{uuid.uuid4().hex[:8]}"
+    with httpx.Client(base_url=app.base_url, headers={**app.headers, **NO_STORE}, timeout=60) as http:
+        reply = http.post(
+            "/v1/chat/completions",
+            json={"model": VIA, "messages": MESSAGES, "max_tokens": 2},
+            headers={"traceparent": f"00-{trace_id}-{parent}-01", "x-request-id": request_id},
+        )
+    assert reply.status_code == 200, reply.text
+    deadline = time.monotonic() + 10
+    while not any(f"request_id={request_id}" in line for line in inner.lines):
+        assert time.monotonic() < deadline, "the inner gateway logged no such request"
+        time.sleep(0.1)
+    line = next(line for line in inner.lines if f"request_id={request_id}" in line)
+    assert f"trace_id={trace_id}" in line  # the inner gateway's span continues the client's trace
+
+
+def test_embeddings_through_an_upstream(app: ServedApp, llama_embed: str) -> None:
+    inputs = ["The cat sat on the mat.", "A quick brown fox."]
+    direct = httpx.post(
+        f"{llama_embed}/v1/embeddings", json={"input": inputs, "encoding_format": "float"}, timeout=60
+    ).json()
+    with sdk(app) as client:
+        via = client.embeddings.create(model=EMBED, input=inputs)  # the SDK asks for base64
+        floats = client.embeddings.create(model=EMBED, input=inputs[0], encoding_format="float")
+    assert via.model == EMBED and [d.index for d in via.data] == [0, 1]
+    expected = [item["embedding"] for item in sorted(direct["data"], key=lambda item: item["index"])]
+    assert len(expected[0]) == 576  # SmolLM2-135M's embedding size
+    for got, want in zip(via.data, expected, strict=True):
+        assert len(got.embedding) == len(want)
+        assert max(abs(a - b) for a, b in zip(got.embedding, want, strict=True)) < 1e-5
+    single = httpx.post(
+        f"{llama_embed}/v1/embeddings", json={"input": inputs[0], "encoding_format": "float"}, timeout=60
+    ).json()
+    assert floats.data[0].embedding == pytest.approx(single["data"][0]["embedding"], abs=1e-5)
+    assert via.usage.prompt_tokens == direct["usage"]["prompt_tokens"]
