@@ -1,7 +1,9 @@
 """Upstream models against a real ``llama-server`` on loopback (and a second ``pocketllm serve`` process):
 the openai SDK through the gateway, usage and TPM corrected by the upstream's usage, per-key model lists,
 the cache, retries before the first byte, the error envelope when every replica is down, a client that
-leaves closing the upstream request, /chat, and a gateway in front of a gateway.
+leaves closing the upstream request, /chat, a gateway in front of a gateway, /v1/responses, tools (passed
+to llama-server; real calls from a gateway upstream), pings while waiting for room on a replica, an upstream
+429 with Retry-After, traceparent reaching the upstream, and embeddings from llama-server ``--embeddings``.
 
 ``llama-server`` is built by ``bench/build_llama_server.py`` (cached under ~/.cache/pocketllm); these tests
 are skipped, saying so, only when it cannot be built.
