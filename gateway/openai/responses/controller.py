@@ -94,6 +94,13 @@ class ResponsesController(Controller):
             for stored in chain:
                 history += msgspec.json.decode(stored.input, type=list[Item])
                 history += msgspec.json.decode(stored.body, type=ResponseObject).output
+        if runtime.is_upstream:
+            raise InvalidRequestError(
+                f"/v1/responses is not served for the upstream model {data.model} yet; use "
+                "/v1/chat/completions",
+                param="model",
+                code="unsupported_value",
+            )
         runtime.ready()
         shape = Shape(runtime, 1, 1, False)
         frames = ResponseFrames(shape, _template(data, tools), tools is not None and tools.calls_allowed)
