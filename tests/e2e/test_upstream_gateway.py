@@ -1,0 +1,429 @@
+"""A ``pocketllm serve`` whose model runs on two real ``llama-server`` replicas on networks of their own.
+
+The replicas (``tests/upstream_support.py``) sit in network namespaces of their own (or on loopback
+addresses of their own where namespaces cannot be made), so one can be killed, restarted, or cut off the
+network while it keeps running. The openai SDK talks to the gateway; the test reads each replica's own
+``/slots`` and ``/metrics`` to see where requests went and what they cost there.
+
+One module-scoped set of processes serves every test; a test that breaks a replica mends it before it
+ends (and ``mended`` checks at the start of each test). Measured delays are printed (``pytest -s``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import NO_EOS, create_key, free_port, login
+from tests.serve_support import server_env, start_server, wait_healthy
+from tests.upstream_support import UPSTREAM_MODEL, LlamaServers, llama_servers, until
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+MODEL = "remote-smol"
+CONNECT_TIMEOUT_S = 1.0
+FIRST_BYTE_TIMEOUT_S = 20.0
+IDLE_TIMEOUT_S = 3.0
+HEALTH_INTERVAL_S = 0.5
+ADMISSION_BOUND_S = 10 * HEALTH_INTERVAL_S + 2
+"""A replica that is back is probed (every health interval while ejected) and admitted well within this."""
+SLOT_FREED_BOUND_S = 1.0
+CLIENTS = 8
+
+
+def upstream_config(urls: list[str], model: str, **extra: str) -> str:
+    """The TOML of a gateway whose one model ``MODEL`` is served by ``urls``."""
+    lines = [
+        "[[models]]",
+        f'id = "{MODEL}"',
+        "[models.upstream]",
+        "urls = [" + ", ".join(f'"{url}"' for url in urls) + "]",
+        f'model = "{model}"',
+        f"connect_timeout_s = {CONNECT_TIMEOUT_S}",
+        f"first_byte_timeout_s = {FIRST_BYTE_TIMEOUT_S}",
+        f"idle_timeout_s = {IDLE_TIMEOUT_S}",
+        f"health_interval_s = {HEALTH_INTERVAL_S}",
+        *(f'{key} = "{value}"' for key, value in extra.items()),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+@dataclass
+class Gateway:
+    """A running ``pocketllm serve`` and an API key on it."""
+
+    base_url: str
+    key: str
+    process: subprocess.Popen[str]
+    config: Path
+    admin: dict[str, str] = field(default_factory=dict)
+
+    def client(self, **options: Any) -> openai.OpenAI:
+        """An openai SDK client on the gateway; no SDK retries (they would hide what the gateway did)."""
+        return openai.OpenAI(base_url=f"{self.base_url}/v1", api_key=self.key, max_retries=0, **options)
+
+    def replicas(self) -> list[dict[str, Any]]:
+        """The model's replicas as ``/health`` shows them (one object per replica, in configured order)."""
+        body = httpx.get(f"{self.base_url}/health", timeout=5).json()
+        entry = body["models"][MODEL]
+        rows: list[dict[str, Any]] = entry["replicas"]
+        return rows
+
+    def states(self) -> list[str]:
+        """Each replica's state in ``/health`` (``healthy``, ``ejected``)."""
+        return [row["state"] for row in self.replicas()]
+
+
+@contextlib.contextmanager
+def running_gateway(config_text: str, **env: str) -> Iterator[Gateway]:
+    """``pocketllm serve --config`` on ``config_text`` (and ``env``), with a fresh API key of user1."""
+    environment = server_env(POCKETLLM_QUEUE__PING_INTERVAL_S="0.5", **env)
+    config = Path(environment["POCKETLLM_DATA_DIR"]) / "upstream.toml"
+    config.write_text(config_text)
+    port = free_port()
+    process = start_server(port, environment, "--config", str(config))
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(process, base_url)
+        admin = {"Authorization": f"Bearer {login(base_url, 'admin', 'admin123')}"}
+        key = create_key(base_url, admin["Authorization"].removeprefix("Bearer "), "user1")["key"]
+        yield Gateway(base_url, key, process, config, admin)
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        output, _ = process.communicate(timeout=30)
+        assert "Traceback" not in output, f"the gateway logged a traceback:\n{output}"
+
+
+@pytest.fixture(scope="module")
+def replicas(model_path: Path) -> Iterator[LlamaServers]:
+    """Two llama-server replicas, two slots each, one thread each (the machine has two cores)."""
+    with llama_servers(2, model_path, slots=2, ctx_per_slot=2048, threads=1) as servers:
+        print(
+            f"\nllama-server replicas on {servers.network.kind}: {servers.base_url(0)}, {servers.base_url(1)}"
+        )
+        yield servers
+
+
+@pytest.fixture(scope="module")
+def gateway(replicas: LlamaServers) -> Iterator[Gateway]:
+    """The gateway in front of both replicas."""
+    urls = [replicas.base_url(i) for i in range(len(replicas))]
+    with running_gateway(upstream_config(urls, UPSTREAM_MODEL)) as served:
+        yield served
+
+
+@pytest.fixture
+def mended(replicas: LlamaServers, gateway: Gateway) -> LlamaServers:
+    """Both replicas running, reachable, idle and admitted by the gateway (whatever an earlier test left)."""
+    for index in range(len(replicas)):
+        replicas.heal(index)
+        if replicas.pid(index) is None:
+            replicas.start(index)
+    until(lambda: gateway.states() == ["healthy"] * len(replicas), ADMISSION_BOUND_S, 0.1)
+    until(lambda: all(replicas.busy_slots(i) == 0 for i in range(len(replicas))), 30, 0.1)
+    return replicas
+
+
+def chat(max_tokens: int, content: str = "Write a story about the sea.", **extra: Any) -> dict[str, Any]:
+    """Keyword arguments of a greedy chat completion that runs to ``max_tokens`` (EOS banned)."""
+    return {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "logit_bias": NO_EOS,
+        **extra,
+    }
+
+
+def counter(replicas: LlamaServers, index: int, name: str) -> float:
+    return replicas.metrics(index).get(f"llamacpp:{name}", 0.0)
+
+
+# --- the harness itself, on llama-server alone ---------------------------------------------------------------
+
+
+def test_replicas_serve_and_can_be_killed_restarted_and_partitioned(replicas: LlamaServers) -> None:
+    with httpx.Client(timeout=30, trust_env=False) as http:
+        for index in range(len(replicas)):
+            response = http.post(
+                f"{replicas.base_url(index)}/chat/completions",
+                json={
+                    "model": UPSTREAM_MODEL,
+                    "messages": [{"role": "user", "content": "Hi"}],
+                    "max_tokens": 2,
+                },
+            )
+            assert response.status_code == 200, response.text
+            assert len(replicas.slots(index)) == 2
+        old_pid = replicas.pid(1)
+        replicas.kill(1)
+        with pytest.raises(httpx.TransportError):
+            http.get(f"{replicas.root_url(1)}/health", timeout=2)
+        replicas.restart(1)
+        assert replicas.pid(1) not in (None, old_pid)
+        replicas.partition(1)
+        try:
+            started = time.monotonic()
+            with pytest.raises(httpx.TimeoutException):  # unreachable: no answer at all, not a refusal
+                http.get(f"{replicas.root_url(1)}/health", timeout=1)
+            assert time.monotonic() - started >= 0.9
+            assert http.get(f"{replicas.root_url(0)}/health").status_code == 200
+        finally:
+            replicas.heal(1)
+        until(lambda: http.get(f"{replicas.root_url(1)}/health", timeout=1).status_code == 200, 10, 0.1)
+
+
+# --- through the gateway ---------------------------------------------------------------------------------------
+
+
+def test_the_openai_sdk_streams_through_the_gateway(gateway: Gateway, mended: LlamaServers) -> None:
+    with gateway.client() as client:
+        assert MODEL in [m.id for m in client.models.list()]
+        stream = client.chat.completions.create(
+            **chat(12), stream=True, stream_options={"include_usage": True}
+        )
+        chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert text.strip()
+    assert finishes == ["length"]
+    assert {c.model for c in chunks} == {MODEL}  # the gateway's name, not the upstream's
+    assert len({c.id for c in chunks}) == 1 and chunks[0].id.startswith("chatcmpl-")
+    usage = chunks[-1].usage
+    assert usage is not None and usage.completion_tokens == 12 and usage.prompt_tokens > 0
+    rows = gateway.replicas()
+    assert [row["state"] for row in rows] == ["healthy", "healthy"]
+    hosts = [f"{mended.network.addresses[i]}:{mended.ports[i]}" for i in range(2)]
+    assert [row["host"] for row in rows] == hosts
+
+
+def test_a_session_sticks_to_one_replica_and_reuses_its_prompt_cache(
+    gateway: Gateway, mended: LlamaServers
+) -> None:
+    story = " ".join(f"Line {n}: the keeper of the lighthouse counted ships." for n in range(40))
+
+    def where(prompt: str, **extra: Any) -> tuple[int, float, Any]:
+        """(replica that answered, prompt tokens it evaluated, the gateway's usage)."""
+        before = [
+            (counter(mended, i, "tokens_predicted_total"), counter(mended, i, "prompt_tokens_total"))
+            for i in range(2)
+        ]
+        with gateway.client() as client:
+            answer = client.chat.completions.create(**chat(4, prompt), **extra)
+        assert answer.choices[0].finish_reason == "length"
+
+        def moved() -> list[int]:
+            return [i for i in range(2) if counter(mended, i, "tokens_predicted_total") > before[i][0]]
+
+        until(lambda: len(moved()) == 1, 5, 0.05)
+        index = moved()[0]
+        return index, counter(mended, index, "prompt_tokens_total") - before[index][1], answer.usage
+
+    sessions: list[dict[str, Any]] = [
+        {"extra_headers": {"X-Session-Id": f"sticky-{uuid.uuid4().hex}"}} for _ in range(2)
+    ] + [{"extra_body": {"prompt_cache_key": f"sticky-{uuid.uuid4().hex}"}} for _ in range(2)]
+    for n, session in enumerate(sessions):
+        prompt = f"Session {n}. {story}"  # a prompt of its own: no other session's cache helps it
+        first_replica, first_cost, _ = where(prompt, **session)
+        second_replica, second_cost, usage = where(prompt, **session)
+        print(
+            f"session {n}: replica {first_replica} -> {second_replica}; prompt tokens evaluated "
+            f"{first_cost:.0f} -> {second_cost:.0f}; gateway usage {usage}"
+        )
+        assert second_replica == first_replica
+        assert second_cost < 0.2 * usage.prompt_tokens  # the rest came from that replica's KV cache
+        details = getattr(usage, "prompt_tokens_details", None)
+        if details is not None and details.cached_tokens is not None:
+            assert details.cached_tokens >= 0.8 * usage.prompt_tokens
+
+
+def test_a_client_that_leaves_frees_the_upstream_slot_within_a_second(
+    gateway: Gateway, mended: LlamaServers
+) -> None:
+    with gateway.client() as client:
+        stream = client.chat.completions.create(**chat(1500), stream=True)
+        received = 0
+        for chunk in stream:
+            received += bool(chunk.choices and chunk.choices[0].delta.content)
+            if received >= 3:
+                break
+        busy = [mended.busy_slots(i) for i in range(2)]
+        assert sorted(busy) == [0, 1], busy  # one slot, on one replica, is generating for us
+        index = busy.index(1)
+        decoded = mended.decoded(index)
+        stream.close()
+        left = time.monotonic()
+    until(lambda: mended.busy_slots(index) == 0, 10, 0.02)
+    freed = time.monotonic() - left
+    print(f"slot freed {freed * 1000:.0f} ms after the client left (it had decoded {decoded} of 1500 tokens)")
+    assert freed < SLOT_FREED_BOUND_S
+    assert mended.decoded(index) == 0
+
+
+@dataclass
+class Outcome:
+    """What one client of the load saw."""
+
+    first_content: float | None = None
+    """monotonic time of its first content token"""
+    finish: str | None = None
+    tokens: int = 0
+    error: dict[str, Any] | None = None
+    """the error frame's ``error`` object"""
+    exception: str | None = None
+    """anything else that ended it (a transport error, a timeout)"""
+    ended: float = 0.0
+
+
+def stream_one(client: openai.OpenAI, max_tokens: int, topic: str) -> Outcome:
+    """One streamed chat completion under load; never raises."""
+    outcome = Outcome()
+    try:
+        stream = client.chat.completions.create(
+            **chat(max_tokens, f"Write a long story about {topic}."), stream=True
+        )
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                outcome.tokens += 1
+                if outcome.first_content is None:
+                    outcome.first_content = time.monotonic()
+            if chunk.choices and chunk.choices[0].finish_reason:
+                outcome.finish = chunk.choices[0].finish_reason
+    except openai.APIStatusError as exc:
+        outcome.exception = f"HTTP {exc.status_code}: {exc.body}"
+    except openai.APIError as exc:
+        if isinstance(exc.body, dict) and {"message", "type", "code"} <= exc.body.keys():
+            outcome.error = exc.body
+        else:
+            outcome.exception = f"{type(exc).__name__}: {exc}"
+    outcome.ended = time.monotonic()
+    return outcome
+
+
+def test_a_replica_killed_under_load_is_ejected_and_readmitted(
+    gateway: Gateway, mended: LlamaServers
+) -> None:
+    topics = ["the sea", "a lighthouse", "winter", "a town", "the moon", "a train", "a garden", "a river"]
+    with gateway.client(timeout=120) as client, ThreadPoolExecutor(CLIENTS) as pool:
+        futures = [pool.submit(stream_one, client, 64, topic) for topic in topics]
+        # replica 0 is streaming (tokens decoded on each busy slot) while more requests wait behind
+        until(
+            lambda: (
+                mended.busy_slots(0) == 2
+                and all(s["next_token"]["n_decoded"] >= 3 for s in mended.slots(0) if s["is_processing"])
+            ),
+            60,
+            0.02,
+        )
+        time.sleep(0.1)  # every token decoded so far has reached its client
+        mended.kill(0)
+        killed = time.monotonic()
+        outcomes = [future.result(timeout=90) for future in futures]
+    ejected = until(lambda: gateway.states()[0] == "ejected", 5, 0.05) + time.monotonic() - killed
+    streaming = [o for o in outcomes if o.first_content is not None and o.first_content < killed]
+    waiting = [o for o in outcomes if o not in streaming]
+    print(
+        f"{len(streaming)} streaming at the kill, {len(waiting)} not yet; "
+        f"errors {[o.error for o in outcomes if o.error]}; ejected within {ejected:.2f} s"
+    )
+    assert not [o.exception for o in outcomes if o.exception], (
+        "no client saw anything but an answer or an error frame"
+    )
+    for outcome in waiting:  # retried on the other replica before their first byte
+        assert outcome.error is None and outcome.finish == "length" and outcome.tokens == 64, outcome
+    errors = [o for o in streaming if o.error is not None]
+    assert 1 <= len(errors) <= 2, outcomes  # the ones on the dead replica (it had two busy slots)
+    for outcome in errors:
+        assert outcome.tokens < 64 and outcome.finish is None
+        assert outcome.ended - killed < IDLE_TIMEOUT_S, "the error frame came at once, not after a timeout"
+    for outcome in streaming:
+        assert outcome.error is not None or (outcome.finish == "length" and outcome.tokens == 64), outcome
+
+    mended.start(0)
+    back = time.monotonic()
+    admitted = until(lambda: gateway.states()[0] == "healthy", ADMISSION_BOUND_S, 0.05)
+    print(f"replica 0 re-admitted {admitted:.2f} s after it was back")
+    before = counter(mended, 0, "tokens_predicted_total")
+    with gateway.client() as client, ThreadPoolExecutor(2) as pool:  # two at once: one lands on each
+        answers = list(pool.map(lambda _: client.chat.completions.create(**chat(4)), range(2)))
+    assert [a.choices[0].finish_reason for a in answers] == ["length", "length"]
+    until(lambda: counter(mended, 0, "tokens_predicted_total") > before, 5, 0.05)
+    assert time.monotonic() - back < 60
+
+
+def test_a_partitioned_replica_is_ejected_within_the_connect_timeout(
+    gateway: Gateway, mended: LlamaServers
+) -> None:
+    bound = CONNECT_TIMEOUT_S if mended.partition_hits_connect else FIRST_BYTE_TIMEOUT_S
+    with gateway.client(timeout=120) as client, ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(stream_one, client, 400, topic) for topic in ("a desert", "a storm")]
+        until(lambda: mended.busy_slots(0) == 1 and mended.busy_slots(1) == 1, 30, 0.02)
+        until(lambda: all(mended.decoded(i) >= 3 for i in range(2)), 30, 0.02)
+        mended.partition(0)
+        cut = time.monotonic()
+        try:
+            durations = []
+            for _ in range(4):  # new requests while it is unreachable: every one is answered
+                started = time.monotonic()
+                answer = client.chat.completions.create(**chat(4))
+                durations.append(time.monotonic() - started)
+                assert answer.choices[0].finish_reason == "length"
+            outcomes = [future.result(timeout=90) for future in futures]
+            states = gateway.states()
+        finally:
+            mended.heal(0)
+    healed = time.monotonic()
+    print(
+        f"requests during the partition took {', '.join(f'{d:.2f}' for d in durations)} s; "
+        f"streams: {[(o.finish, o.tokens, o.error and o.error['code'], round(o.ended - cut, 2)) for o in outcomes]}"
+    )
+    assert states[0] == "ejected" and states[1] == "healthy"
+    assert max(durations) < bound + 3.0
+    cut_off, survivor = sorted(outcomes, key=lambda o: o.error is None)
+    assert survivor.error is None and survivor.finish == "length" and survivor.tokens == 400
+    assert cut_off.error is not None and cut_off.exception is None  # an error frame, not a hang
+    assert cut_off.ended - cut < IDLE_TIMEOUT_S + 3.0
+    admitted = until(lambda: gateway.states()[0] == "healthy", ADMISSION_BOUND_S, 0.05)
+    print(
+        f"replica 0 re-admitted {admitted:.2f} s after the network was back ({time.monotonic() - healed:.2f} s)"
+    )
+
+
+def test_a_gateway_in_front_of_a_gateway(gateway: Gateway, mended: LlamaServers) -> None:
+    outer_config = upstream_config([f"{gateway.base_url}/v1"], MODEL, api_key_env="INNER_GATEWAY_KEY")
+    with running_gateway(outer_config, INNER_GATEWAY_KEY=gateway.key) as outer:
+        request = chat(16, "Name three colours.")
+        with gateway.client() as inner_client:
+            direct = inner_client.chat.completions.create(**request)
+        with outer.client() as client:
+            chunks = list(
+                client.chat.completions.create(**request, stream=True, stream_options={"include_usage": True})
+            )
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == direct.choices[0].message.content  # greedy: the same answer, through one more hop
+        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 16
+        assert outer.states() == ["healthy"]
+        with httpx.Client(base_url=outer.base_url, timeout=30) as http:  # the inner key is not the outer's
+            refused = http.post(
+                "/v1/chat/completions", json=chat(2), headers={"Authorization": f"Bearer {gateway.key}"}
+            )
+        assert refused.status_code == 401
+        assert set(refused.json()["error"]) >= {"message", "type", "param", "code"}
