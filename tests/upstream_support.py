@@ -215,13 +215,20 @@ class LlamaServers:
         """How many of replica ``index``'s slots are processing a request now."""
         return sum(bool(slot.get("is_processing")) for slot in self.slots(index))
 
+    def decoding(self, index: int) -> list[int]:
+        """Tokens decoded so far by each request replica ``index``'s busy slots are processing."""
+        counts = []
+        for slot in self.slots(index):
+            if slot.get("is_processing"):
+                following = slot.get("next_token") or {}
+                # a list (one entry per sequence) in recent llama-server, an object before
+                entries = following if isinstance(following, list) else [following]
+                counts.append(max((int(e.get("n_decoded", 0)) for e in entries), default=0))
+        return counts
+
     def decoded(self, index: int) -> int:
-        """Tokens decoded so far by the requests replica ``index``'s busy slots are processing."""
-        return sum(
-            int(slot.get("next_token", {}).get("n_decoded", 0))
-            for slot in self.slots(index)
-            if slot.get("is_processing")
-        )
+        """Tokens decoded so far by the requests replica ``index``'s busy slots are processing, summed."""
+        return sum(self.decoding(index))
 
     def metrics(self, index: int) -> dict[str, float]:
         """Replica ``index``'s Prometheus counters (``llamacpp:prompt_tokens_total``...), by name."""
