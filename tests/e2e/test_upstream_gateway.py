@@ -188,6 +188,15 @@ def answered_by(
     return index, counter(replicas, index, "prompt_tokens_total") - before[index][1], answer.usage
 
 
+def session_on(gateway: Gateway, replicas: LlamaServers, index: int) -> dict[str, str]:
+    """Headers of a new session that the gateway places on replica ``index`` (found by trying)."""
+    for attempt in range(16):
+        session = {"X-Session-Id": f"on-{index}-{attempt}-{uuid.uuid4().hex}"}
+        if answered_by(gateway, replicas, "Hello there.", extra_headers=session)[0] == index:
+            return session
+    pytest.fail(f"no session of 16 was placed on replica {index}")
+
+
 # --- the harness itself, on llama-server alone ---------------------------------------------------------------
 
 
@@ -380,13 +389,7 @@ def test_a_partitioned_replica_is_ejected_within_the_connect_timeout(
     gateway: Gateway, mended: LlamaServers
 ) -> None:
     bound = CONNECT_TIMEOUT_S if mended.partition_hits_connect else FIRST_BYTE_TIMEOUT_S
-    # a session that lives on replica 0: its next request goes there first (and it has pooled connections)
-    for attempt in range(16):
-        session = {"X-Session-Id": f"partition-{attempt}-{uuid.uuid4().hex}"}
-        if answered_by(gateway, mended, "Hello there.", extra_headers=session)[0] == 0:
-            break
-    else:
-        pytest.fail("no session of 16 was placed on replica 0")
+    session = session_on(gateway, mended, 0)  # its next request goes to replica 0 first
     with gateway.client(timeout=120) as client, ThreadPoolExecutor(2) as pool:
         futures = [pool.submit(stream_one, client, 400, topic) for topic in ("a desert", "a storm")]
         until(lambda: mended.busy_slots(0) == 1 and mended.busy_slots(1) == 1, 30, 0.02)
@@ -420,6 +423,73 @@ def test_a_partitioned_replica_is_ejected_within_the_connect_timeout(
     print(
         f"replica 0 re-admitted {admitted:.2f} s after the network was back ({time.monotonic() - healed:.2f} s)"
     )
+
+
+def test_a_partition_is_seen_within_the_connect_timeout_on_pooled_connections_too(
+    gateway: Gateway, mended: LlamaServers
+) -> None:
+    """A replica that drops off the network just after a burst of requests to it: the next request must not
+    wait until the first-byte timeout on a connection kept alive from the burst (a gateway that pools its
+    upstream connections, as it should, must still notice the partition within the connect timeout)."""
+    if not mended.partition_hits_connect:
+        pytest.skip("loopback replicas: a partition is a frozen process, seen at the first-byte timeout")
+    session = session_on(gateway, mended, 0)
+    with gateway.client(timeout=120) as client, ThreadPoolExecutor(2) as pool:
+        # two at once on replica 0: two connections to it, idle now if the gateway keeps them alive
+        list(pool.map(lambda _: client.chat.completions.create(**chat(2), extra_headers=session), range(2)))
+        mended.partition(0)
+        try:
+            started = time.monotonic()
+            answer = client.chat.completions.create(**chat(4, "Hello there."), extra_headers=session)
+            took = time.monotonic() - started
+            states = gateway.states()
+        finally:
+            mended.heal(0)
+    print(f"the first request after the partition took {took:.2f} s (connect timeout {CONNECT_TIMEOUT_S} s)")
+    assert answer.choices[0].finish_reason == "length"
+    assert states == ["ejected", "healthy"]
+    assert took < CONNECT_TIMEOUT_S + 3.0, "it waited on a dead pooled connection"
+    until(lambda: gateway.states()[0] == "healthy", ADMISSION_BOUND_S, 0.05)
+
+
+def test_key_model_lists_limits_and_the_cache_apply_to_an_upstream_model(
+    gateway: Gateway, mended: LlamaServers
+) -> None:
+    def key(**fields: Any) -> tuple[str, dict[str, str]]:
+        made = create_key(
+            gateway.base_url, gateway.admin["Authorization"].removeprefix("Bearer "), "user1", **fields
+        )
+        return made["id"], {"Authorization": f"Bearer {made['key']}"}
+
+    body = chat(3, f"Say hello to {uuid.uuid4().hex[:8]}.")
+    with httpx.Client(base_url=gateway.base_url, timeout=60) as http:
+        _, elsewhere = key(models=["some-other-model"])  # a key for another model only
+        refused = http.post("/v1/chat/completions", json=body, headers=elsewhere)
+        assert refused.status_code in (403, 404), refused.text
+        assert set(refused.json()["error"]) >= {"message", "type", "param", "code"}
+
+        key_id, limited = key()
+        limits = http.put(f"/admin/keys/{key_id}/limits", json={"rpm": 1}, headers=gateway.admin)
+        assert limits.status_code == 200, limits.text
+        before = sum(counter(mended, i, "tokens_predicted_total") for i in range(2))
+        first = http.post("/v1/chat/completions", json=body, headers=limited)
+        assert first.status_code == 200, first.text
+        assert first.headers["x-cache"] == "miss"
+        until(
+            lambda: sum(counter(mended, i, "tokens_predicted_total") for i in range(2)) == before + 3, 5, 0.05
+        )
+        second = http.post("/v1/chat/completions", json=body, headers=limited)
+        assert second.status_code == 429, second.text  # one request per minute for this key
+        assert second.json()["error"]["type"] and "retry-after" in second.headers
+
+        _, other = key()  # the same deterministic request by another key of the same user: a cache hit
+        hit = http.post("/v1/chat/completions", json=body, headers=other)
+        assert hit.status_code == 200 and hit.headers["x-cache"] == "hit", hit.headers
+        assert hit.json()["choices"][0]["message"] == first.json()["choices"][0]["message"]
+        time.sleep(0.3)
+        assert (
+            sum(counter(mended, i, "tokens_predicted_total") for i in range(2)) == before + 3
+        )  # not upstream
 
 
 def test_a_gateway_in_front_of_a_gateway(gateway: Gateway, mended: LlamaServers) -> None:
