@@ -518,8 +518,8 @@ class UpstreamModel:
         chunks = _Chunks(chat)
         parser = SSEParser()
         started = False
+        raw_chunks = response.aiter_raw()
         try:
-            raw_chunks = response.aiter_raw()
             while not chunks.done:
                 limit = loop.time() + self.settings.idle_timeout_s if started else deadline
                 raw = await self._read(replica, raw_chunks, limit, started)
@@ -553,6 +553,7 @@ class UpstreamModel:
                 self.replicas.succeeded(replica)
             yield finish
         finally:
+            await raw_chunks.aclose()  # type: ignore[attr-defined]
             await response.aclose()  # unread: the connection is closed, and the upstream stops generating
 
     async def _read(
