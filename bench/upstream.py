@@ -2,8 +2,9 @@
 
 One ``llama-server`` (built from the llama.cpp llama-cpp-python vendors) runs the model; one
 ``pocketllm serve`` serves it as an upstream model. The same streaming load (greedy, EOS banned, fixed
-max_tokens, fresh prompts) goes to each in turn at every concurrency level, in interleaved rounds, so both
-see the same machine. The table gives each side's tokens/s and TTFT, the tokens/s ratio (gateway / direct,
+max_tokens, fresh prompts of one shape, never repeated, since the llama-server and its prompt cache are
+shared) goes to each in turn at every concurrency level, in interleaved rounds, so both see the same
+machine. The table gives each side's tokens/s and TTFT, the tokens/s ratio (gateway / direct,
 paired by round) and the TTFT the gateway adds (p50, p99). Writes (or replaces) its section in
 bench/RESULTS.md with ``--write``; the section names the machine's load average, since on a shared
 machine the numbers are noise.
@@ -45,6 +46,10 @@ def gateway_config(upstream_base_url: str) -> str:
         "[models.upstream]\n"
         f'urls = ["{upstream_base_url}/v1"]\n'
         f'model = "{MODEL_ID}"\n'
+        # what is measured is the gateway's cost, not its timeouts: a queued request on a loaded machine
+        # may wait long for its first token, as it does on llama-server alone
+        "first_byte_timeout_s = 600.0\n"
+        "idle_timeout_s = 600.0\n"
         "\n[queue]\nmax_queue = 1000\n"
         '\n[telemetry]\nlog_level = "WARNING"\n'
     )
@@ -126,9 +131,11 @@ def main() -> None:
         # Rounds interleave the targets, so a noisy minute on this shared machine hits both alike.
         for round_number in range(args.rounds):
             for level in levels:
-                # fresh prompts in every round and level (no prompt cache helps), the same for both targets
-                offset = 1000 * (round_number * len(levels) + levels.index(level))
+                # fresh prompts in every round, level and target: both sides share one llama-server, whose
+                # prompt cache would otherwise give the second side's prompts for free
+                base_offset = 1000 * (round_number * len(levels) + levels.index(level))
                 for name in names if round_number % 2 == 0 else reversed(names):
+                    offset = base_offset + (500 if name == "gateway" else 0)
                     base_url, model_name, headers = endpoints[name]
                     total = level * args.requests_per_client
                     phase = asyncio.run(
