@@ -437,15 +437,23 @@ def test_a_partition_is_seen_within_the_connect_timeout_on_pooled_connections_to
     with gateway.client(timeout=120) as client, ThreadPoolExecutor(2) as pool:
         # two at once on replica 0: two connections to it, idle now if the gateway keeps them alive
         list(pool.map(lambda _: client.chat.completions.create(**chat(2), extra_headers=session), range(2)))
+        address = mended.network.addresses[0]
+        ss = ["ss", "-Htn", "state", "established", "dst", address]
+        pooled = subprocess.run(ss, capture_output=True, text=True, check=False)
         mended.partition(0)
         try:
             started = time.monotonic()
             answer = client.chat.completions.create(**chat(4, "Hello there."), extra_headers=session)
             took = time.monotonic() - started
             states = gateway.states()
+            info = httpx.get(f"{gateway.base_url}/admin/model/info", headers=gateway.admin, timeout=5).json()
         finally:
             mended.heal(0)
-    print(f"the first request after the partition took {took:.2f} s (connect timeout {CONNECT_TIMEOUT_S} s)")
+    why = next(m for m in info["models"] if m["id"] == MODEL)["upstream"]["replicas"][0]["last_error"]
+    print(
+        f"the first request after the partition took {took:.2f} s (connect timeout {CONNECT_TIMEOUT_S} s); "
+        f"{len(pooled.stdout.splitlines())} connections to the replica were open before it; ejected for {why!r}"
+    )
     assert answer.choices[0].finish_reason == "length"
     assert states == ["ejected", "healthy"]
     assert took < CONNECT_TIMEOUT_S + 3.0, "it waited on a dead pooled connection"
