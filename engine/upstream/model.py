@@ -19,6 +19,7 @@ import hashlib
 import logging
 import math
 import os
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -91,7 +92,13 @@ class UpstreamFinish:
     reported: bool = True
 
 
-UpstreamEvent = UpstreamDelta | UpstreamFinish
+@dataclass(frozen=True, slots=True)
+class UpstreamWaiting:
+    """The request still waits for room (every candidate replica is at its ``max_concurrency``): sent
+    every ``notify_s`` of the wait, so a stream can keep its client informed (SSE pings)."""
+
+
+UpstreamEvent = UpstreamDelta | UpstreamFinish | UpstreamWaiting
 
 
 class _Retry(Exception):
@@ -323,7 +330,12 @@ class UpstreamModel:
 
     # --- requests ----------------------------------------------------------------------------------
     async def stream(
-        self, path: str, body: dict[str, Any], *, affinity: str | None = None
+        self,
+        path: str,
+        body: dict[str, Any],
+        *,
+        affinity: str | None = None,
+        notify_s: float | None = None,
     ) -> AsyncGenerator[UpstreamEvent]:
         """Stream one answer: ``UpstreamDelta`` per upstream chunk, then one ``UpstreamFinish``.
 
@@ -331,6 +343,8 @@ class UpstreamModel:
             path: ``chat/completions`` or ``completions``.
             body: the request as the upstream takes it, without ``model``/``stream``/``stream_options``.
             affinity: a session key; requests with the same key go to the same healthy replica.
+            notify_s: while the request waits for room on a replica, an ``UpstreamWaiting`` every this
+                many seconds (``None``: wait silently).
 
         Raises:
             UpstreamError subclasses (see ``engine.upstream.errors``); ``ShuttingDownError``.
@@ -349,7 +363,9 @@ class UpstreamModel:
         self._enter()
         try:
             while True:
-                replica = await self._acquire(affinity, tried, last)
+                deadline = time.monotonic() + self.max_wait_s
+                while (replica := await self._acquire(affinity, tried, last, deadline, notify_s)) is None:
+                    yield UpstreamWaiting()
                 tried.add(replica.index)
                 try:
                     with self._span(replica, path, len(tried)) as (span, headers):
@@ -390,7 +406,8 @@ class UpstreamModel:
         self._enter()
         try:
             while True:
-                replica = await self._acquire(None, tried, last)
+                replica = await self._acquire(None, tried, last, time.monotonic() + self.max_wait_s)
+                assert replica is not None  # no notify_s: it waits until room or the deadline
                 tried.add(replica.index)
                 try:
                     with self._span(replica, "embeddings", len(tried)) as (_, headers):
@@ -423,9 +440,26 @@ class UpstreamModel:
         if not self._running:
             self._idle.set()
 
-    async def _acquire(self, affinity: str | None, tried: set[int], last: Exception | None) -> Replica:
+    async def _acquire(
+        self,
+        affinity: str | None,
+        tried: set[int],
+        last: Exception | None,
+        deadline: float,
+        notify_s: float | None = None,
+    ) -> Replica | None:
+        """A replica with room, its count taken, waiting until ``deadline`` (``time.monotonic``) at most;
+        ``None`` when ``notify_s`` passed first (the caller tells its client, then asks again)."""
+        remaining = deadline - time.monotonic()
+        wait = remaining if notify_s is None else min(remaining, notify_s)
         try:
-            return await self.replicas.acquire(affinity, tried, self.max_wait_s)
+            return await self.replicas.acquire(affinity, tried, max(0.0, wait))
+        except TimeoutError:
+            if wait < remaining:
+                return None
+            raise UpstreamBusyError(
+                f"every replica of the upstream model {self.id} is at its concurrency limit", 1
+            ) from None
         except LookupError:
             if isinstance(last, UpstreamTimeoutError):
                 raise UpstreamTimeoutError(
@@ -435,10 +469,6 @@ class UpstreamModel:
             raise UpstreamUnavailableError(
                 f"the upstream model {self.id} is unavailable: none of its {len(self.replicas.replicas)} "
                 "replicas could take the request"
-            ) from None
-        except TimeoutError:
-            raise UpstreamBusyError(
-                f"every replica of the upstream model {self.id} is at its concurrency limit", 1
             ) from None
 
     @contextlib.contextmanager

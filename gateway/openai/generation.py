@@ -19,7 +19,7 @@ from engine.kvcache import system_prefix
 from engine.models import ModelRuntime
 from engine.pool import Reservation, SlotPool
 from engine.tools import ArgumentsDelta, ToolCallStart, ToolRequest
-from engine.upstream.model import UpstreamFinish, UpstreamModel, estimate_tokens
+from engine.upstream.model import UpstreamFinish, UpstreamModel, UpstreamWaiting, estimate_tokens
 from gateway.errors import ContextLengthError, InvalidRequestError, NotFoundError
 from gateway.openai.chat_request import (
     calls_allowed,
@@ -188,6 +188,13 @@ class ChoiceEnd:
     prompt_correction: int = 0
     """What to add to the estimated prompt tokens to get the upstream's count (first choice of a prompt)."""
     cached_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ChoiceWaiting:
+    """Choice ``index`` still waits for room on a replica of its upstream (a stream sends a ping)."""
+
+    index: int
 
 
 def check_fits(engine: Engine, text: str, n_ctx: int, param: str) -> None:
@@ -706,12 +713,27 @@ def prepare_upstream_chat(
             body["parallel_tool_calls"] = False
     elif request.tool_choice == "none":
         body["tool_choice"] = "none"
-    estimate = sum(estimate_tokens(str(m.get("content") or "")) + _MESSAGE_OVERHEAD_TOKENS for m in messages)
+    return upstream_chat_job(shape, upstream, body, max_tokens, request.seed, session)
+
+
+def upstream_chat_job(
+    shape: Shape,
+    upstream: UpstreamModel,
+    body: dict[str, Any],
+    max_tokens: int,
+    seed: int | None = None,
+    session: str | None = None,
+) -> UpstreamJob:
+    """The job of one chat body for ``POST {base}/chat/completions`` (``messages``, sampling, tools as
+    the upstream takes them), with a prompt-token estimate to reserve (messages, tool calls, tools)."""
+    estimate = 0
+    for message in body["messages"]:
+        estimate += estimate_tokens(str(message.get("content") or "")) + _MESSAGE_OVERHEAD_TOKENS
+        if message.get("tool_calls"):
+            estimate += estimate_tokens(msgspec.json.encode(message["tool_calls"]).decode())
     if "tools" in body:
         estimate += estimate_tokens(msgspec.json.encode(body["tools"]).decode())
-    return UpstreamJob(
-        shape, upstream, "chat/completions", [body], [estimate], max_tokens, request.seed, session
-    )
+    return UpstreamJob(shape, upstream, "chat/completions", [body], [estimate], max_tokens, seed, session)
 
 
 def prepare_upstream_completion(
@@ -730,9 +752,12 @@ def prepare_upstream_completion(
     return UpstreamJob(shape, upstream, "completions", bodies, estimates, max_tokens, request.seed)
 
 
-async def run_upstream(job: UpstreamJob) -> AsyncGenerator[ChoiceDelta | ChoiceEnd]:
+async def run_upstream(
+    job: UpstreamJob, notify_s: float | None = None
+) -> AsyncGenerator[ChoiceDelta | ChoiceEnd | ChoiceWaiting]:
     """Run every choice of an upstream job one after another (one upstream stream each), yielding each
-    upstream chunk as it comes.
+    upstream chunk as it comes, and a ``ChoiceWaiting`` every ``notify_s`` while a choice waits for room
+    on a replica.
 
     Closing this early closes the upstream request (the upstream stops generating). The request's
     telemetry sees the start, the first token and the token counts (the upstream's where it reports them).
@@ -749,9 +774,12 @@ async def run_upstream(job: UpstreamJob) -> AsyncGenerator[ChoiceDelta | ChoiceE
             if job.max_tokens == 0:
                 yield ChoiceEnd(index, "length", 0)
                 continue
-            events = job.upstream.stream(job.path, body, affinity=job.session)
+            events = job.upstream.stream(job.path, body, affinity=job.session, notify_s=notify_s)
             try:
                 async for event in events:
+                    if isinstance(event, UpstreamWaiting):
+                        yield ChoiceWaiting(index)
+                        continue
                     if isinstance(event, UpstreamFinish):
                         correction = 0
                         if event.prompt_tokens is not None and index % job.n == 0:

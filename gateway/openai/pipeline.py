@@ -46,6 +46,7 @@ from gateway.openai.generation import (
     ChoiceEnd,
     ChoiceFinished,
     ChoiceToken,
+    ChoiceWaiting,
     EmbeddingJob,
     Job,
     Shape,
@@ -86,7 +87,7 @@ class Signal(enum.Enum):
 
 
 Event = Piece | Signal
-Item = ChoiceToken | ChoiceFinished | ReplayChunk | ChoiceDelta | ChoiceEnd
+Item = ChoiceToken | ChoiceFinished | ReplayChunk | ChoiceDelta | ChoiceEnd | ChoiceWaiting
 GenerationRequest = ChatCompletionRequest | CompletionRequest | ResponseRequest
 
 
@@ -298,7 +299,13 @@ class Run:
             if self._found.value is not None:
                 source = _replay(self._found.value)
             elif isinstance(self.job, UpstreamJob):
-                source = self._primed or run_upstream(self.job)
+                source = self._primed or run_upstream(self.job, interval)
+                # pings while the request waits for room on a replica, as while queued for a slot
+                first = await anext(source, None)
+                while isinstance(first, ChoiceWaiting):
+                    yield Signal.PING
+                    first = await anext(source, None)
+                source = _prepend(first, source)
             else:
                 assert self._reservation is not None
                 assert self.job is not None
@@ -312,6 +319,9 @@ class Run:
                 source = run_choices(self.job, waiter.result())
             yield Signal.BEGIN
             async for item in source:
+                if isinstance(item, ChoiceWaiting):  # a later choice (n > 1) waits for room
+                    yield Signal.PING
+                    continue
                 piece = self._collect(item)
                 if piece is None:
                     continue
@@ -331,11 +341,15 @@ class Run:
         header is sent, so a request that no replica takes gets its own status (502, 504, 429 with
         ``Retry-After``) rather than an error frame in a 200 stream. Nothing for other runs.
 
+        Except when every replica is at its concurrency limit: then the headers go out after one ping
+        interval, and the stream sends pings while the request waits for room (as a local model's queue
+        does); a failure after that wait is an error frame.
+
         On failure (or cancellation: the client left) everything ``start`` took is given back.
         """
         if not isinstance(self.job, UpstreamJob) or self._primed is not None:
             return
-        source = run_upstream(self.job)
+        source = run_upstream(self.job, self._pipeline.settings.queue.ping_interval_s)
         try:
             first = await anext(source)
         except StopAsyncIteration:
@@ -370,6 +384,8 @@ class Run:
 
     def _collect(self, item: Item) -> Piece | None:
         frames = self.call.frames
+        if isinstance(item, ChoiceWaiting):
+            return None
         if isinstance(item, ChoiceDelta):  # an upstream chunk: its text and call fragments as they are
             self._generated += 1  # about a token per chunk: what a stream that breaks off is charged
             if item.tool_calls:
