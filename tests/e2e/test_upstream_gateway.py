@@ -435,14 +435,14 @@ def test_a_partition_is_seen_within_the_connect_timeout_on_pooled_connections_to
         pytest.skip("loopback replicas: a partition is a frozen process, seen at the first-byte timeout")
     session = session_on(gateway, mended, 0)
     ss = ["ss", "-Htn", "state", "established", "dst", mended.network.addresses[0]]
-    with gateway.client(timeout=120) as client, ThreadPoolExecutor(2) as pool:
+    with gateway.client(timeout=120) as client, ThreadPoolExecutor(3) as pool:
         for _ in range(5):
-            # two at once on replica 0: two connections to it, idle after if the gateway keeps them alive
+            # three at once on replica 0: three connections to it, idle after if the gateway keeps them alive
             list(
-                pool.map(lambda _: client.chat.completions.create(**chat(2), extra_headers=session), range(2))
+                pool.map(lambda _: client.chat.completions.create(**chat(2), extra_headers=session), range(3))
             )
             pooled = subprocess.run(ss, capture_output=True, text=True, check=False).stdout.splitlines()
-            if len(pooled) >= 2:  # more than the health check's own connection
+            if pooled:
                 break
         else:
             pytest.skip("the gateway kept no idle connection to the replica after a burst: nothing to test")
