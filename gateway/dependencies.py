@@ -6,17 +6,22 @@ name them as parameters (``models: NamedDependency[ModelManager]``, ``store: ...
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
+from litestar.connection import ASGIConnection
 from litestar.datastructures import State
 from litestar.di import Provide
 
 from auth.authenticate import Authenticator
+from auth.principal import Principal
 from auth.store import IdentityStore
 from engine.models import ModelManager
 from gateway.admin.ops import FileDigests
 from gateway.cache.service import ResponseCache
 from gateway.openai.pipeline import Pipeline
 from gateway.ratelimit.limiter import RateLimiter
-from gateway.security import provide_principal
+from gateway.security import authenticate, provide_principal
 from gateway.settings import Settings
 from telemetry.setup import Telemetry
 
@@ -75,6 +80,25 @@ def provide_digests(state: State) -> FileDigests:
     return digests
 
 
+@dataclass(frozen=True, slots=True)
+class Inference:
+    """What a generating route needs, as one dependency: who asks, and the services that answer.
+
+    One dependency instead of four: Litestar resolves a route's independent dependencies concurrently, in
+    an anyio task group with a task each, which cost about a tenth of a response-cache hit's CPU.
+    """
+
+    principal: Principal
+    pipeline: Pipeline
+    models: ModelManager
+    settings: Settings
+
+
+async def provide_inference(request: ASGIConnection[Any, Any, Any, Any], state: State) -> Inference:
+    """The caller (authenticated by the route's guard, cached on the request) and the generating services."""
+    return Inference(await authenticate(request), state.pipeline, state.models, state.settings)
+
+
 DEPENDENCIES = {
     "settings": Provide(provide_settings, sync_to_thread=False),
     "model_manager": Provide(provide_models, sync_to_thread=False),
@@ -86,6 +110,7 @@ DEPENDENCIES = {
     "telemetry": Provide(provide_telemetry, sync_to_thread=False),
     "digests": Provide(provide_digests, sync_to_thread=False),
     "principal": Provide(provide_principal),
+    "inference": Provide(provide_inference),
 }
 """Every dependency a route may name. The names must not be a request body field of any route: Litestar
 reports a body validation error under a dependency's name as a 500 (a body ``cache`` or ``store`` field)."""

@@ -13,6 +13,7 @@ from litestar.params import FromPath, JSONBody
 from auth.principal import Principal
 from engine.models import ModelManager, ModelRuntime
 from gateway.cache.entry import CachedCompletion
+from gateway.dependencies import Inference
 from gateway.openai.frames import ChatFrames, CompletionFrames
 from gateway.openai.generation import (
     AnyJob,
@@ -22,14 +23,13 @@ from gateway.openai.generation import (
     prepare_completion,
     prepare_embeddings,
 )
-from gateway.openai.pipeline import Call, Pipeline, respond, until_disconnect
+from gateway.openai.pipeline import Call, respond, until_disconnect
 from gateway.openai.protocol.chat import ChatCompletion, ChatCompletionRequest
 from gateway.openai.protocol.completions import Completion, CompletionRequest
 from gateway.openai.protocol.embeddings import Embedding, EmbeddingList, EmbeddingRequest, EmbeddingUsage
 from gateway.openai.protocol.models import ModelList, ModelObject
 from gateway.pocket.sessions import recordable_session, session_for_recording, title_from
 from gateway.security import check_model_access, requires_inference
-from gateway.settings import Settings
 from gateway.sse import EventStream
 from telemetry.requests import current_request
 
@@ -64,10 +64,7 @@ class OpenAIController(Controller):
         self,
         request: Request[Any, Any, Any],
         data: JSONBody[ChatCompletionRequest],
-        model_manager: NamedDependency[ModelManager],
-        settings: NamedDependency[Settings],
-        principal: NamedDependency[Principal],
-        pipeline: NamedDependency[Pipeline],
+        inference: NamedDependency[Inference],
     ) -> Response[ChatCompletion] | EventStream:
         """OpenAI chat completions, JSON or SSE (``stream: true``).
 
@@ -76,7 +73,8 @@ class OpenAIController(Controller):
         Rate limits apply before generation (429 ``rate_limit_exceeded``); deterministic requests are
         answered from the response cache when they can be (``x-cache: hit|miss|bypass``).
         """
-        runtime = _resolve(model_manager, principal, data.model)
+        principal, pipeline, settings = inference.principal, inference.pipeline, inference.settings
+        runtime = _resolve(inference.models, principal, data.model)
         session_id = request.headers.get("x-session-id")
         record = None
         if session_id is not None:
@@ -115,13 +113,11 @@ class OpenAIController(Controller):
         self,
         request: Request[Any, Any, Any],
         data: JSONBody[CompletionRequest],
-        model_manager: NamedDependency[ModelManager],
-        settings: NamedDependency[Settings],
-        principal: NamedDependency[Principal],
-        pipeline: NamedDependency[Pipeline],
+        inference: NamedDependency[Inference],
     ) -> Response[Completion] | EventStream:
         """OpenAI (legacy) text completions, JSON or SSE; rate limits and the cache as for chat."""
-        runtime = _resolve(model_manager, principal, data.model)
+        principal, pipeline, settings = inference.principal, inference.pipeline, inference.settings
+        runtime = _resolve(inference.models, principal, data.model)
         include_usage = bool(data.stream_options and data.stream_options.include_usage)
         frames = CompletionFrames(completion_shape(data, runtime, settings.limits), data.model, include_usage)
         cache_control = request.headers.getall("cache-control", [])
@@ -137,14 +133,12 @@ class OpenAIController(Controller):
         self,
         request: Request[Any, Any, Any],
         data: JSONBody[EmbeddingRequest],
-        model_manager: NamedDependency[ModelManager],
-        settings: NamedDependency[Settings],
-        principal: NamedDependency[Principal],
-        pipeline: NamedDependency[Pipeline],
+        inference: NamedDependency[Inference],
     ) -> EmbeddingList:
         """Mean-pooled, normalised embeddings; ``encoding_format`` float or base64. Rate limits apply
         (input tokens count as TPM); a client that goes away stops the work before its next turn."""
-        runtime = _resolve(model_manager, principal, data.model)
+        principal, pipeline, settings = inference.principal, inference.pipeline, inference.settings
+        runtime = _resolve(inference.models, principal, data.model)
         job = await prepare_embeddings(data, runtime, settings.limits)
         vectors, used = await until_disconnect(request, pipeline.embed(job, principal))
         current_request().generated(used, 0)

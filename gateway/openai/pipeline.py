@@ -490,7 +490,10 @@ async def respond(request: Request[Any, Any, Any], run: Run, *, stream: bool) ->
     if stream:
         await until_disconnect(request, run.prime())
         return EventStream(stream_frames(run), run.headers)
-    answer = await until_disconnect(request, run.answer())
+    if run.hit:  # already whole: nothing to cancel if the client leaves, no watcher task to pay for
+        answer = await run.answer()
+    else:
+        answer = await until_disconnect(request, run.answer())
     return Response(frames.body(answer, run.cached_tokens), headers=run.headers)
 
 
