@@ -5,7 +5,12 @@ and ``stream_options.include_usage``, parses the upstream's SSE and yields one e
 it arrives (no added buffering). Until the first event is yielded nothing has reached the client, so a
 replica that refuses the connection, answers 502/503/504 or stays silent past ``first_byte_timeout_s`` is
 ejected and the request is tried on another one; after that, never: a replica that dies mid-stream ends
-the stream with ``UpstreamStreamError``. Closing the iterator (the client went away) closes the upstream
+the stream with ``UpstreamStreamError``. A request still waiting for its first byte on a replica that is
+ejected meanwhile (a failed health probe, another request's connect error) gives up that wait at once and is
+retried elsewhere: a connection kept alive to a host that dropped off the network would otherwise hold it
+until the first-byte timeout. The replica such a request waits on is probed every ``health_interval_s`` (on
+a new connection, as every probe), so a partition is seen within about the connect timeout even when no
+other request goes there. Closing the iterator (the client went away) closes the upstream
 connection at once, which is how llama-server, vLLM and this gateway learn to stop generating.
 
 This package is the only place an HTTP client to upstreams is imported (a ruff banned-api rule).
@@ -108,6 +113,52 @@ class _Retry(Exception):
         super().__init__(kind)
         self.kind = kind
         self.error = error
+
+
+class _FirstByte:
+    """One attempt on a replica until its first event: each wait (``async with``: sending, reading) ends at
+    ``deadline`` (loop time) with ``_Retry("timeout")``, or at once with ``_Retry("ejected")`` when the
+    replica is ejected meanwhile (``ReplicaSet.eject`` calls ``give_up``). Registered on the replica from
+    construction until ``done``."""
+
+    def __init__(self, replicas: ReplicaSet, replica: Replica, deadline: float) -> None:
+        self.replicas = replicas
+        self.replica = replica
+        self.deadline = deadline
+        self.ejected = False
+        self._scope: asyncio.Timeout | None = None
+        replicas.begin_wait(replica, self.give_up)
+
+    def give_up(self) -> None:
+        """The replica was ejected: end the current wait now (from any task on the loop; never raises)."""
+        self.ejected = True
+        scope = self._scope
+        if scope is not None and not scope.expired():
+            scope.reschedule(asyncio.get_running_loop().time())
+
+    def done(self) -> None:
+        """The first event came (or the attempt ended): ejections no longer concern this attempt."""
+        self.replicas.end_wait(self.replica, self.give_up)
+
+    def _retry(self) -> _Retry:
+        if self.ejected:
+            return _Retry("ejected", UpstreamUnavailableError("the upstream replica was ejected"))
+        return _Retry("timeout", UpstreamTimeoutError("the upstream did not answer in time"))
+
+    async def __aenter__(self) -> None:
+        if self.ejected:
+            raise self._retry()
+        scope = asyncio.timeout_at(self.deadline)
+        await scope.__aenter__()
+        self._scope = scope
+
+    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: Any) -> None:
+        scope, self._scope = self._scope, None
+        assert scope is not None
+        try:
+            await scope.__aexit__(kind, error, tb)
+        except TimeoutError:
+            raise self._retry() from None
 
 
 class _Chunks:
@@ -251,6 +302,7 @@ class UpstreamModel:
                 )
             self._api_key = key
         self._client: httpx.AsyncClient | None = None
+        self._probes: httpx.AsyncClient | None = None
         self._health: asyncio.Task[None] | None = None
         self._aborted: str | None = None
         self._idle = asyncio.Event()
@@ -277,6 +329,15 @@ class UpstreamModel:
             follow_redirects=False,
             trust_env=False,  # the upstream URL is what the configuration says, not a proxy's
         )
+        # Probes never reuse a connection: one kept alive to a host that dropped off the network would hang
+        # until the probe's whole timeout, where a new one fails at the connect timeout.
+        self._probes = httpx.AsyncClient(
+            timeout=httpx.Timeout(max(5.0, s.connect_timeout_s), connect=s.connect_timeout_s),
+            limits=httpx.Limits(max_keepalive_connections=0),
+            headers={"connection": "close"},
+            follow_redirects=False,
+            trust_env=False,
+        )
         self._health = asyncio.create_task(self._check_health(), name=f"pocketllm-upstream-health-{self.id}")
 
     async def close(self) -> None:
@@ -289,6 +350,9 @@ class UpstreamModel:
         if self._client is not None:
             await self._client.aclose()
             self._client = None
+        if self._probes is not None:
+            await self._probes.aclose()
+            self._probes = None
 
     def abort(self, reason: str) -> None:
         """Refuse new requests, and end running streams at their next chunk (shutdown)."""
@@ -380,13 +444,20 @@ class UpstreamModel:
                             span.set_attribute("error.type", retry.kind)
                             raise
                 except _Retry as retry:
-                    self.replicas.failed(replica, retry.kind)
-                    logger.warning(
-                        "upstream %s: replica %d failed before the first byte (%s); ejected",
-                        self.id,
-                        replica.index,
-                        retry.kind,
-                    )
+                    if retry.kind == "ejected":
+                        logger.info(
+                            "upstream %s: replica %d was ejected before the first byte; trying another",
+                            self.id,
+                            replica.index,
+                        )
+                    else:
+                        self.replicas.failed(replica, retry.kind)
+                        logger.warning(
+                            "upstream %s: replica %d failed before the first byte (%s); ejected",
+                            self.id,
+                            replica.index,
+                            retry.kind,
+                        )
                     last = retry.error
                 finally:
                     self.replicas.release(replica)
@@ -411,25 +482,39 @@ class UpstreamModel:
                 tried.add(replica.index)
                 try:
                     with self._span(replica, "embeddings", len(tried)) as (_, headers):
-                        response = await self._send(replica, "embeddings", content, headers)
-                        try:
-                            async with asyncio.timeout(self.settings.first_byte_timeout_s):
-                                data = await response.aread()
-                        except (TimeoutError, httpx.TransportError):
-                            raise _Retry(
-                                "read", UpstreamUnavailableError("no upstream replica answered")
-                            ) from None
-                        finally:
-                            await response.aclose()
+                        data = await self._fetch(replica, "embeddings", content, headers)
                     self.replicas.succeeded(replica)
                     return _embeddings(data, len(inputs))
                 except _Retry as retry:
-                    self.replicas.failed(replica, retry.kind)
-                    last = retry.error
+                    if retry.kind != "ejected":
+                        self.replicas.failed(replica, retry.kind)
+                        last = retry.error
                 finally:
                     self.replicas.release(replica)
         finally:
             self._leave()
+
+    async def _fetch(self, replica: Replica, path: str, content: bytes, headers: dict[str, str]) -> bytes:
+        """The whole body of a request that is not streamed; the head and then the body each within the
+        first-byte timeout, and both given up at once if the replica is ejected meanwhile."""
+        loop = asyncio.get_running_loop()
+        wait = _FirstByte(self.replicas, replica, loop.time() + self.settings.first_byte_timeout_s)
+        try:
+            response = await self._send(replica, path, content, headers, wait)
+            wait.deadline = loop.time() + self.settings.first_byte_timeout_s
+            try:
+                async with wait:
+                    return await response.aread()
+            except _Retry as retry:
+                if retry.kind == "ejected":
+                    raise
+                raise _Retry("read", UpstreamUnavailableError("no upstream replica answered")) from None
+            except httpx.TransportError:
+                raise _Retry("read", UpstreamUnavailableError("no upstream replica answered")) from None
+            finally:
+                await response.aclose()
+        finally:
+            wait.done()
 
     def _enter(self) -> None:
         self._running += 1
@@ -494,19 +579,18 @@ class UpstreamModel:
             yield span, headers
 
     async def _send(
-        self, replica: Replica, path: str, content: bytes, headers: dict[str, str]
+        self, replica: Replica, path: str, content: bytes, headers: dict[str, str], wait: _FirstByte
     ) -> httpx.Response:
-        """Send the request and wait for the response head (within the first-byte timeout); a status that
-        is not 200 becomes the right error here (its body read and the response closed)."""
+        """Send the request and wait for the response head (within ``wait``: the first-byte deadline, or
+        the replica's ejection); a status that is not 200 becomes the right error here (its body read and
+        the response closed)."""
         assert self._client is not None, "UpstreamModel.start() was not called"
         request = self._client.build_request(
             "POST", f"{replica.url}/{path}", content=content, headers=headers
         )
         try:
-            async with asyncio.timeout(self.settings.first_byte_timeout_s):
+            async with wait:
                 response = await self._client.send(request, stream=True)
-        except TimeoutError:
-            raise _Retry("timeout", UpstreamTimeoutError("the upstream did not answer in time")) from None
         except httpx.TimeoutException:  # the connect timeout
             raise _Retry("connect", UpstreamUnavailableError("the upstream is unreachable")) from None
         except httpx.TransportError as exc:
@@ -541,82 +625,98 @@ class UpstreamModel:
         self, replica: Replica, path: str, content: bytes, headers: dict[str, str], chat: bool
     ) -> AsyncGenerator[UpstreamEvent]:
         """One try on one replica. Before its first event is yielded a failure raises ``_Retry`` (or a
-        final error); after, ``UpstreamStreamError``."""
+        final error), and so does the replica's ejection; after, ``UpstreamStreamError``."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.first_byte_timeout_s
-        response = await self._send(replica, path, content, headers)
-        chunks = _Chunks(chat)
-        parser = SSEParser()
-        started = False
-        raw_chunks = response.aiter_raw()
+        wait = _FirstByte(self.replicas, replica, loop.time() + self.settings.first_byte_timeout_s)
         try:
-            while not chunks.done:
-                limit = loop.time() + self.settings.idle_timeout_s if started else deadline
-                raw = await self._read(replica, raw_chunks, limit, started)
-                if raw is None:
-                    break
-                try:
-                    events = list(parser.feed(raw))
-                except ValueError as exc:
-                    raise UpstreamStreamError(str(exc)) from None
-                for event in events:
-                    delta = chunks.handle(event)
-                    if delta is None:
-                        continue
-                    if not started:
-                        started = True
-                        self.replicas.succeeded(replica)
-                    self.raise_if_aborted()
-                    yield delta
-            if not chunks.done:
-                tail = parser.close()
-                delta = chunks.handle(tail) if tail is not None else None
-                if delta is not None:
-                    yield delta
-            if not started and chunks.finish_reason is None:
-                # closed without a word: a replica that went away between the head and the body
-                raise _Retry("empty stream", UpstreamUnavailableError("the upstream is unavailable"))
-            if chunks.finish_reason is None:
-                self.replicas.failed(replica, "broken stream")
-            finish = chunks.finish()
-            if not started:
-                self.replicas.succeeded(replica)
-            yield finish
+            response = await self._send(replica, path, content, headers, wait)
+            chunks = _Chunks(chat)
+            parser = SSEParser()
+            started = False
+            raw_chunks = response.aiter_raw()
+            try:
+                while not chunks.done:
+                    raw = await self._read(replica, raw_chunks, None if started else wait)
+                    if raw is None:
+                        break
+                    try:
+                        events = list(parser.feed(raw))
+                    except ValueError as exc:
+                        raise UpstreamStreamError(str(exc)) from None
+                    for event in events:
+                        delta = chunks.handle(event)
+                        if delta is None:
+                            continue
+                        if not started:
+                            started = True
+                            wait.done()  # streaming: an ejection from now on leaves this stream alone
+                            self.replicas.succeeded(replica)
+                        self.raise_if_aborted()
+                        yield delta
+                if not chunks.done:
+                    tail = parser.close()
+                    delta = chunks.handle(tail) if tail is not None else None
+                    if delta is not None:
+                        yield delta
+                if not started and chunks.finish_reason is None:
+                    # closed without a word: a replica that went away between the head and the body
+                    raise _Retry("empty stream", UpstreamUnavailableError("the upstream is unavailable"))
+                if chunks.finish_reason is None:
+                    self.replicas.failed(replica, "broken stream")
+                finish = chunks.finish()
+                if not started:
+                    self.replicas.succeeded(replica)
+                yield finish
+            finally:
+                await raw_chunks.aclose()  # type: ignore[attr-defined]
+                await response.aclose()  # unread: the connection is closed, the upstream stops generating
         finally:
-            await raw_chunks.aclose()  # type: ignore[attr-defined]
-            await response.aclose()  # unread: the connection is closed, and the upstream stops generating
+            wait.done()
 
     async def _read(
-        self, replica: Replica, chunks: AsyncIterator[bytes], limit: float, started: bool
+        self, replica: Replica, chunks: AsyncIterator[bytes], wait: _FirstByte | None
     ) -> bytes | None:
-        """The next bytes of a stream by ``limit`` (loop time); ``None`` at its end."""
+        """The next bytes of a stream, ``None`` at its end: within ``wait`` until the first event (which
+        raises ``_Retry``), then (``wait`` is ``None``) within the idle timeout."""
+        if wait is not None:
+            try:
+                async with wait:
+                    return await anext(chunks)
+            except StopAsyncIteration:
+                return None
+            except httpx.TransportError:
+                raise _Retry("read", UpstreamUnavailableError("the upstream is unavailable")) from None
         try:
-            async with asyncio.timeout_at(limit):
+            async with asyncio.timeout(self.settings.idle_timeout_s):
                 return await anext(chunks)
         except StopAsyncIteration:
             return None
         except TimeoutError:
-            if not started:
-                error = UpstreamTimeoutError("the upstream did not answer in time")
-                raise _Retry("timeout", error) from None
             self.replicas.failed(replica, "idle")
             raise UpstreamStreamError(
                 f"the upstream sent nothing for {self.settings.idle_timeout_s:g}s; the stream was ended"
             ) from None
         except httpx.TransportError:
-            if not started:
-                raise _Retry("read", UpstreamUnavailableError("the upstream is unavailable")) from None
             self.replicas.failed(replica, "broken stream")
             raise UpstreamStreamError("the upstream replica failed while streaming") from None
 
     # --- health ------------------------------------------------------------------------------------
     async def _check_health(self) -> None:
+        """Every ``health_interval_s``: probe the ejected replicas (a success re-admits one), and the
+        replicas where a request has waited a whole interval for its first byte (a failure ejects one, which
+        sends its waiting requests elsewhere); every ``HEALTHY_PROBE_EVERY`` intervals, every replica."""
+        interval = self.settings.health_interval_s
         rounds = 0
         while True:
-            await asyncio.sleep(self.settings.health_interval_s)
+            await asyncio.sleep(interval)
             rounds += 1
             probe_healthy = rounds % HEALTHY_PROBE_EVERY == 0
-            targets = [r for r in self.replicas.replicas if r.state == "ejected" or probe_healthy]
+            now = time.monotonic()
+            targets = [
+                r
+                for r in self.replicas.replicas
+                if r.state == "ejected" or probe_healthy or r.longest_wait(now) >= interval
+            ]
             results = await asyncio.gather(*(self.probe(r) for r in targets), return_exceptions=True)
             for replica, alive in zip(targets, results, strict=True):
                 if alive is True and replica.state == "ejected":
@@ -627,18 +727,18 @@ class UpstreamModel:
                         "upstream %s: replica %d failed its health check; ejected", self.id, replica.index
                     )
                     self.replicas.failed(replica, "probe")
+                elif alive is not True and replica.longest_wait(time.monotonic()) > 0:
+                    # still ejected (every replica was, and a request tried this one anyway): its waits end
+                    self.replicas.eject(replica)
 
     async def probe(self, replica: Replica) -> bool:
         """Whether ``replica`` answers ``GET {base}/models`` with any status below 500 (a 401 from a gateway
-        that wants another key still proves it is up)."""
-        if self._client is None:
+        that wants another key still proves it is up), on a new connection closed after it."""
+        if self._probes is None:
             return False
         headers = {"authorization": f"Bearer {self._api_key}"} if self._api_key else {}
-        timeout = httpx.Timeout(
-            max(5.0, self.settings.connect_timeout_s), connect=self.settings.connect_timeout_s
-        )
         try:
-            response = await self._client.get(f"{replica.url}/models", headers=headers, timeout=timeout)
+            response = await self._probes.get(f"{replica.url}/models", headers=headers)
         except httpx.HTTPError:
             return False
         return response.status_code < 500

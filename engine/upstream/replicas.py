@@ -8,6 +8,9 @@
   replica is healthy; when it is ejected only its own sessions move, and they come back when it returns.
 - **Passive ejection**: a connect error, a first-byte timeout or a 502/503/504 ejects a replica at once;
   other 5xx after ``EJECT_AFTER_5XX`` in a row.
+- **Ejection ends waits**: a request sent to a replica that has not had its first byte yet registers a
+  callback (``begin_wait``); ejecting the replica calls it, so the request gives up at once and is retried
+  on another replica (nothing has reached its client). Streams already under way are left alone.
 - **Re-admission**: the active health check (``UpstreamModel``) probes ejected replicas and re-admits one
   that answers.
 - When every replica is ejected, requests still try them (each once) rather than failing on state that
@@ -21,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Literal
@@ -49,6 +52,8 @@ class Replica:
     last_error: str | None = None
     """What ejected it (a kind such as ``connect``, ``timeout``, ``status 503``), never a message."""
     _hash_key: bytes = field(default=b"", repr=False)
+    _waiting: dict[Callable[[], None], float] = field(default_factory=dict, repr=False)
+    """Requests waiting for their first byte here: the callback that ends each wait, and when it began."""
 
     @property
     def host(self) -> str:
@@ -60,6 +65,11 @@ class Replica:
     def has_room(self) -> bool:
         """Whether another request may start here now."""
         return not self.max_concurrency or self.outstanding < self.max_concurrency
+
+    def longest_wait(self, now: float) -> float:
+        """Seconds (to ``now``, from ``time.monotonic``) the oldest request still waiting for its first byte
+        here has waited; 0 when none waits."""
+        return now - min(self._waiting.values()) if self._waiting else 0.0
 
     def weight(self, key: str) -> bytes:
         """This replica's rendezvous weight for ``key`` (the highest wins)."""
@@ -148,11 +158,24 @@ class ReplicaSet:
         self.eject(replica)
 
     def eject(self, replica: Replica) -> None:
-        """Stop sending new requests to ``replica`` until a probe re-admits it."""
+        """Stop sending new requests to ``replica`` until a probe re-admits it, and end the waits of the
+        requests there that have not had their first byte (they are retried elsewhere)."""
         if replica.state != "ejected":
             replica.state = "ejected"
             replica.ejected_at = time.monotonic()
+        for give_up in list(replica._waiting):
+            give_up()
         self._room.set()  # waiters re-choose among the others
+
+    def begin_wait(self, replica: Replica, give_up: Callable[[], None]) -> None:
+        """A request on ``replica`` waits for its first byte: ``give_up`` is called if the replica is
+        ejected meanwhile (it must only signal the request, never raise), until ``end_wait``."""
+        replica._waiting[give_up] = time.monotonic()
+
+    def end_wait(self, replica: Replica, give_up: Callable[[], None]) -> None:
+        """The wait registered with ``give_up`` ended (the first byte came, or the request failed); from
+        now on an ejection leaves that request alone. Idempotent."""
+        replica._waiting.pop(give_up, None)
 
     def admit(self, replica: Replica) -> None:
         """A probe found ``replica`` answering: it takes requests again."""

@@ -1,16 +1,21 @@
-"""Upstream engines without a network: replica choice, stickiness, ejection and re-admission, the SSE
-parser, stream chunks -> events, and the settings that configure an upstream model."""
+"""Upstream engines without a real upstream: replica choice, stickiness, ejection and re-admission, the SSE
+parser, stream chunks -> events, the settings that configure an upstream model; and, on real loopback
+sockets (small asyncio HTTP servers), what an ejection does to requests still waiting for their first byte,
+and that health probes never reuse a connection."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
+from collections.abc import Callable
 
 import pytest
 
 from engine.tools import ArgumentsDelta, ToolCallStart
+from engine.upstream.config import UpstreamSettings
 from engine.upstream.errors import UpstreamStreamError, scrub
-from engine.upstream.model import UpstreamDelta, _Chunks, estimate_tokens
+from engine.upstream.model import UpstreamDelta, UpstreamFinish, UpstreamModel, _Chunks, estimate_tokens
 from engine.upstream.replicas import EJECT_AFTER_5XX, ReplicaSet
 from engine.upstream.sse import SSEEvent, SSEParser
 from gateway.settings import SettingsError, load_settings, settings_from_mapping
@@ -255,3 +260,210 @@ def test_upstream_from_the_environment() -> None:
     assert (
         upstream.urls == URLS[:2] and upstream.max_concurrency == 4 and upstream.api_key_env == "UPSTREAM_KEY"
     )
+
+
+# --- ejection and requests waiting for their first byte (real sockets) ---------------------------------
+class Replica:
+    """A loopback HTTP/1.1 server standing in for an upstream replica. ``GET /v1/models`` answers at once;
+    a ``POST`` is never answered when ``silent`` (the request waits, as on a kept-alive connection to a
+    host that dropped off the network), else answered with a short SSE stream, ``gap_s`` between chunks."""
+
+    def __init__(self, *, silent: bool = False, gap_s: float = 0.0) -> None:
+        self.silent = silent
+        self.gap_s = gap_s
+        self.connections = 0
+        self.closed_by_client = 0
+        """connections the client closed (EOF) while the server still waited on them"""
+        self.posts_waiting = 0
+        self.posts_abandoned = 0
+        self.posts_answered = 0
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        return f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/v1"
+
+    async def __aenter__(self) -> Replica:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        self.stop_listening()
+        for writer in list(self._writers):
+            writer.close()
+        assert self._server is not None
+        await self._server.wait_closed()
+
+    def stop_listening(self) -> None:
+        """New connections are refused from now on; those already open stay (a host gone from the network
+        for new connections, its kept-alive ones silent)."""
+        assert self._server is not None
+        self._server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self._writers.add(writer)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                lines = head.decode().split("\r\n")
+                length = next(
+                    (int(line.split(":")[1]) for line in lines if line.lower().startswith("content-length:")),
+                    0,
+                )
+                if length:
+                    await reader.readexactly(length)
+                if lines[0].startswith("GET"):
+                    body = b'{"object":"list","data":[]}'
+                    writer.write(
+                        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                        + f"content-length: {len(body)}\r\n\r\n".encode()
+                        + body
+                    )
+                    await writer.drain()
+                    continue
+                if self.silent:
+                    self.posts_waiting += 1
+                    await reader.read()  # returns at EOF: the client gave up on this request
+                    self.posts_waiting -= 1
+                    self.posts_abandoned += 1
+                    return
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n"
+                )
+                chunks = [
+                    '{"choices":[{"delta":{"content":"Hel"}}]}',
+                    '{"choices":[{"delta":{"content":"lo"},"finish_reason":"length"}]}',
+                    '{"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":2,"total_tokens":7}}',
+                    "[DONE]",
+                ]
+                for n, chunk in enumerate(chunks):
+                    if n:
+                        await asyncio.sleep(self.gap_s)
+                    writer.write(f"data: {chunk}\n\n".encode())
+                    await writer.drain()
+                self.posts_answered += 1
+                return
+        except asyncio.IncompleteReadError:
+            self.closed_by_client += 1
+        except ConnectionError:
+            pass
+        finally:
+            self._writers.discard(writer)
+            writer.close()
+
+
+async def _until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {timeout_s} s"
+        await asyncio.sleep(0.01)
+
+
+def _model(*urls: str, health_interval_s: float = 60.0) -> UpstreamModel:
+    settings = UpstreamSettings(
+        urls=list(urls),
+        model="m",
+        connect_timeout_s=1.0,
+        first_byte_timeout_s=30.0,  # far beyond what these tests wait: only an ejection can end a wait
+        idle_timeout_s=5.0,
+        health_interval_s=health_interval_s,
+    )
+    return UpstreamModel("m", settings, env={})
+
+
+BODY = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+
+
+def test_ejection_sends_a_request_waiting_for_its_first_byte_to_another_replica() -> None:
+    async def run() -> None:
+        async with Replica(silent=True) as silent, Replica() as answering:
+            model = _model(silent.url, answering.url)  # both idle: the first request goes to replica 0
+            await model.start()
+            events = model.stream("chat/completions", BODY)
+            try:
+                first = asyncio.ensure_future(anext(events))
+                await _until(lambda: silent.posts_waiting == 1)
+                waiting_on = model.replicas.replicas[0]
+                assert waiting_on.longest_wait(time.monotonic()) > 0
+                ejected = time.monotonic()
+                model.replicas.failed(waiting_on, "connect")  # as another request's connect error does
+                event = await asyncio.wait_for(first, 5)
+                retried_in = time.monotonic() - ejected
+                rest = [e async for e in events]
+            finally:
+                await events.aclose()
+                await model.close()
+            assert event == UpstreamDelta("Hel")
+            assert rest[0] == UpstreamDelta("lo") and isinstance(rest[-1], UpstreamFinish)
+            assert retried_in < 2.0  # not the 30 s first-byte timeout
+            assert answering.posts_answered == 1
+            await _until(lambda: silent.posts_abandoned == 1)  # its connection was closed: the upstream knows
+            assert waiting_on.longest_wait(time.monotonic()) == 0
+            assert waiting_on.last_error == "connect"  # what ejected it, not overwritten by the retry
+
+    asyncio.run(run())
+
+
+def test_a_replica_a_request_waits_on_is_probed_and_its_partition_found() -> None:
+    async def run() -> None:
+        async with Replica(silent=True) as cut_off, Replica() as answering:
+            model = _model(cut_off.url, answering.url, health_interval_s=0.1)
+            await model.start()
+            events = model.stream("chat/completions", BODY)
+            try:
+                first = asyncio.ensure_future(anext(events))
+                await _until(lambda: cut_off.posts_waiting == 1)
+                cut_off.stop_listening()  # new connections (the probe's) are refused; the request's hangs
+                started = time.monotonic()
+                event = await asyncio.wait_for(first, 5)
+                found_in = time.monotonic() - started
+                rest = [e async for e in events]
+            finally:
+                await events.aclose()
+                await model.close()
+            replica = model.replicas.replicas[0]
+            assert event == UpstreamDelta("Hel") and isinstance(rest[-1], UpstreamFinish)
+            assert replica.state == "ejected" and replica.last_error == "probe"
+            assert found_in < 2.0  # about two health intervals, not the 30 s first-byte timeout
+            await _until(lambda: cut_off.posts_abandoned == 1)
+
+    asyncio.run(run())
+
+
+def test_ejection_leaves_a_stream_under_way_alone() -> None:
+    async def run() -> None:
+        async with Replica(gap_s=0.2) as slow:
+            model = _model(slow.url)
+            await model.start()
+            events = model.stream("chat/completions", BODY)
+            try:
+                first = await anext(events)
+                model.replicas.failed(model.replicas.replicas[0], "connect")  # ejected mid-stream
+                rest = [e async for e in events]
+            finally:
+                await events.aclose()
+                await model.close()
+            assert first == UpstreamDelta("Hel")
+            assert rest[0] == UpstreamDelta("lo") and isinstance(rest[-1], UpstreamFinish)
+            assert slow.posts_answered == 1
+
+    asyncio.run(run())
+
+
+def test_health_probes_use_a_new_connection_each_time() -> None:
+    async def run() -> None:
+        async with Replica() as replica:
+            model = _model(replica.url)
+            await model.start()
+            try:
+                target = model.replicas.replicas[0]
+                assert await model.probe(target) and await model.probe(target)
+            finally:
+                await model.close()
+            assert replica.connections == 2
+            await _until(lambda: replica.closed_by_client == 2)  # none kept alive
+
+    asyncio.run(run())
