@@ -16,6 +16,7 @@ import json
 import os
 import secrets
 import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ import httpx
 import openai
 import pytest
 
+from tests import upstream_support
 from tests.api.cache_support import new_key
 from tests.conftest import MODEL_ID, NO_EOS, ServedApp, create_key, free_port, login, serve
 from tests.serve_support import server_env, start_server, wait_healthy
@@ -46,44 +48,39 @@ def _closed_port_url() -> str:
 
 @pytest.fixture(scope="module")
 def llama_server_binary() -> Path:
-    """The ``llama-server`` binary (built once and cached)."""
-    cached = sorted(Path.home().glob(".cache/pocketllm/llama-server-*/build/bin/llama-server"))
-    if cached:
-        return cached[-1]
-    from bench.build_llama_server import DEFAULT_CACHE, build  # noqa: PLC0415
-
-    try:
-        return build(DEFAULT_CACHE, 2)
-    except (OSError, subprocess.CalledProcessError) as exc:  # pragma: no cover - depends on the machine
-        pytest.skip(f"llama-server could not be built: {exc}")
+    """The ``llama-server`` binary for the installed llama-cpp-python (built once and cached); the tests are
+    skipped, saying why, when there is none and it cannot be built (see ``tests.upstream_support``)."""
+    return upstream_support.llama_server_binary()
 
 
 @contextlib.contextmanager
 def run_llama_server(binary: Path, model: Path, *extra: str) -> Iterator[str]:
     """``llama-server`` with the SmolLM2 model on a free loopback port (``--jinja``: the model's own chat
-    template renders messages and tools); yields its base URL (no /v1)."""
+    template renders messages and tools); yields its base URL (no /v1). Its output goes to a log file (a
+    pipe nobody reads would block it once full), whose tail is shown if it exits early."""
     port = free_port()
-    process = subprocess.Popen(
-        [
-            *(str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port)),
-            *("-np", "2", "-c", "2048", "-t", "1", "--slots", "--no-webui", "--jinja", *extra),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    log_path = Path(tempfile.mkdtemp(prefix="pocketllm-llama-server-")) / "llama-server.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [
+                *(str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port)),
+                *("-np", "2", "-c", "2048", "-t", "1", "--slots", "--no-webui", "--jinja", *extra),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
         while True:
             if process.poll() is not None:
-                raise AssertionError(
-                    f"llama-server exited: {process.stderr.read() if process.stderr else ''}"
-                )
+                tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
+                raise AssertionError(f"llama-server exited ({process.returncode}); log {log_path}:\n{tail}")
             with contextlib.suppress(httpx.TransportError):
                 if httpx.get(f"{base}/health", timeout=2).status_code == 200:
                     break
-            assert time.monotonic() < deadline, "llama-server never became healthy"
+            assert time.monotonic() < deadline, f"llama-server never became healthy (log {log_path})"
             time.sleep(0.2)
         yield base
     finally:
@@ -93,8 +90,6 @@ def run_llama_server(binary: Path, model: Path, *extra: str) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-        if process.stderr is not None:
-            process.stderr.close()
 
 
 @pytest.fixture(scope="module")
@@ -123,8 +118,6 @@ def llama_tools(llama_server_binary: Path, model_path: Path) -> Iterator[str]:
 
 
 def upstream_settings(models: list[dict[str, Any]]) -> Any:
-    import tempfile  # noqa: PLC0415
-
     from gateway.settings import settings_from_mapping  # noqa: PLC0415
 
     return settings_from_mapping(
