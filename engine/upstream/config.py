@@ -36,4 +36,5 @@ class UpstreamSettings(Struct, forbid_unknown_fields=True, kw_only=True):
     max_concurrency: Annotated[int, Meta(ge=0)] = 0
     """Requests in flight per replica; 0: unlimited."""
     health_interval_s: Seconds = 2.0
-    """How often ejected replicas are probed for re-admission (healthy ones every 5 intervals)."""
+    """How often ejected replicas are probed for re-admission, and healthy ones where a request has waited
+    this long for its first byte (a failed probe ejects; healthy replicas are probed every 5 intervals)."""
