@@ -10,6 +10,8 @@ from typing import Annotated, Literal
 
 from msgspec import Meta, Struct
 
+from engine.upstream.config import UpstreamSettings
+
 PositiveInt = Annotated[int, Meta(ge=1)]
 Seconds = Annotated[float, Meta(gt=0)]
 
@@ -42,6 +44,9 @@ class ModelSettings(Struct, forbid_unknown_fields=True, kw_only=True):
     kv_cache_mib: Annotated[int, Meta(ge=0)] = 512
     """Host-memory KV cache of sequences pushed out of their slot (LRU; 0: none). This model's KV state is
     about 22 KiB per token: 64 chat sessions of ~700 tokens need ~1 GiB to all come back warm."""
+    upstream: UpstreamSettings | None = None
+    """Served by remote OpenAI-compatible replicas instead of a local GGUF (then ``path``, ``source`` and
+    the local engine's settings do not apply); see ``engine.upstream``."""
     engine: Literal["batched", "sequential"] = "batched"
     """``batched``: all slots in one context, decoded together (continuous batching);
     ``sequential``: one llama.cpp context and thread per slot (the reference engine)."""

@@ -18,8 +18,11 @@ from engine.llamacpp import open_engine
 from engine.llamacpp.model import check_gguf
 from engine.pool import PoolObserver, SlotPool
 from engine.registry import load_registry
+from engine.upstream.model import PROVIDER as UPSTREAM_PROVIDER
+from engine.upstream.model import UpstreamModel
 
 logger = logging.getLogger("pocketllm.models")
+LOCAL_PROVIDER = "llama.cpp"
 
 ModelState = Literal["loading", "ready", "failed", "unloading", "unloaded"]
 
@@ -55,6 +58,18 @@ class ModelRuntime:
     """Identifies the exact weights (registry sha256, else a digest of path, size and mtime)."""
     loads: int = 0
     """Successful loads in this process (more than one: it was reloaded)."""
+    upstream: UpstreamModel | None = None
+    """An upstream model's client, replicas and health checks, once loaded (no engine, no pools)."""
+
+    @property
+    def is_upstream(self) -> bool:
+        """Whether remote replicas serve this model (``settings.upstream``)."""
+        return self.settings.upstream is not None
+
+    @property
+    def provider(self) -> str:
+        """``gen_ai.provider.name``: ``llama.cpp`` here, ``openai`` for an OpenAI-compatible upstream."""
+        return UPSTREAM_PROVIDER if self.is_upstream else LOCAL_PROVIDER
 
     @property
     def id(self) -> str:
@@ -71,11 +86,22 @@ class ModelRuntime:
         """The generation and embedding pools of a loaded model."""
         return [pool for pool in (self.pool, self.embed_pool) if pool is not None]
 
+    def check_ready(self) -> None:
+        """``ModelNotReadyError`` unless the model (local or upstream) is loaded."""
+        if self.state != "ready":
+            raise ModelNotReadyError(f"the model `{self.id}` is {self.state}")
+
     def ready(self) -> tuple[Engine, SlotPool]:
-        """The engine and pool; ``ModelNotReadyError`` when the model is not loaded."""
+        """The engine and pool of a local model; ``ModelNotReadyError`` when it is not loaded."""
         if self.state != "ready" or self.engine is None or self.pool is None:
             raise ModelNotReadyError(f"the model `{self.id}` is {self.state}")
         return self.engine, self.pool
+
+    def ready_upstream(self) -> UpstreamModel:
+        """The upstream of an upstream model; ``ModelNotReadyError`` when it is not loaded."""
+        if self.state != "ready" or self.upstream is None:
+            raise ModelNotReadyError(f"the model `{self.id}` is {self.state}")
+        return self.upstream
 
 
 class ModelManager:
@@ -108,7 +134,7 @@ class ModelManager:
         registry = load_registry()
         for model, path in models:
             runtime = ModelRuntime(model, path)
-            source = registry.get(model.source or model.id) if not model.path else None
+            source = registry.get(model.source or model.id) if not model.path and not model.upstream else None
             runtime.digest = source.sha256 if source else ""
             self._runtimes[model.id] = runtime
             for name in (model.id, *model.aliases):
@@ -147,6 +173,8 @@ class ModelManager:
             if runtime.state == "ready":
                 return True
             runtime.state, runtime.error = "loading", None
+            if runtime.settings.upstream is not None:
+                return await self._open_upstream(runtime)
             started = time.perf_counter()
             try:
                 engine = await asyncio.to_thread(self._open, runtime)
@@ -192,6 +220,30 @@ class ModelManager:
             )
             return True
 
+    async def _open_upstream(self, runtime: ModelRuntime) -> bool:
+        """An upstream model is ready once its client and health checks run (replicas need not answer yet:
+        the health checks and the first requests find out)."""
+        assert runtime.settings.upstream is not None
+        try:
+            upstream = UpstreamModel(runtime.id, runtime.settings.upstream, max_wait_s=self._queue.max_wait_s)
+        except EngineError as exc:
+            runtime.state, runtime.error = "failed", str(exc)
+            logger.error("model %s failed to load: %s", runtime.id, exc)
+            return False
+        await upstream.start()
+        runtime.upstream, runtime.digest = upstream, upstream.digest
+        runtime.state = "ready"
+        runtime.loads += 1
+        if runtime.loads > 1 and self._on_reload is not None:
+            await self._on_reload(runtime.id)
+        logger.info(
+            "model %s served by %d upstream replica(s) as %r",
+            runtime.id,
+            len(upstream.replicas.replicas),
+            upstream.upstream_model,
+        )
+        return True
+
     def _open(self, runtime: ModelRuntime) -> Engine:
         model = runtime.settings
         size = check_gguf(runtime.path)
@@ -217,6 +269,19 @@ class ModelManager:
         """Stop taking requests for a model, let in-flight ones finish (bounded), then free it."""
         runtime = self.resolve(model_id)
         async with self._lock:
+            if runtime.upstream is not None:
+                runtime.state = "unloading"
+                upstream = runtime.upstream
+                try:
+                    async with asyncio.timeout(drain_timeout_s):
+                        await upstream.drained()
+                except TimeoutError:
+                    logger.warning("model %s: unloading with requests still in flight", runtime.id)
+                upstream.abort(f"the model {runtime.id} was unloaded")
+                await upstream.close()
+                runtime.upstream, runtime.state = None, "unloaded"
+                logger.info("model %s unloaded", runtime.id)
+                return
             if runtime.state != "ready" or runtime.engine is None or runtime.pool is None:
                 runtime.state = "unloaded"
                 return
@@ -238,16 +303,23 @@ class ModelManager:
         for runtime in self._runtimes.values():
             for pool in runtime.pools:
                 await pool.drained()
+            if runtime.upstream is not None:
+                await runtime.upstream.drained()
 
     def abort(self, reason: str) -> None:
         """Fail every queued request and stop running ones at their next token (shutdown)."""
         for runtime in self._runtimes.values():
             for pool in runtime.pools:
                 pool.abort(reason)
+            if runtime.upstream is not None:
+                runtime.upstream.abort(reason)
 
     async def close(self) -> None:
         """Free every engine."""
         for runtime in self._runtimes.values():
+            if runtime.upstream is not None:
+                await runtime.upstream.close()
+                runtime.upstream, runtime.state = None, "unloaded"
             if runtime.engine is not None:
                 await asyncio.to_thread(runtime.engine.close)
                 runtime.engine = runtime.pool = runtime.embed_pool = None

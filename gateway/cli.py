@@ -38,6 +38,8 @@ def prepare_models(settings: Settings) -> None:
     """
     registry = load_registry()
     for model in settings.models:
+        if model.upstream is not None:
+            continue  # served by its replicas: nothing to pull or check here
         path = settings.model_path(model)
         if not model.path:
             entry = registry.get(model.source or model.id)
@@ -185,7 +187,7 @@ def models_command(args: argparse.Namespace) -> int:
     _configure_logging(settings)
     registry = load_registry()
     if args.models_command == "list":
-        configured = {m.source or m.id for m in settings.models if not m.path}
+        configured = {m.source or m.id for m in settings.models if not m.path and not m.upstream}
         print(f"{'NAME':28} {'KIND':11} {'PRESENT':8} {'SERVED':7} DESCRIPTION")
         for entry in registry.values():
             info = _describe(entry, settings)
@@ -194,7 +196,10 @@ def models_command(args: argparse.Namespace) -> int:
                 f"{'yes' if entry.name in configured else 'no':7} {entry.description}"
             )
         for model in settings.models:
-            if model.path:
+            if model.upstream is not None:
+                replicas = len(model.upstream.urls)
+                print(f"{model.id:28} {'upstream':11} {'-':8} {'yes':7} {replicas} replica(s)")
+            elif model.path:
                 print(
                     f"{model.id:28} {'local':11} {'yes' if settings.model_path(model).exists() else 'no':8} "
                     f"{'yes':7} {settings.model_path(model)}"

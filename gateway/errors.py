@@ -33,6 +33,15 @@ from engine.base import (
 )
 from engine.models import ModelNotReadyError, UnknownModelError
 from engine.pool import QueueFullError, QueueTimeoutError, ShuttingDownError
+from engine.upstream.errors import (
+    UpstreamBusyError,
+    UpstreamRateLimitedError,
+    UpstreamRequestError,
+    UpstreamResponseError,
+    UpstreamStreamError,
+    UpstreamTimeoutError,
+    UpstreamUnavailableError,
+)
 from gateway.openai.protocol.common import ErrorBody, ErrorEnvelope
 from telemetry.requests import current_request
 
@@ -195,6 +204,26 @@ class ServiceUnavailableError(GatewayError):
         super().__init__(message, code=code, headers={"Retry-After": str(max(1, retry_after))})
 
 
+class BadGatewayError(GatewayError):
+    """502: the model's upstream could not answer (unreachable, every replica failed, a broken stream)."""
+
+    status_code = 502
+    error_type = "server_error"
+    default_code = "upstream_unavailable"
+
+    def __init__(self, message: str, *, code: str | None = None, retry_after: int | None = None) -> None:
+        headers = {"Retry-After": str(max(1, retry_after))} if retry_after is not None else None
+        super().__init__(message, code=code, headers=headers)
+
+
+class GatewayTimeoutError(GatewayError):
+    """504: no replica of the model's upstream answered within its first-byte timeout."""
+
+    status_code = 504
+    error_type = "server_error"
+    default_code = "upstream_timeout"
+
+
 class InternalError(GatewayError):
     """500: something failed inside the gateway; details go to the log only."""
 
@@ -230,6 +259,27 @@ def from_engine_error(exc: EngineError) -> GatewayError:
         return ServiceUnavailableError(f"the model is not available: {exc}", code="model_not_loaded")
     if isinstance(exc, EngineCrashedError):
         return InternalError("the engine failed while generating; the request was aborted")
+    # upstream models: messages name the model and replica indexes, never a URL or a key
+    if isinstance(exc, UpstreamUnavailableError):
+        return BadGatewayError(str(exc), retry_after=retry_after)
+    if isinstance(exc, UpstreamTimeoutError):
+        return GatewayTimeoutError(str(exc))
+    if isinstance(exc, UpstreamBusyError):
+        return ServiceUnavailableError(str(exc), code="upstream_busy", retry_after=retry_after)
+    if isinstance(exc, UpstreamRateLimitedError):
+        return RateLimitError(
+            f"the model's upstream is rate limiting: {exc}",
+            code="upstream_rate_limited",
+            headers={"Retry-After": str(retry_after)},
+        )
+    if isinstance(exc, UpstreamRequestError):
+        return InvalidRequestError(
+            f"the model's upstream refused the request: {exc}", code="upstream_invalid_request"
+        )
+    if isinstance(exc, UpstreamStreamError):
+        return BadGatewayError(f"the model's upstream failed: {exc}", code="upstream_stream_error")
+    if isinstance(exc, UpstreamResponseError):
+        return BadGatewayError(f"the model's upstream failed: {exc}", code="upstream_error")
     return InternalError("the engine failed")
 
 

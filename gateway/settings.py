@@ -5,6 +5,8 @@ Settings are built once (``load_settings``) and passed into ``create_app``; noth
 Environment overrides:
 - ``POCKETLLM_<SECTION>__<FIELD>`` for any scalar field of a section, e.g. ``POCKETLLM_SERVER__PORT=9000``,
   ``POCKETLLM_QUEUE__MAX_WAIT_S=30``; ``POCKETLLM_ENV``, ``POCKETLLM_DATA_DIR``, ``POCKETLLM_MODELS_DIR``.
+- ``POCKETLLM_MODEL__<FIELD>`` for the first model; ``POCKETLLM_MODEL__UPSTREAM__<FIELD>`` for its
+  ``upstream`` section (``URLS`` comma-separated), e.g. ``POCKETLLM_MODEL__UPSTREAM__URLS=http://a:8080/v1``.
 - The PocketLLM seed's names, which apply to the first (default) model or their section:
   ``MODEL_PATH``, ``MODEL_N_THREADS``, ``MODEL_N_CTX``, ``MODEL_SLOTS``, ``SECRET_KEY``, ``REDIS_HOST``,
   ``ENABLE_CACHE``.
@@ -280,7 +282,14 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
                 raw[rest] = value
             elif "__" in rest:
                 section, key = rest.split("__", 1)
-                if section == "model":
+                if section == "model" and key.startswith("upstream__"):
+                    # POCKETLLM_MODEL__UPSTREAM__URLS=http://a:8080/v1,http://b:8080/v1
+                    field_name = key.removeprefix("upstream__")
+                    upstream = _default_model(raw).setdefault("upstream", {})
+                    upstream[field_name] = (
+                        [v.strip() for v in value.split(",") if v.strip()] if field_name == "urls" else value
+                    )
+                elif section == "model":
                     _default_model(raw)[key] = value
                 else:
                     listed = (section, key) in _LIST_FIELDS
@@ -394,5 +403,14 @@ def _check(settings: Settings) -> None:
                 f"invalid setting: `models[{index}].n_ctx` ({model.n_ctx}) leaves under 64 tokens for each "
                 f"of its {model.slots} slots"
             )
+        if model.upstream is not None:
+            if model.path or model.source:
+                raise SettingsError(
+                    f"invalid setting: `models[{index}]` ({model.id}) has `upstream` and also `path` or "
+                    "`source`: a model is either served here or by its upstream"
+                )
+            continue
         if not model.path and not model.source and model.id != DEFAULT_MODEL_ID:
-            raise SettingsError(f"invalid setting: `models[{index}]` ({model.id}) needs `path` or `source`")
+            raise SettingsError(
+                f"invalid setting: `models[{index}]` ({model.id}) needs `path`, `source` or `upstream`"
+            )

@@ -119,6 +119,8 @@ class RequestOutcome:
     operation: str | None = None
     request_model: str | None = None
     model: str | None = None
+    provider: str = PROVIDER_NAME
+    """``gen_ai.provider.name`` of the model that served it."""
     input_tokens: int | None = None
     output_tokens: int | None = None
     ttft_s: float | None = None
@@ -255,7 +257,7 @@ class GatewayMetrics:
             return
         attrs: dict[str, str] = {
             ATTR_OPERATION: outcome.operation,
-            ATTR_PROVIDER: PROVIDER_NAME,
+            ATTR_PROVIDER: outcome.provider,
             ATTR_REQUEST_MODEL: outcome.request_model or outcome.model,
             ATTR_RESPONSE_MODEL: outcome.model,
         }

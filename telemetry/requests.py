@@ -66,6 +66,8 @@ class RequestRecord:
         self.username: str | None = None
         self.request_model: str | None = None
         self.model: str | None = None
+        self.provider = PROVIDER_NAME
+        """``gen_ai.provider.name``: ``llama.cpp`` for a local model, ``openai`` for an upstream one."""
         self.input_tokens: int | None = None
         self.output_tokens: int | None = None
         self.first_token_at: float | None = None
@@ -89,12 +91,15 @@ class RequestRecord:
         return self._telemetry is not None and self._telemetry.config.log_content
 
     # --- what the request is -----------------------------------------------------------------------
-    def identify(self, request_model: str, model: str) -> None:
-        """The model the client named (a configured id or alias) and the served model's id."""
+    def identify(self, request_model: str, model: str, provider: str = PROVIDER_NAME) -> None:
+        """The model the client named (a configured id or alias), the served model's id, and what serves
+        it (``gen_ai.provider.name``)."""
         if not self.active:
             return
-        self.request_model, self.model = request_model, model
-        self.span.set_attributes({ATTR_REQUEST_MODEL: request_model, ATTR_RESPONSE_MODEL: model})
+        self.request_model, self.model, self.provider = request_model, model, provider
+        self.span.set_attributes(
+            {ATTR_REQUEST_MODEL: request_model, ATTR_RESPONSE_MODEL: model, ATTR_PROVIDER: provider}
+        )
 
     def authenticated(self, user_id: str, username: str) -> None:
         """Who is calling (logs and traces only, never a metric attribute)."""
@@ -209,6 +214,7 @@ class RequestRecord:
             operation=self.operation,
             request_model=self.request_model,
             model=self.model,
+            provider=self.provider,
             input_tokens=self.input_tokens,
             output_tokens=self.output_tokens,
             ttft_s=self.first_token_at - self.started if self.first_token_at is not None else None,
@@ -232,7 +238,7 @@ class RequestRecord:
         attributes: dict[str, Any] = {"http.response.status_code": outcome.status}
         if self.operation is not None and self.model is not None:
             attributes[ATTR_OPERATION] = self.operation
-            attributes[ATTR_PROVIDER] = PROVIDER_NAME
+            attributes[ATTR_PROVIDER] = self.provider
         if outcome.input_tokens is not None:
             attributes["gen_ai.usage.input_tokens"] = outcome.input_tokens
         if outcome.output_tokens is not None:

@@ -113,6 +113,25 @@ class Network:
             return ["ip", "netns", "exec", self._namespaces[index], *argv]
         return list(argv)
 
+    def partition(self, index: int) -> None:
+        """Make replica ``index`` unreachable the way a host that drops off the network is: its link
+        goes down, so packets to it are lost (no reset, no refusal) until ``heal``. Namespaces only."""
+        self._link(index, "down")
+
+    def heal(self, index: int) -> None:
+        """Bring replica ``index``'s link back up (its address and route come back with it)."""
+        self._link(index, "up")
+
+    def _link(self, index: int, state: str) -> None:
+        if not self._namespaces:
+            raise RuntimeError("a loopback replica cannot be cut off the network (no namespace)")
+        subprocess.run(
+            ["ip", "-n", self._namespaces[index], "link", "set", "eth0", state],
+            check=True,
+            capture_output=True,
+            timeout=10,
+        )
+
     @classmethod
     @contextlib.contextmanager
     def create(cls, replicas: int) -> Iterator[Network]:

@@ -35,12 +35,19 @@ async def index(
 
 @get("/health", summary="Health", tags=["Service"])
 async def health(model_manager: NamedDependency[ModelManager]) -> Response[dict[str, Any]]:
-    """200 when every model is loaded, 503 otherwise; per-model state."""
+    """200 when every model is loaded, 503 otherwise; per-model state, and for an upstream model each
+    replica's state by index and host (an upstream with every replica ejected is still ``ready``: the
+    gateway serves its other models, and the replicas' health checks bring it back)."""
     states = {
         r.id: {
             "state": r.state,
             **({"error": r.error} if r.error else {}),
             **({"slots": r.pool.slots, "busy": r.pool.busy, "queued": r.pool.waiting} if r.pool else {}),
+            **(
+                {"busy": r.upstream.running, "queued": 0, "replicas": r.upstream.status()}
+                if r.upstream is not None
+                else {}
+            ),
         }
         for r in model_manager.runtimes
     }

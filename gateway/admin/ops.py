@@ -51,8 +51,42 @@ def _quantization(runtime: ModelRuntime, registry_quantization: str) -> str | No
     return parts[2] if len(parts) == 3 else None
 
 
+def upstream_info(runtime: ModelRuntime) -> dict[str, Any]:
+    """An upstream model for operators: replicas (URLs, state, counts), timeouts; never its key."""
+    model = runtime.settings
+    upstream = model.upstream
+    assert upstream is not None
+    live = runtime.upstream
+    replicas = (
+        live.status(urls=True)
+        if live is not None
+        else [{"index": index, "url": url, "state": None} for index, url in enumerate(upstream.urls)]
+    )
+    return {
+        "id": runtime.id,
+        "aliases": list(model.aliases),
+        "state": runtime.state,
+        "error": runtime.error,
+        "provider": runtime.provider,
+        "upstream": {
+            "model": upstream.model or runtime.id,
+            "replicas": replicas,
+            "api_key_env": upstream.api_key_env,
+            "api_key_set": live.api_key_set if live is not None else None,
+            "connect_timeout_s": upstream.connect_timeout_s,
+            "first_byte_timeout_s": upstream.first_byte_timeout_s,
+            "idle_timeout_s": upstream.idle_timeout_s,
+            "max_concurrency": upstream.max_concurrency,
+            "health_interval_s": upstream.health_interval_s,
+            "in_flight": live.running if live is not None else 0,
+        },
+    }
+
+
 async def model_info(runtime: ModelRuntime, digests: FileDigests) -> dict[str, Any]:
     """Everything an operator asks about one configured model."""
+    if runtime.is_upstream:
+        return upstream_info(runtime)
     model = runtime.settings
     entry = load_registry().get(model.source or model.id) if not model.path else None
     try:
@@ -66,6 +100,7 @@ async def model_info(runtime: ModelRuntime, digests: FileDigests) -> dict[str, A
         "aliases": list(model.aliases),
         "state": runtime.state,
         "error": runtime.error,
+        "provider": runtime.provider,
         "path": str(runtime.path),
         "source": entry.name if entry else None,
         "size_bytes": size,
@@ -89,6 +124,8 @@ async def model_info(runtime: ModelRuntime, digests: FileDigests) -> dict[str, A
 def model_load(runtime: ModelRuntime) -> dict[str, Any]:
     """A model's state and pool occupancy."""
     pool = runtime.pool
+    if runtime.upstream is not None:
+        return {"state": runtime.state, "busy": runtime.upstream.running, "queued": 0}
     return {
         "state": runtime.state,
         "slots": runtime.settings.slots,

@@ -16,7 +16,7 @@ from gateway.cache.entry import CachedCompletion
 from gateway.dependencies import Inference
 from gateway.openai.frames import ChatFrames, CompletionFrames
 from gateway.openai.generation import (
-    Job,
+    AnyJob,
     chat_shape,
     completion_shape,
     prepare_chat,
@@ -100,7 +100,7 @@ class OpenAIController(Controller):
         if affinity is None and data.prompt_cache_key:
             affinity = f"prompt_cache_key:{data.prompt_cache_key}"
 
-        async def prepare() -> Job:
+        async def prepare() -> AnyJob:
             return await prepare_chat(data, runtime, settings.limits, affinity, principal.user_id)
 
         run = await pipeline.start(Call(data, principal, frames, prepare, cache_control, record))
@@ -122,7 +122,7 @@ class OpenAIController(Controller):
         frames = CompletionFrames(completion_shape(data, runtime, settings.limits), data.model, include_usage)
         cache_control = request.headers.getall("cache-control", [])
 
-        async def prepare() -> Job:
+        async def prepare() -> AnyJob:
             return await prepare_completion(data, runtime, settings.limits, principal.user_id)
 
         run = await pipeline.start(Call(data, principal, frames, prepare, cache_control))
@@ -158,5 +158,5 @@ def _resolve(model_manager: ModelManager, principal: Principal, name: str) -> Mo
     """The model by id or alias, if this credential may use it (404 unknown, 403 not allowed)."""
     runtime = model_manager.resolve(name)
     check_model_access(principal, name, runtime.id)
-    current_request().identify(name, runtime.id)
+    current_request().identify(name, runtime.id, runtime.provider)
     return runtime

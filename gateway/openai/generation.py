@@ -10,12 +10,16 @@ import asyncio
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, replace
 from functools import partial
+from typing import Any
+
+import msgspec
 
 from engine.base import CacheScope, Cancellation, Engine, Finished, GenerationParams, GrammarError, TokenEvent
 from engine.kvcache import system_prefix
 from engine.models import ModelRuntime
 from engine.pool import Reservation, SlotPool
-from engine.tools import ToolRequest
+from engine.tools import ArgumentsDelta, ToolCallStart, ToolRequest
+from engine.upstream.model import UpstreamFinish, UpstreamModel, UpstreamWaiting, estimate_tokens
 from gateway.errors import ContextLengthError, InvalidRequestError, NotFoundError
 from gateway.openai.chat_request import (
     calls_allowed,
@@ -96,6 +100,58 @@ class Job:
         """Prompt tokens across every prompt."""
         return sum(len(p) for p in self.prompts)
 
+    @property
+    def reserved_tokens(self) -> int:
+        """What admission reserves against TPM: every prompt token and every choice's budget."""
+        return self.prompt_tokens + self.params.max_tokens * self.choices
+
+
+@dataclass(slots=True)
+class UpstreamJob:
+    """One request for an upstream model: the request as the upstream takes it (JSON, one body per
+    prompt), since the template and tokenizer live there, not here."""
+
+    shape: Shape
+    upstream: UpstreamModel
+    path: str
+    """``chat/completions`` or ``completions`` (under each replica's base URL)."""
+    bodies: list[dict[str, Any]]
+    """One request body per prompt (chat: one), without ``model``/``stream`` (the upstream adds them)."""
+    prompt_estimates: list[int]
+    """Each prompt's tokens as estimated here (``estimate_tokens``), corrected by the upstream's usage."""
+    max_tokens: int
+    seed: int | None = None
+    session: str | None = None
+    """Affinity: requests of one session go to the same replica (its KV cache holds the conversation)."""
+
+    @property
+    def runtime(self) -> ModelRuntime:
+        """The model."""
+        return self.shape.runtime
+
+    @property
+    def n(self) -> int:
+        """Choices per prompt."""
+        return self.shape.n
+
+    @property
+    def choices(self) -> int:
+        """Number of choices in the response."""
+        return self.shape.choices
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Estimated prompt tokens across every prompt."""
+        return sum(self.prompt_estimates)
+
+    @property
+    def reserved_tokens(self) -> int:
+        """What admission reserves against TPM (corrected with the upstream's usage when it ends)."""
+        return self.prompt_tokens + self.max_tokens * self.choices
+
+
+AnyJob = Job | UpstreamJob
+
 
 @dataclass(frozen=True, slots=True)
 class ChoiceToken:
@@ -111,6 +167,34 @@ class ChoiceFinished:
 
     index: int
     event: Finished
+
+
+@dataclass(frozen=True, slots=True)
+class ChoiceDelta:
+    """An upstream chunk of choice ``index``: text and tool-call fragments, as the upstream streamed them."""
+
+    index: int
+    text: str
+    tool_calls: tuple[ToolCallStart | ArgumentsDelta, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ChoiceEnd:
+    """An upstream choice ended, with the usage the upstream reported (or the estimate)."""
+
+    index: int
+    finish_reason: str
+    completion_tokens: int
+    prompt_correction: int = 0
+    """What to add to the estimated prompt tokens to get the upstream's count (first choice of a prompt)."""
+    cached_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ChoiceWaiting:
+    """Choice ``index`` still waits for room on a replica of its upstream (a stream sends a ping)."""
+
+    index: int
 
 
 def check_fits(engine: Engine, text: str, n_ctx: int, param: str) -> None:
@@ -258,8 +342,14 @@ def _params(
 def chat_shape(request: ChatCompletionRequest, runtime: ModelRuntime, limits: LimitsSettings) -> Shape:
     """The shape of a chat answer (``n``, tools and unsupported features checked; 503 when the model is
     not loaded)."""
-    runtime.ready()
+    runtime.check_ready()
     refuse_unsupported(request)
+    if runtime.is_upstream and (request.logprobs or request.top_logprobs):
+        raise InvalidRequestError(
+            f"`logprobs` are not supported for the upstream model {request.model}",
+            param="logprobs",
+            code="unsupported_parameter",
+        )
     return Shape(
         runtime,
         1,
@@ -272,11 +362,28 @@ def chat_shape(request: ChatCompletionRequest, runtime: ModelRuntime, limits: Li
 
 def completion_shape(request: CompletionRequest, runtime: ModelRuntime, limits: LimitsSettings) -> Shape:
     """The shape of a text-completion answer (``n`` and the number of prompts checked)."""
-    engine, _ = runtime.ready()
     n = _check_n(request.n, limits)
     items = split_inputs(request.prompt, "prompt")
     if len(items) > limits.max_n * 4:
         raise InvalidRequestError(f"`prompt` may hold at most {limits.max_n * 4} prompts", param="prompt")
+    if runtime.is_upstream:
+        runtime.check_ready()
+        texts = [item for item in items if isinstance(item, str)]
+        if len(texts) != len(items):
+            raise InvalidRequestError(
+                f"token-id prompts are not supported for the upstream model {request.model} (its tokenizer "
+                "is not here); send text",
+                param="prompt",
+                code="unsupported_value",
+            )
+        if request.logprobs is not None:
+            raise InvalidRequestError(
+                f"`logprobs` are not supported for the upstream model {request.model}",
+                param="logprobs",
+                code="unsupported_parameter",
+            )
+        return Shape(runtime, len(texts), n, False, tuple(texts) if request.echo else ())
+    engine, _ = runtime.ready()
     echo: tuple[str, ...] = ()
     if request.echo:
         echo = tuple(item if isinstance(item, str) else engine.detokenize(item) for item in items)
@@ -289,8 +396,10 @@ async def prepare_chat(
     limits: LimitsSettings,
     session: str | None = None,
     tenant: str | None = None,
-) -> Job:
+) -> AnyJob:
     """Validate a chat request against the model and build its job (``tenant``: the caller's user id)."""
+    if runtime.is_upstream:
+        return prepare_upstream_chat(request, runtime, limits, session)
     engine, pool = runtime.ready()
     shape = chat_shape(request, runtime, limits)
     if request.top_logprobs and not request.logprobs:
@@ -368,9 +477,11 @@ async def _chat_prompt(request: ChatCompletionRequest, engine: Engine) -> tuple[
 
 async def prepare_completion(
     request: CompletionRequest, runtime: ModelRuntime, limits: LimitsSettings, tenant: str | None = None
-) -> Job:
+) -> AnyJob:
     """Validate a text-completion request against the model and build its job (``tenant``: the
     caller's user id)."""
+    if runtime.is_upstream:
+        return prepare_upstream_completion(request, runtime, limits)
     engine, pool = runtime.ready()
     shape = completion_shape(request, runtime, limits)
     items = split_inputs(request.prompt, "prompt")
@@ -433,8 +544,10 @@ class EmbeddingJob:
 
 async def prepare_embeddings(
     request: EmbeddingRequest, runtime: ModelRuntime, limits: LimitsSettings
-) -> EmbeddingJob:
+) -> EmbeddingJob | UpstreamEmbeddingJob:
     """Validate an embeddings request against the model: inputs, their count and tokens, dimensions."""
+    if runtime.is_upstream:
+        return prepare_upstream_embeddings(request, runtime, limits)
     engine, _ = runtime.ready()
     pool = runtime.embed_pool
     if not engine.embeddings_enabled or pool is None:
@@ -533,3 +646,200 @@ async def run_choices(job: Job, slot: int) -> AsyncGenerator[ChoiceToken | Choic
                 await events.aclose()  # type: ignore[attr-defined]
     finally:
         record.generated(job.prompt_tokens, finished_tokens + running_tokens)
+
+
+# --- upstream models ---------------------------------------------------------------------------------
+_UPSTREAM_SAMPLING = (
+    "temperature",
+    "top_p",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "top_k",
+    "min_p",
+    "repeat_penalty",
+)
+"""Request fields passed to an upstream as they are, when sent (unset: the upstream's own default)."""
+_MESSAGE_OVERHEAD_TOKENS = 4
+"""Template tokens per chat message in the prompt estimate (role markers and separators)."""
+
+
+def _upstream_sampling(
+    request: ChatCompletionRequest | CompletionRequest, limits: LimitsSettings
+) -> dict[str, Any]:
+    sent: dict[str, Any] = msgspec.to_builtins(request)
+    body = {name: sent[name] for name in _UPSTREAM_SAMPLING if sent.get(name) is not None}
+    stops = _stops(request.stop, limits)
+    if stops:
+        body["stop"] = list(stops)
+    return body
+
+
+def prepare_upstream_chat(
+    request: ChatCompletionRequest, runtime: ModelRuntime, limits: LimitsSettings, session: str | None = None
+) -> UpstreamJob:
+    """A chat request for an upstream model: its messages, sampling, ``response_format`` and tools as the
+    upstream takes them (the legacy ``functions`` as ``tools``), and a prompt-token estimate to reserve.
+
+    The context check is the upstream's (its 400 is passed on); ``max_tokens`` defaults as for a local
+    model, so the reservation and the cache key are the same whatever the upstream's own default is.
+    """
+    upstream = runtime.ready_upstream()
+    shape = chat_shape(request, runtime, limits)
+    tools = tool_request(request)  # validates tools and tool_choice (400) as for a local model
+    messages = engine_messages(request.messages)
+    for message in messages:
+        if message["role"] == "developer":
+            message["role"] = "system"  # not every upstream knows OpenAI's newer name
+    body: dict[str, Any] = {"messages": messages, **_upstream_sampling(request, limits)}
+    requested = request.max_completion_tokens or request.max_tokens
+    max_tokens = requested if requested is not None else limits.max_tokens_default
+    body["max_tokens"] = max_tokens
+    if request.response_format is not None:
+        body["response_format"] = msgspec.to_builtins(request.response_format)
+    if tools is not None:
+        if request.tools is not None:
+            body["tools"] = msgspec.to_builtins(request.tools)  # as sent (descriptions, `strict`)
+        else:  # the legacy `functions`, as the tools they are
+            functions = msgspec.to_builtins(request.functions or [])
+            body["tools"] = [{"type": "function", "function": function} for function in functions]
+        choice = tools.choice
+        if isinstance(choice, str):
+            body["tool_choice"] = choice
+        else:
+            body["tool_choice"] = {"type": "function", "function": {"name": choice.name}}
+        if not tools.parallel:
+            body["parallel_tool_calls"] = False
+    elif request.tool_choice == "none":
+        body["tool_choice"] = "none"
+    return upstream_chat_job(shape, upstream, body, max_tokens, request.seed, session)
+
+
+def upstream_chat_job(
+    shape: Shape,
+    upstream: UpstreamModel,
+    body: dict[str, Any],
+    max_tokens: int,
+    seed: int | None = None,
+    session: str | None = None,
+) -> UpstreamJob:
+    """The job of one chat body for ``POST {base}/chat/completions`` (``messages``, sampling, tools as
+    the upstream takes them), with a prompt-token estimate to reserve (messages, tool calls, tools)."""
+    estimate = 0
+    for message in body["messages"]:
+        estimate += estimate_tokens(str(message.get("content") or "")) + _MESSAGE_OVERHEAD_TOKENS
+        if message.get("tool_calls"):
+            estimate += estimate_tokens(msgspec.json.encode(message["tool_calls"]).decode())
+    if "tools" in body:
+        estimate += estimate_tokens(msgspec.json.encode(body["tools"]).decode())
+    return UpstreamJob(shape, upstream, "chat/completions", [body], [estimate], max_tokens, seed, session)
+
+
+def prepare_upstream_completion(
+    request: CompletionRequest, runtime: ModelRuntime, limits: LimitsSettings
+) -> UpstreamJob:
+    """A text-completion request for an upstream model: one body per prompt (text prompts only)."""
+    upstream = runtime.ready_upstream()
+    shape = completion_shape(request, runtime, limits)
+    prompts = [item for item in split_inputs(request.prompt, "prompt") if isinstance(item, str)]
+    if any(not prompt for prompt in prompts):
+        raise InvalidRequestError("`prompt` must not be empty", param="prompt")
+    max_tokens = request.max_tokens if request.max_tokens is not None else COMPLETIONS_DEFAULT_MAX_TOKENS
+    sampling = _upstream_sampling(request, limits)
+    bodies = [{"prompt": prompt, "max_tokens": max_tokens, **sampling} for prompt in prompts]
+    estimates = [estimate_tokens(prompt) for prompt in prompts]
+    return UpstreamJob(shape, upstream, "completions", bodies, estimates, max_tokens, request.seed)
+
+
+async def run_upstream(
+    job: UpstreamJob, notify_s: float | None = None
+) -> AsyncGenerator[ChoiceDelta | ChoiceEnd | ChoiceWaiting]:
+    """Run every choice of an upstream job one after another (one upstream stream each), yielding each
+    upstream chunk as it comes, and a ``ChoiceWaiting`` every ``notify_s`` while a choice waits for room
+    on a replica.
+
+    Closing this early closes the upstream request (the upstream stops generating). The request's
+    telemetry sees the start, the first token and the token counts (the upstream's where it reports them).
+    """
+    record = current_request()
+    record.slot_acquired(job.prompt_tokens)
+    prompt_tokens, finished_tokens, running_tokens = job.prompt_tokens, 0, 0
+    try:
+        for index in range(job.choices):
+            prompt = index // job.n
+            body = job.bodies[prompt]
+            if job.seed is not None and index % job.n:
+                body = {**body, "seed": job.seed + index % job.n}
+            if job.max_tokens == 0:
+                yield ChoiceEnd(index, "length", 0)
+                continue
+            events = job.upstream.stream(job.path, body, affinity=job.session, notify_s=notify_s)
+            try:
+                async for event in events:
+                    if isinstance(event, UpstreamWaiting):
+                        yield ChoiceWaiting(index)
+                        continue
+                    if isinstance(event, UpstreamFinish):
+                        correction = 0
+                        if event.prompt_tokens is not None and index % job.n == 0:
+                            correction = event.prompt_tokens - job.prompt_estimates[prompt]
+                        prompt_tokens += correction
+                        finished_tokens, running_tokens = finished_tokens + event.completion_tokens, 0
+                        yield ChoiceEnd(
+                            index,
+                            event.finish_reason,
+                            event.completion_tokens,
+                            correction,
+                            event.cached_tokens,
+                        )
+                        continue
+                    record.first_token()
+                    running_tokens += 1
+                    if index == 0:
+                        record.add_completion_text(event.text)
+                    yield ChoiceDelta(index, event.text, event.tool_calls)
+            finally:
+                await events.aclose()
+    finally:
+        record.generated(prompt_tokens, finished_tokens + running_tokens)
+
+
+@dataclass(slots=True)
+class UpstreamEmbeddingJob:
+    """The inputs of one ``/v1/embeddings`` request for an upstream model."""
+
+    runtime: ModelRuntime
+    upstream: UpstreamModel
+    texts: list[str]
+
+    @property
+    def total_tokens(self) -> int:
+        """Estimated input tokens (corrected by the upstream's usage)."""
+        return sum(estimate_tokens(text) for text in self.texts)
+
+
+def prepare_upstream_embeddings(
+    request: EmbeddingRequest, runtime: ModelRuntime, limits: LimitsSettings
+) -> UpstreamEmbeddingJob:
+    """Validate an embeddings request for an upstream model (text inputs only, no ``dimensions``)."""
+    upstream = runtime.ready_upstream()
+    items = split_inputs(request.input, "input")
+    if len(items) > limits.max_embedding_inputs:
+        raise InvalidRequestError(
+            f"`input` may hold at most {limits.max_embedding_inputs} items", param="input"
+        )
+    texts = [item for item in items if isinstance(item, str)]
+    if len(texts) != len(items):
+        raise InvalidRequestError(
+            f"token-id input is not supported for the upstream model {request.model}; send text",
+            param="input",
+            code="token_ids_not_supported",
+        )
+    if any(not text for text in texts):
+        raise InvalidRequestError("`input` must not contain empty strings", param="input")
+    if request.dimensions is not None:
+        raise InvalidRequestError(
+            f"`dimensions` is not supported for the upstream model {request.model}", param="dimensions"
+        )
+    return UpstreamEmbeddingJob(runtime, upstream, texts)

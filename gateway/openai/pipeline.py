@@ -41,13 +41,20 @@ from gateway.errors import ClientDisconnectedError, InternalError, as_gateway_er
 from gateway.openai.frames import Frames, Logprobs, Piece, usage_of
 from gateway.openai.generation import (
     COMPLETIONS_DEFAULT_MAX_TOKENS,
+    AnyJob,
+    ChoiceDelta,
+    ChoiceEnd,
     ChoiceFinished,
     ChoiceToken,
+    ChoiceWaiting,
     EmbeddingJob,
     Job,
     Shape,
+    UpstreamEmbeddingJob,
+    UpstreamJob,
     reserve,
     run_choices,
+    run_upstream,
 )
 from gateway.openai.protocol.chat import ChatCompletionRequest
 from gateway.openai.protocol.common import Usage
@@ -80,6 +87,7 @@ class Signal(enum.Enum):
 
 
 Event = Piece | Signal
+Item = ChoiceToken | ChoiceFinished | ReplayChunk | ChoiceDelta | ChoiceEnd | ChoiceWaiting
 GenerationRequest = ChatCompletionRequest | CompletionRequest | ResponseRequest
 
 
@@ -91,7 +99,7 @@ class Call:
     principal: Principal
     frames: Frames
     """The answer's wire shape; its ``shape`` is what the answer looks like."""
-    prepare: Callable[[], Awaitable[Job]]
+    prepare: Callable[[], Awaitable[AnyJob]]
     """Renders, tokenizes and checks the request: called on a cache miss only."""
     cache_control: Sequence[str] = ()
     on_answer: Callable[[CachedCompletion], Awaitable[None]] | None = None
@@ -135,12 +143,14 @@ class Pipeline:
             self._counted(found)
             return Run(call, self, admission, found, None, None)
         job = await call.prepare()
-        admission = await self._admit(call, job.prompt_tokens + job.params.max_tokens * job.choices)
-        try:
-            reservation = reserve(job)
-        except BaseException:
-            await admission.release(0)
-            raise
+        admission = await self._admit(call, job.reserved_tokens)
+        reservation = None
+        if isinstance(job, Job):  # an upstream job's replica is chosen when it runs
+            try:
+                reservation = reserve(job)
+            except BaseException:
+                await admission.release(0)
+                raise
         self._counted(found)
         return Run(call, self, admission, found, job, reservation)
 
@@ -154,7 +164,9 @@ class Pipeline:
             self.limiter, self.settings.ratelimit, self.overrides, call.principal, tokens=tokens
         )
 
-    async def embed(self, job: EmbeddingJob, principal: Principal) -> tuple[list[list[float]], int]:
+    async def embed(
+        self, job: EmbeddingJob | UpstreamEmbeddingJob, principal: Principal
+    ) -> tuple[list[list[float]], int]:
         """Admission (RPM, TPM by input tokens, concurrency), then the inputs in turns on the model's
         embedding context: each turn waits in the embedding pool's bounded FIFO queue (503 when full or
         after ``queue.max_wait_s``), so a large request cannot hold others back for longer than a turn.
@@ -166,6 +178,14 @@ class Pipeline:
         admission = await admit(
             self.limiter, self.settings.ratelimit, self.overrides, principal, tokens=job.total_tokens
         )
+        if isinstance(job, UpstreamEmbeddingJob):
+            used = 0
+            try:
+                got, reported = await job.upstream.embed(job.texts)
+                used = reported if reported is not None else job.total_tokens
+            finally:
+                await admission.release(used)
+            return got, used
         vectors: list[list[float]] = []
         used = 0
         try:
@@ -218,7 +238,7 @@ class Run:
         pipeline: Pipeline,
         admission: Admission,
         found: CacheLookup,
-        job: Job | None,
+        job: AnyJob | None,
         reservation: Reservation | None,
     ) -> None:
         self.call = call
@@ -241,7 +261,8 @@ class Run:
         self._calls: dict[int, list[dict[str, Any]]] = {}
         """Each choice's tool calls in OpenAI's wire shape (arguments grow as they stream)."""
         self._parsers: dict[int, ToolCallParser] = {}
-        if job is not None and job.shape.tool_calls:
+        self._primed: AsyncGenerator[Item] | None = None
+        if isinstance(job, Job) and job.shape.tool_calls:
             self._parsers = {index: ToolCallParser() for index in range(self._choices)}
         self._completion_tokens = 0
         self._cached_tokens = 0
@@ -273,10 +294,18 @@ class Run:
     async def events(self, ping_interval_s: float | None = None) -> AsyncGenerator[Event]:
         """The answer as it is made; see the module docstring."""
         interval = ping_interval_s or self._pipeline.settings.queue.ping_interval_s
-        source: AsyncGenerator[ChoiceToken | ChoiceFinished | ReplayChunk] | None = None
+        source: AsyncGenerator[Item] | None = None
         try:
             if self._found.value is not None:
                 source = _replay(self._found.value)
+            elif isinstance(self.job, UpstreamJob):
+                source = self._primed or run_upstream(self.job, interval)
+                # pings while the request waits for room on a replica, as while queued for a slot
+                first = await anext(source, None)
+                while isinstance(first, ChoiceWaiting):
+                    yield Signal.PING
+                    first = await anext(source, None)
+                source = _prepend(first, source)
             else:
                 assert self._reservation is not None
                 assert self.job is not None
@@ -290,6 +319,9 @@ class Run:
                 source = run_choices(self.job, waiter.result())
             yield Signal.BEGIN
             async for item in source:
+                if isinstance(item, ChoiceWaiting):  # a later choice (n > 1) waits for room
+                    yield Signal.PING
+                    continue
                 piece = self._collect(item)
                 if piece is None:
                     continue
@@ -303,6 +335,30 @@ class Run:
             if self._reservation is not None:
                 self._reservation.release()
             await self._admission.release(self.used_tokens)
+
+    async def prime(self) -> None:
+        """An upstream job: open its upstream stream and wait for the first event before any response
+        header is sent, so a request that no replica takes gets its own status (502, 504, 429 with
+        ``Retry-After``) rather than an error frame in a 200 stream. Nothing for other runs.
+
+        Except when every replica is at its concurrency limit: then the headers go out after one ping
+        interval, and the stream sends pings while the request waits for room (as a local model's queue
+        does); a failure after that wait is an error frame.
+
+        On failure (or cancellation: the client left) everything ``start`` took is given back.
+        """
+        if not isinstance(self.job, UpstreamJob) or self._primed is not None:
+            return
+        source = run_upstream(self.job, self._pipeline.settings.queue.ping_interval_s)
+        try:
+            first = await anext(source)
+        except StopAsyncIteration:
+            first = None
+        except BaseException:
+            await source.aclose()
+            await self._admission.release(0)
+            raise
+        self._primed = _prepend(first, source)
 
     async def answer(self) -> CachedCompletion:
         """Run to the end and return the finished answer (choices in index order)."""
@@ -320,12 +376,30 @@ class Run:
 
     async def close(self) -> None:
         """Give back what ``start`` took, for a run whose events will never be consumed."""
+        if self._primed is not None:
+            await self._primed.aclose()
         if self._reservation is not None:
             self._reservation.release()
         await self._admission.release(0)
 
-    def _collect(self, item: ChoiceToken | ChoiceFinished | ReplayChunk) -> Piece | None:
+    def _collect(self, item: Item) -> Piece | None:
         frames = self.call.frames
+        if isinstance(item, ChoiceWaiting):
+            return None
+        if isinstance(item, ChoiceDelta):  # an upstream chunk: its text and call fragments as they are
+            self._generated += 1  # about a token per chunk: what a stream that breaks off is charged
+            if item.tool_calls:
+                return self._tool_piece(item.index, item.text, None, item.tool_calls)
+            return self._text_piece(item.index, item.text, None)
+        if isinstance(item, ChoiceEnd):
+            self._completion_tokens += item.completion_tokens
+            self._prompt_tokens += item.prompt_correction  # the upstream's count replaces the estimate
+            self._cached_tokens = max(self._cached_tokens, item.cached_tokens)
+            reason = item.finish_reason
+            if reason == "tool_calls" and frames.shape.legacy_functions:
+                reason = "function_call"
+            self._finishes[item.index] = reason
+            return Piece(item.index, finish_reason=reason)
         parser = self._parsers.get(item.index)
         if isinstance(item, ChoiceFinished):
             self._completion_tokens += item.event.completion_tokens
@@ -414,6 +488,7 @@ async def respond(request: Request[Any, Any, Any], run: Run, *, stream: bool) ->
     (cancelled, with its slot freed, if the client goes away first)."""
     frames = run.call.frames
     if stream:
+        await until_disconnect(request, run.prime())
         return EventStream(stream_frames(run), run.headers)
     if run.hit:  # already whole: nothing to cancel if the client leaves, no watcher task to pay for
         answer = await run.answer()
@@ -450,6 +525,17 @@ async def stream_frames(run: Run) -> AsyncIterator[bytes]:
             error = InternalError("internal server error")
         current_request().failed(error.code or error.error_type)
         yield frames.error(error)
+
+
+async def _prepend(first: Item | None, rest: AsyncGenerator[Item]) -> AsyncGenerator[Item]:
+    """``first`` (already taken from ``rest``), then the rest; closing this closes ``rest``."""
+    try:
+        if first is not None:
+            yield first
+        async for item in rest:
+            yield item
+    finally:
+        await rest.aclose()
 
 
 async def _replay(value: CachedCompletion) -> AsyncGenerator[ReplayChunk | ChoiceFinished]:

@@ -27,7 +27,7 @@ from gateway.cache.entry import CachedCompletion
 from gateway.errors import UnauthenticatedError, as_gateway_error, error_dict
 from gateway.errors import validation_error as validation_failure
 from gateway.openai.frames import Frames, Piece, chat_token_logprobs
-from gateway.openai.generation import Job, Shape, chat_shape, prepare_chat
+from gateway.openai.generation import AnyJob, Shape, chat_shape, prepare_chat
 from gateway.openai.pipeline import Call, Pipeline, Run, Signal, respond
 from gateway.openai.protocol.chat import ChatCompletionRequest, ChatMessage, ChoiceLogprobs
 from gateway.openai.protocol.common import Usage
@@ -164,7 +164,7 @@ async def start_turn(
     )
     turn = Turn(data, session, model_name, chat_shape(completion, runtime, pipeline.settings.limits))
 
-    async def prepare() -> Job:
+    async def prepare() -> AnyJob:
         return await prepare_chat(
             completion, runtime, pipeline.settings.limits, turn.session_id, principal.user_id
         )

@@ -1,7 +1,8 @@
 """``/v1/responses``: the Responses API on the gateway's own pipeline and identity store.
 
 A request becomes a chat conversation (the chain of stored responses it continues, then its own input
-items) and runs through ``Pipeline.start`` like a chat completion: rate limits, the response cache
+items) and runs through ``Pipeline.start`` like a chat completion (for an upstream model, as one chat
+request to its upstream: ``_prepare_upstream``): rate limits, the response cache
 (keyed on the request as sent, ``previous_response_id`` included), the slot pool, telemetry and the
 error envelope are the chat path's. A chain runs on the slot that holds it: the job's session is the
 chain's first response id, so each turn computes only its new tokens.
@@ -30,10 +31,13 @@ from gateway.openai.generation import (
     DEFAULT_MIN_P,
     DEFAULT_TEMPERATURE,
     DEFAULT_TOP_K,
+    AnyJob,
     Job,
     Shape,
+    UpstreamJob,
     _budget,
     tokenize_checked,
+    upstream_chat_job,
 )
 from gateway.openai.pipeline import Call, Pipeline, Run, respond
 from gateway.openai.responses.convert import (
@@ -49,6 +53,7 @@ from gateway.openai.responses.protocol import (
     ItemList,
     ResponseObject,
     ResponseRequest,
+    TextFormat,
 )
 from gateway.security import requires_inference
 from gateway.settings import LimitsSettings, Settings
@@ -94,15 +99,23 @@ class ResponsesController(Controller):
             for stored in chain:
                 history += msgspec.json.decode(stored.input, type=list[Item])
                 history += msgspec.json.decode(stored.body, type=ResponseObject).output
-        runtime.ready()
+        runtime.check_ready() if runtime.is_upstream else runtime.ready()
         shape = Shape(runtime, 1, 1, False)
-        frames = ResponseFrames(shape, _template(data, tools), tools is not None and tools.calls_allowed)
+        frames = ResponseFrames(
+            shape,
+            _template(data, tools),
+            tools is not None and tools.calls_allowed,
+            structured=runtime.is_upstream,  # an upstream streams calls as calls, not as text to parse
+        )
         messages = chat_messages([*history, *items], data.instructions)
         store = data.store is not False
         started: list[Run] = []
 
-        async def prepare() -> Job:
-            return await _prepare(data, runtime, settings.limits, messages, tools, session or frames.id)
+        async def prepare() -> AnyJob:
+            chain = session or frames.id
+            if runtime.is_upstream:
+                return _prepare_upstream(data, runtime, settings.limits, messages, tools, chain)
+            return await _prepare(data, runtime, settings.limits, messages, tools, chain)
 
         async def finished(answer: CachedCompletion) -> None:
             final = frames.finish(answer, started[0].cached_tokens)
@@ -281,3 +294,70 @@ async def _prepare(
         grammar=grammar,
     )
     return Job(Shape(runtime, 1, 1, False), engine, pool, [prompt_tokens], params, session=session)
+
+
+def _text_format(data: ResponseRequest) -> TextFormat | None:
+    """``text.format`` when it asks for JSON (``json_object``/``json_schema``), else ``None``."""
+    text_format = data.text.format if data.text is not None else None
+    if text_format is None or text_format.type == "text":
+        return None
+    if text_format.type == "json_schema" and not text_format.schema:
+        raise InvalidRequestError(
+            "`text.format.schema` is required for type json_schema", param="text.format.schema"
+        )
+    return text_format
+
+
+def _prepare_upstream(
+    data: ResponseRequest,
+    runtime: ModelRuntime,
+    limits: LimitsSettings,
+    messages: list[dict[str, Any]],
+    tools: ToolRequest | None,
+    session: str,
+) -> UpstreamJob:
+    """The conversation as one chat request for the model's upstream (which renders and tokenizes it):
+    messages with their calls and results, sampling, ``text.format`` as ``response_format``, the function
+    tools and ``tool_choice`` in chat's shape. The chain's first response id is the affinity, so a chain
+    stays on the replica whose KV cache holds it."""
+    upstream = runtime.ready_upstream()
+    text_format = _text_format(data)
+    if text_format is not None and tools is not None and tools.calls_allowed:
+        raise InvalidRequestError(
+            "`text.format` json_object/json_schema cannot be combined with callable function tools",
+            param="text.format",
+        )
+    max_tokens = data.max_output_tokens if data.max_output_tokens is not None else limits.max_tokens_default
+    body: dict[str, Any] = {"messages": messages, "max_tokens": max_tokens}
+    if data.temperature is not None:
+        body["temperature"] = data.temperature
+    if data.top_p is not None:
+        body["top_p"] = data.top_p
+    if text_format is not None:
+        if text_format.type == "json_object":
+            body["response_format"] = {"type": "json_object"}
+        else:
+            schema: dict[str, Any] = {"name": text_format.name or "response", "schema": text_format.schema}
+            if text_format.strict is not None:
+                schema["strict"] = text_format.strict
+            body["response_format"] = {"type": "json_schema", "json_schema": schema}
+    if tools is not None:
+        body["tools"] = [
+            {
+                "type": "function",
+                "function": {
+                    "name": tool.name,
+                    **({"description": tool.description} if tool.description else {}),
+                    "parameters": tool.parameters or {"type": "object", "properties": {}},
+                    **({"strict": True} if tool.strict else {}),
+                },
+            }
+            for tool in tools.tools
+        ]
+        choice = tools.choice
+        body["tool_choice"] = (
+            choice if isinstance(choice, str) else {"type": "function", "function": {"name": choice.name}}
+        )
+        if not tools.parallel:
+            body["parallel_tool_calls"] = False
+    return upstream_chat_job(Shape(runtime, 1, 1, False), upstream, body, max_tokens, session=session)

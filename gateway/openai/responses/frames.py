@@ -1,10 +1,12 @@
-"""The Responses API's wire shape of an answer: typed SSE events while it streams, the ``response``
-object once it is finished.
+"""The Responses API's wire shape of an answer: typed SSE events while it streams, the ``response`` object
+once it is finished.
 
-The generated text goes through ``engine.tools.ToolCallParser`` (all of it reply text when no function
-may be called), and its deltas become output items: a ``message`` with one ``output_text`` part, or a
-``function_call``. The same builder makes the stream's events and the final object, so the ids a client
-saw streamed (item ids, ``call_id``) are the ones stored and returned by ``GET``.
+The generated text goes through ``engine.tools.ToolCallParser`` (all of it reply text when no function may
+be called); an upstream model's answer (``structured``) arrives with its calls already apart from its
+text, as pieces' ``tool_calls``, and is taken as it is. Either way the deltas become output items: a
+``message`` with one ``output_text`` part, or a ``function_call``. The same builder makes the stream's
+events and the final object, so the ids a client saw streamed (item ids, ``call_id``) are the ones stored
+and returned by ``GET``.
 """
 
 from __future__ import annotations
@@ -87,18 +89,25 @@ class ResponseFrames(Frames):
         template: the response object as the request makes it (status ``in_progress``, no output);
             its ``id`` and ``created_at`` are replaced by this object's own.
         calls_allowed: whether the model may call functions (its output is then parsed for calls).
+        structured: the answer's calls come as ``Piece.tool_calls`` and ``CachedChoice.tool_calls`` (an
+            upstream model), not as text to parse.
     """
 
     id_prefix = "resp_"
     done = None  # the Responses API's stream ends with its last event, no ``[DONE]``
 
-    def __init__(self, shape: Shape, template: ResponseObject, calls_allowed: bool) -> None:
+    def __init__(
+        self, shape: Shape, template: ResponseObject, calls_allowed: bool, *, structured: bool = False
+    ) -> None:
         super().__init__(shape, template.model)
         self.template = msgspec.structs.replace(template, id=self.id, created_at=self.created)
         self.final: ResponseObject | None = None
         """The finished response (set by ``finish``)."""
         self._parser = ToolCallParser(calls_allowed=calls_allowed)
         self._fed = 0
+        self._structured = structured
+        self._calls_seen = 0
+        """Structured: calls started by pieces (the rest of the answer's calls are added by ``finish``)."""
         self._open: _Open | None = None
         self._output: list[OutputItem] = []
         self._pending: list[ResponseEvent] = []
@@ -127,8 +136,14 @@ class ResponseFrames(Frames):
         if piece.usage is not None:
             events, self._pending = self._pending, []
             return b"".join(self._frame(event) for event in events)
-        if piece.finish_reason is not None or not piece.text:
+        if piece.finish_reason is not None or not (piece.text or piece.tool_calls):
             return None
+        if self._structured:
+            self._fed += len(piece.text)
+            self._calls_seen += sum(isinstance(delta, ToolCallStart) for delta in piece.tool_calls)
+            deltas: list[ToolDelta] = [ContentDelta(piece.text)] if piece.text else []
+            events = self._apply([*deltas, *piece.tool_calls])
+            return b"".join(self._frame(event) for event in events) or None
         self._fed += len(piece.text)
         events = self._apply(self._parser.feed(piece.text))
         return b"".join(self._frame(event) for event in events) or None
@@ -158,10 +173,20 @@ class ResponseFrames(Frames):
         sent with the last piece). The text not seen as pieces (a JSON response sees none) is parsed
         first."""
         choice = answer.choices[0]
-        events = self._apply(self._parser.feed(choice.text[self._fed :]))
+        if self._structured:
+            unseen = choice.text[self._fed :]
+            rest: list[ToolDelta] = [ContentDelta(unseen)] if unseen else []
+            for number, call in enumerate(choice.tool_calls or ()):
+                if number >= self._calls_seen:
+                    function = call["function"]
+                    rest += [ToolCallStart(number, call["id"], function["name"])]
+                    rest += [CallArgumentsDelta(number, function["arguments"])]
+            events = self._apply(rest)
+        else:
+            events = self._apply(self._parser.feed(choice.text[self._fed :]))
+            deltas, _ = self._parser.finish("length" if choice.finish_reason == "length" else "stop")
+            events += self._apply(deltas)
         self._fed = len(choice.text)
-        deltas, _ = self._parser.finish("length" if choice.finish_reason == "length" else "stop")
-        events += self._apply(deltas)
         incomplete = choice.finish_reason == "length"
         if self._open is None and not self._output:  # nothing generated: an empty message
             events += self._apply([ContentDelta("")])
