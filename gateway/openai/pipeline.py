@@ -270,6 +270,11 @@ class Run:
         """Tokens sampled so far (what a run that ends early has used)."""
 
     @property
+    def upstream(self) -> bool:
+        """Whether an upstream model answers (not the cache, not a local engine)."""
+        return isinstance(self.job, UpstreamJob)
+
+    @property
     def hit(self) -> bool:
         """Whether the answer comes from the response cache."""
         return self._found.value is not None
@@ -488,7 +493,8 @@ async def respond(request: Request[Any, Any, Any], run: Run, *, stream: bool) ->
     (cancelled, with its slot freed, if the client goes away first)."""
     frames = run.call.frames
     if stream:
-        await until_disconnect(request, run.prime())
+        if run.upstream:  # the first upstream event before any header (see Run.prime)
+            await until_disconnect(request, run.prime())
         return EventStream(stream_frames(run), run.headers)
     if run.hit:  # already whole: nothing to cancel if the client leaves, no watcher task to pay for
         answer = await run.answer()
