@@ -68,17 +68,10 @@ class Shape:
 
 
 @dataclass(slots=True)
-class Job:
-    """Everything needed to run one request on one model."""
+class ShapedJob:
+    """What every job has: the answer's shape, and through it the model and the number of choices."""
 
     shape: Shape
-    engine: Engine
-    pool: SlotPool
-    prompts: list[list[int]]
-    params: GenerationParams
-    session: str | None = None
-    scope: CacheScope | None = None
-    """Whose cached KV state the prompts may reuse (the caller's, and the shared system prefix)."""
 
     @property
     def runtime(self) -> ModelRuntime:
@@ -94,6 +87,19 @@ class Job:
     def choices(self) -> int:
         """Number of choices in the response."""
         return self.shape.choices
+
+
+@dataclass(slots=True)
+class Job(ShapedJob):
+    """Everything needed to run one request on one model."""
+
+    engine: Engine
+    pool: SlotPool
+    prompts: list[list[int]]
+    params: GenerationParams
+    session: str | None = None
+    scope: CacheScope | None = None
+    """Whose cached KV state the prompts may reuse (the caller's, and the shared system prefix)."""
 
     @property
     def prompt_tokens(self) -> int:
@@ -107,11 +113,10 @@ class Job:
 
 
 @dataclass(slots=True)
-class UpstreamJob:
+class UpstreamJob(ShapedJob):
     """One request for an upstream model: the request as the upstream takes it (JSON, one body per
     prompt), since the template and tokenizer live there, not here."""
 
-    shape: Shape
     upstream: UpstreamModel
     path: str
     """``chat/completions`` or ``completions`` (under each replica's base URL)."""
@@ -123,21 +128,6 @@ class UpstreamJob:
     seed: int | None = None
     session: str | None = None
     """Affinity: requests of one session go to the same replica (its KV cache holds the conversation)."""
-
-    @property
-    def runtime(self) -> ModelRuntime:
-        """The model."""
-        return self.shape.runtime
-
-    @property
-    def n(self) -> int:
-        """Choices per prompt."""
-        return self.shape.n
-
-    @property
-    def choices(self) -> int:
-        """Number of choices in the response."""
-        return self.shape.choices
 
     @property
     def prompt_tokens(self) -> int:
