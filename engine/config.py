@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 
 from msgspec import Meta, Struct
 
+from engine.kvcache import DEFAULT_POOL_MIB
 from engine.upstream.config import UpstreamSettings
 
 PositiveInt = Annotated[int, Meta(ge=1)]
@@ -41,9 +42,11 @@ class ModelSettings(Struct, forbid_unknown_fields=True, kw_only=True):
     flash_attention: bool = True
     """Faster decoding (~10% here). Off, greedy output is bit-identical whatever the KV cache holds;
     on, a reused prompt prefix can round differently from a cold run (as in llama-server)."""
-    kv_cache_mib: Annotated[int, Meta(ge=0)] = 512
-    """Host-memory KV cache of sequences pushed out of their slot (LRU; 0: none). This model's KV state is
-    about 22 KiB per token: 64 chat sessions of ~700 tokens need ~1 GiB to all come back warm."""
+    kv_cache_mib: Annotated[int, Meta(ge=0)] = DEFAULT_POOL_MIB
+    """Host-memory KV cache of sequences pushed out of their slot (LRU; 0: none). Default: llama-server's
+    8 GiB (``--cache-ram``), capped at a quarter of the machine's RAM; a ceiling, used only by sequences
+    kept. SmolLM2-135M's KV state is about 22 KiB per token: 64 chat sessions of ~700 tokens need ~1 GiB
+    to all come back warm, and with LRU a round-robin over more sessions than fit finds none warm."""
     upstream: UpstreamSettings | None = None
     """Served by remote OpenAI-compatible replicas instead of a local GGUF (then ``path``, ``source`` and
     the local engine's settings do not apply); see ``engine.upstream``."""

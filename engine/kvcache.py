@@ -13,6 +13,7 @@ sets to the part of the prompt that is the chat template's rendering of the syst
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -25,6 +26,26 @@ from engine.base import CacheScope, KVCacheStats
 
 Tokens = npt.NDArray[np.int32]
 State = npt.NDArray[np.uint8]
+
+LLAMA_SERVER_CACHE_RAM_MIB = 8192
+"""llama-server's default ``--cache-ram``: the bound this pool takes by default, where RAM allows."""
+
+
+def default_pool_mib(total_mib: int | None = None) -> int:
+    """The default bound of the pool: llama-server's 8 GiB, capped at a quarter of the machine's RAM.
+
+    The bound is a ceiling, not an allocation: memory is used only for sequences actually kept. A
+    quarter of RAM leaves room for the model, its slots and the rest of the process on small machines.
+    """
+    if total_mib is None:
+        try:
+            total_mib = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // (1024 * 1024)
+        except (ValueError, OSError, AttributeError):  # not a POSIX system that tells
+            return 1024
+    return max(0, min(LLAMA_SERVER_CACHE_RAM_MIB, total_mib // 4))
+
+
+DEFAULT_POOL_MIB = default_pool_mib()
 
 
 def common_prefix(a: Tokens, b: Tokens) -> int:

@@ -45,7 +45,7 @@ from engine.base import (
     TokenEvent,
     TopLogprob,
 )
-from engine.kvcache import Entry, HostKVCache, State
+from engine.kvcache import DEFAULT_POOL_MIB, Entry, HostKVCache, State
 from engine.llamacpp.common import Embedder, EventChannel, Outbox, TextFacade, relay
 from engine.llamacpp.cpu import model_params
 from engine.llamacpp.model import ModelText, check_gguf
@@ -59,7 +59,7 @@ MIN_PROMPT_SUFFIX = 2
 PENALTY_LAST_N = 64
 MIN_RESTORE_GAIN = 16
 """A kept sequence is restored only when it supplies at least this many more tokens than the slot."""
-DEFAULT_KV_CACHE_MIB = 512
+DEFAULT_KV_CACHE_MIB = DEFAULT_POOL_MIB
 
 
 @dataclass(eq=False)
