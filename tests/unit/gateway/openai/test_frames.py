@@ -3,30 +3,14 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import msgspec
 
-from engine.base import GenerationParams, TokenEvent, TopLogprob
-from engine.config import ModelSettings
-from engine.models import ModelRuntime
-from engine.pool import SlotPool
+from engine.base import TokenEvent, TopLogprob
 from gateway.cache.entry import CachedChoice, CachedCompletion
 from gateway.openai.frames import ChatFrames, CompletionFrames, Piece, usage_of
-from gateway.openai.generation import Job, Shape
-
-
-def shape(*, n: int = 1, prompts: int = 1, logprobs: bool = False, echo: list[str] | None = None) -> Shape:
-    runtime = ModelRuntime(ModelSettings(id="m"), Path("/nonexistent.gguf"), digest="abcdef0123456789")
-    return Shape(runtime, prompts, n, logprobs, tuple(echo or ()))
-
-
-def job(*, n: int = 1, prompts: int = 1, logprobs: bool = False, echo: list[str] | None = None) -> Job:
-    params = GenerationParams(max_tokens=8, logprobs=logprobs, top_logprobs=1 if logprobs else 0)
-    pool = SlotPool("m", 1, max_queue=0, max_wait_s=1.0)
-    the_shape = shape(n=n, prompts=prompts, logprobs=logprobs, echo=echo)
-    return Job(the_shape, None, pool, [[1, 2, 3]] * prompts, params)  # type: ignore[arg-type]
+from tests.unit.gateway.openai.shape_support import shape
 
 
 def payload(frame: bytes | None) -> dict[str, Any]:
