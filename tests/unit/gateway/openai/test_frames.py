@@ -60,7 +60,8 @@ def test_json_bodies_from_an_answer() -> None:
     chat = msgspec.to_builtins(ChatFrames(shape(), "m").body(answer, cached_tokens=3))
     assert chat["object"] == "chat.completion"
     assert chat["choices"][0]["message"] == {"role": "assistant", "content": "Hello", "refusal": None}
-    assert chat["usage"]["total_tokens"] == 6 and chat["usage"]["prompt_tokens_details"] == {"cached_tokens": 3}
+    assert chat["usage"]["total_tokens"] == 6
+    assert chat["usage"]["prompt_tokens_details"] == {"cached_tokens": 3}
     text = msgspec.to_builtins(CompletionFrames(shape(echo=["Say: "]), "m").body(answer, cached_tokens=0))
     assert text["object"] == "text_completion" and text["choices"][0]["text"] == "Say: Hello"
 
