@@ -23,7 +23,13 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from auth.errors import AuthenticationError, InvalidTokenError, KeyPolicyError, LoginThrottledError
+from auth.errors import (
+    AuthenticationError,
+    InvalidCredentialsError,
+    InvalidTokenError,
+    KeyPolicyError,
+    LoginThrottledError,
+)
 from auth.keys import (
     constant_time_equals,
     generate_api_key,
@@ -238,10 +244,12 @@ class Authenticator:
             user.id, user.username, user.role, frozenset(scopes), token_id=token_id, expires_at=claims.exp
         )
 
-    async def _active_user(self, user_id: str) -> User:
+    async def _active_user(
+        self, user_id: str, refused: type[AuthenticationError] = AuthenticationError
+    ) -> User:
         user = await self.store.get_user(user_id)
         if user is None or user.disabled:
-            raise AuthenticationError(_NO_ACCOUNT)
+            raise refused(_NO_ACCOUNT)
         return user
 
     async def _external_user(self, username: str | None) -> User:
@@ -274,7 +282,7 @@ class Authenticator:
             LoginBusyError: every password-hash slot is taken (nothing was counted).
             LoginThrottledError: the (address, username) pair must wait, or the address has failed too
                 often.
-            AuthenticationError: wrong credentials (one message for every reason).
+            InvalidCredentialsError: wrong credentials (one message for every reason).
         """
         with self.hash_gate.slot():
             decision = await self.throttle.attempt(username, client)
@@ -283,9 +291,9 @@ class Authenticator:
             user = await self.store.get_user_by_name(username)
             if user is None or user.password_hash is None or user.disabled:
                 await asyncio.to_thread(dummy_verify, self.passwords)
-                raise AuthenticationError(_BAD_LOGIN)
+                raise InvalidCredentialsError(_BAD_LOGIN)
             if not await asyncio.to_thread(verify_password, password, user.password_hash):
-                raise AuthenticationError(_BAD_LOGIN)
+                raise InvalidCredentialsError(_BAD_LOGIN)
             await self.throttle.succeeded(username, client, decision)
             if needs_rehash(user.password_hash, self.passwords):
                 digest = await asyncio.to_thread(hash_password, password, self.passwords)
@@ -331,17 +339,18 @@ class Authenticator:
         Raises:
             LoginBusyError: every password-hash slot is taken.
             LoginThrottledError: too many wrong passwords.
-            AuthenticationError: the current password is wrong (or the account cannot use passwords).
+            InvalidCredentialsError: the current password is wrong (or the account cannot use passwords, or
+                it has been disabled or deleted meanwhile).
         """
         with self.hash_gate.slot():
             decision = await self.throttle.attempt(principal.username, client)
             if decision.blocked:
                 raise LoginThrottledError(decision.retry_after)
-            user = await self._active_user(principal.user_id)
+            user = await self._active_user(principal.user_id, InvalidCredentialsError)
             if user.password_hash is None or not await asyncio.to_thread(
                 verify_password, current, user.password_hash
             ):
-                raise AuthenticationError("the current password is wrong")
+                raise InvalidCredentialsError("the current password is wrong")
             await self.throttle.succeeded(principal.username, client, decision)
             digest = await asyncio.to_thread(hash_password, new, self.passwords)
         version = await self.store.change_password(user.id, digest)

@@ -16,6 +16,11 @@ class AuthenticationError(AuthError):
     """Missing, malformed, invalid, expired or revoked credentials, or a disabled account."""
 
 
+class InvalidCredentialsError(AuthenticationError):
+    """A password check failed: a login, or the current password of a password change (401
+    ``invalid_credentials``, where a refused key or token is ``invalid_api_key``)."""
+
+
 class InvalidTokenError(AuthenticationError):
     """A JWT that must not be accepted (bad signature, algorithm, claims or timing)."""
 

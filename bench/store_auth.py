@@ -37,7 +37,7 @@ from auth.passwords import ScryptParams  # noqa: E402
 from auth.store import IdentityStore  # noqa: E402
 from auth.stores import open_store  # noqa: E402
 from auth.tokens import TokenSettings  # noqa: E402
-from tests.postgres import temporary_database  # noqa: E402
+from tests.postgres_support import temporary_database  # noqa: E402
 
 TOKENS = TokenSettings("b" * 48, issuer="bench", audience="bench")
 Call = Callable[[str], Awaitable[object]]
@@ -226,7 +226,7 @@ def server_version() -> str:
     """The PostgreSQL server's version."""
     import psycopg  # noqa: PLC0415
 
-    from tests.postgres import SHARED_ADMIN_URL  # noqa: PLC0415
+    from tests.postgres_support import SHARED_ADMIN_URL  # noqa: PLC0415
 
     with psycopg.connect(SHARED_ADMIN_URL) as conn:
         row = conn.execute("SHOW server_version").fetchone()

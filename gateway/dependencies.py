@@ -20,7 +20,6 @@ from engine.models import ModelManager
 from gateway.admin.ops import FileDigests
 from gateway.cache.service import ResponseCache
 from gateway.openai.pipeline import Pipeline
-from gateway.ratelimit.limiter import RateLimiter
 from gateway.security import authenticate, provide_principal
 from gateway.settings import Settings
 from telemetry.setup import Telemetry
@@ -54,12 +53,6 @@ def provide_cache(state: State) -> ResponseCache:
     """The response cache."""
     cache: ResponseCache = state.cache
     return cache
-
-
-def provide_limiter(state: State) -> RateLimiter:
-    """The rate limiter."""
-    limiter: RateLimiter = state.limiter
-    return limiter
 
 
 def provide_pipeline(state: State) -> Pipeline:
@@ -105,7 +98,6 @@ DEPENDENCIES = {
     "authenticator": Provide(provide_authenticator, sync_to_thread=False),
     "identity_store": Provide(provide_store, sync_to_thread=False),
     "response_cache": Provide(provide_cache, sync_to_thread=False),
-    "rate_limiter": Provide(provide_limiter, sync_to_thread=False),
     "pipeline": Provide(provide_pipeline, sync_to_thread=False),
     "telemetry": Provide(provide_telemetry, sync_to_thread=False),
     "digests": Provide(provide_digests, sync_to_thread=False),

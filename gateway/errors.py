@@ -18,6 +18,7 @@ from litestar.types import HTTPResponseBodyEvent, HTTPResponseStartEvent, Send
 from auth.errors import (
     AuthenticationError,
     AuthError,
+    InvalidCredentialsError,
     LastAdminError,
     LoginBusyError,
     LoginThrottledError,
@@ -297,6 +298,8 @@ def from_auth_error(exc: AuthError) -> GatewayError:
         return ServiceUnavailableError(
             "the identity store is unavailable; try again shortly", code="store_unavailable"
         )
+    if isinstance(exc, InvalidCredentialsError):
+        return UnauthenticatedError(str(exc), code="invalid_credentials")
     if isinstance(exc, AuthenticationError):
         return UnauthenticatedError(str(exc))
     if isinstance(exc, LastAdminError):

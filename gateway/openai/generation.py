@@ -300,6 +300,45 @@ def _budget(
     return min(default, n_ctx - prompt_tokens)
 
 
+def sampling_params(
+    max_tokens: int,
+    *,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    min_p: float | None = None,
+    stop: tuple[str, ...] = (),
+    seed: int | None = None,
+    presence_penalty: float | None = None,
+    frequency_penalty: float | None = None,
+    repeat_penalty: float | None = None,
+    logit_bias: dict[int, float] | None = None,
+    logprobs: bool = False,
+    top_logprobs: int = 0,
+    grammar: str | None = None,
+) -> GenerationParams:
+    """The engine's sampling parameters, with the gateway's defaults where the request is silent (``None``).
+
+    The one place ``GenerationParams`` is made: chat, text completions and ``/v1/responses`` all come here.
+    """
+    return GenerationParams(
+        max_tokens=max_tokens,
+        temperature=temperature if temperature is not None else DEFAULT_TEMPERATURE,
+        top_p=top_p if top_p is not None else 1.0,
+        top_k=top_k if top_k is not None else DEFAULT_TOP_K,
+        min_p=min_p if min_p is not None else DEFAULT_MIN_P,
+        stop=stop,
+        seed=seed,
+        presence_penalty=presence_penalty or 0.0,
+        frequency_penalty=frequency_penalty or 0.0,
+        repeat_penalty=repeat_penalty if repeat_penalty is not None else 1.0,
+        logit_bias=logit_bias or {},
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+        grammar=grammar,
+    )
+
+
 def _params(
     request: ChatCompletionRequest | CompletionRequest,
     engine: Engine,
@@ -310,18 +349,18 @@ def _params(
     top_logprobs: int,
     grammar: str | None = None,
 ) -> GenerationParams:
-    """The engine's sampling parameters for a request, with the defaults where it is silent."""
-    return GenerationParams(
-        max_tokens=max_tokens,
-        temperature=request.temperature if request.temperature is not None else DEFAULT_TEMPERATURE,
-        top_p=request.top_p if request.top_p is not None else 1.0,
-        top_k=request.top_k if request.top_k is not None else DEFAULT_TOP_K,
-        min_p=request.min_p if request.min_p is not None else DEFAULT_MIN_P,
+    """A chat or text-completion request's sampling parameters (``stop`` and ``logit_bias`` checked)."""
+    return sampling_params(
+        max_tokens,
+        temperature=request.temperature,
+        top_p=request.top_p,
+        top_k=request.top_k,
+        min_p=request.min_p,
         stop=_stops(request.stop, limits),
         seed=request.seed,
-        presence_penalty=request.presence_penalty or 0.0,
-        frequency_penalty=request.frequency_penalty or 0.0,
-        repeat_penalty=request.repeat_penalty if request.repeat_penalty is not None else 1.0,
+        presence_penalty=request.presence_penalty,
+        frequency_penalty=request.frequency_penalty,
+        repeat_penalty=request.repeat_penalty,
         logit_bias=_logit_bias(request.logit_bias, engine.info.n_vocab),
         logprobs=logprobs,
         top_logprobs=top_logprobs,

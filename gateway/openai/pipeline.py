@@ -572,7 +572,6 @@ def _merge_logprobs(parts: list[dict[str, Any]]) -> dict[str, Any]:
 
 async def until_disconnect(request: Request[Any, Any, Any], work: Awaitable[T]) -> T:
     """Run ``work`` but cancel it (freeing its slot) if the client goes away first (499)."""
-    task = asyncio.ensure_future(work)
 
     async def disconnected() -> None:
         while True:
@@ -580,7 +579,14 @@ async def until_disconnect(request: Request[Any, Any, Any], work: Awaitable[T]) 
             if message["type"] == "http.disconnect":
                 return
 
-    watcher = asyncio.ensure_future(disconnected())
+    return await until_gone(disconnected(), work)
+
+
+async def until_gone(gone: Awaitable[object], work: Awaitable[T]) -> T:
+    """Run ``work`` but cancel it (freeing its slot) if ``gone`` (the client left: an HTTP disconnect, a
+    closed WebSocket) completes first; then ``ClientDisconnectedError`` (499)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(gone)
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:

@@ -10,9 +10,7 @@ from litestar.params import JSONBody
 from msgspec import Meta, Struct
 
 from auth.authenticate import Authenticator
-from auth.errors import AuthenticationError
 from auth.principal import Principal
-from gateway.errors import UnauthenticatedError
 from gateway.security import requires_principal
 from gateway.settings import Settings
 
@@ -63,10 +61,8 @@ class AuthController(Controller):
     ) -> LoginResponse:
         """Exchange a username and password for a bearer token (throttled after repeated failures)."""
         client = request.client.host if request.client else "unknown"
-        try:
-            user, token = await authenticator.login(data.username, data.password, client)
-        except AuthenticationError as exc:  # a throttled login is a 429 (the error table)
-            raise UnauthenticatedError(str(exc), code="invalid_credentials") from None
+        # wrong credentials: 401 invalid_credentials; throttled: 429 (the error table)
+        user, token = await authenticator.login(data.username, data.password, client)
         return LoginResponse(token, "bearer", user.id, user.username, user.role == "admin")
 
     @post("/logout", status_code=204, summary="Log out", guards=[requires_principal])
@@ -91,12 +87,10 @@ class AuthController(Controller):
         """Change the caller's own password (the current one is checked, throttled like a login). Every
         token issued before is refused from now on; the answer carries a fresh one."""
         client = request.client.host if request.client else "unknown"
-        try:
-            user, token = await authenticator.change_password(
-                principal, data.current_password, data.new_password, client
-            )
-        except AuthenticationError as exc:  # a throttled attempt is a 429 (the error table)
-            raise UnauthenticatedError(str(exc), code="invalid_credentials") from None
+        # a wrong current password: 401 invalid_credentials; throttled: 429 (the error table)
+        user, token = await authenticator.change_password(
+            principal, data.current_password, data.new_password, client
+        )
         return LoginResponse(token, "bearer", user.id, user.username, user.role == "admin")
 
     @get("/test", summary="Auth service state")

@@ -4,6 +4,7 @@ pipeline as ``/v1/chat/completions`` (rate limit -> cache -> engine) and only it
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Iterator
@@ -24,11 +25,11 @@ from auth.store import ChatSession, IdentityStore
 from engine.base import TokenEvent
 from engine.models import ModelManager
 from gateway.cache.entry import CachedCompletion
-from gateway.errors import UnauthenticatedError, as_gateway_error, error_dict
+from gateway.errors import ClientDisconnectedError, UnauthenticatedError, as_gateway_error, error_dict
 from gateway.errors import validation_error as validation_failure
 from gateway.openai.frames import Frames, Piece, chat_token_logprobs
 from gateway.openai.generation import AnyJob, Shape, chat_shape, prepare_chat
-from gateway.openai.pipeline import Call, Pipeline, Run, Signal, respond
+from gateway.openai.pipeline import Call, Pipeline, Run, Signal, respond, until_gone
 from gateway.openai.protocol.chat import ChatCompletionRequest, ChatMessage, ChoiceLogprobs
 from gateway.openai.protocol.common import Usage
 from gateway.pocket.sessions import check_session_id, own_session, session_not_found, title_from
@@ -90,11 +91,8 @@ class PocketFrames(Frames):
 
     def chunk(self, piece: Piece) -> bytes | None:
         """A delta, or the ``done`` frame when the reply has finished."""
-        if piece.usage is not None:
-            return frame(self.turn.done(piece))
-        if piece.finish_reason is not None or not piece.text:
-            return None
-        return frame({"session_id": self.turn.session_id, "delta": piece.text})
+        message = self.turn.message(piece)
+        return frame(message) if message is not None else None
 
     def tail(self, usage: Usage) -> Iterator[bytes]:
         """Nothing after ``done``."""
@@ -119,15 +117,19 @@ class Turn:
         self.session_id = session.id if session is not None else uuid.uuid4().hex
         self.model = model
 
-    def done(self, piece: Piece) -> dict[str, Any]:
-        """The ``done`` frame of a finished reply."""
-        assert piece.usage is not None
-        return {
-            "session_id": self.session_id,
-            "done": True,
-            "finish_reason": piece.finish_reason,
-            "usage": _usage_dict(piece.usage),
-        }
+    def message(self, piece: Piece) -> dict[str, Any] | None:
+        """What a piece of the reply tells the client (``/chat`` frames; ``/chat/ws`` adds its ``type``): its
+        text as a ``delta``, or at the end ``done`` with the finish reason and usage; ``None`` for nothing."""
+        if piece.usage is not None:
+            return {
+                "session_id": self.session_id,
+                "done": True,
+                "finish_reason": piece.finish_reason,
+                "usage": _usage_dict(piece.usage),
+            }
+        if piece.finish_reason is not None or not piece.text:
+            return None
+        return {"session_id": self.session_id, "delta": piece.text}
 
     async def record(self, identity_store: IdentityStore, user_id: str, answer: CachedCompletion) -> None:
         """Store both sides of the exchange in the user's session."""
@@ -300,9 +302,10 @@ async def chat_socket(
         return
     if not (socket.headers.get("authorization") or socket.headers.get("x-api-key")):
         await socket.send_json({"type": "ready", "username": principal.username})
+    inbox = _Inbox(socket)
     try:
         while True:
-            message = await socket.receive_json()
+            message = await inbox.get()
             try:
                 principal = await authenticator.authenticate(*credential)
             except AuthenticationError as exc:
@@ -314,7 +317,7 @@ async def chat_socket(
             try:
                 data = msgspec.convert(message, ChatRequest)
                 turn, run = await start_turn(data, principal, identity_store, model_manager, pipeline)
-                await _socket_reply(socket, turn, run)
+                await _socket_turn(socket, inbox, turn, run)
             except msgspec.ValidationError as exc:
                 await socket.send_json({"type": "error", "error": error_dict(validation_failure(str(exc)))})
             except WebSocketDisconnect:
@@ -326,6 +329,45 @@ async def chat_socket(
                 await socket.send_json({"type": "error", "error": error_dict(error)})
     except WebSocketDisconnect:
         return
+    finally:
+        await inbox.close()
+
+
+class _Inbox:
+    """The socket's messages, read as they come: a close is seen at once, also while a turn waits in the
+    queue or generates (when nothing is sent that could fail), and the turn is cancelled then.
+
+    Prompts sent during a turn wait here for their turn, as they did in the socket's own buffer.
+    """
+
+    def __init__(self, socket: WebSocket[Any, Any, Any]) -> None:
+        self._socket = socket
+        self._messages: asyncio.Queue[Any] = asyncio.Queue()
+        self.closed = asyncio.Event()
+        """Set when the client closed the socket."""
+        self._reader = asyncio.ensure_future(self._read())
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                self._messages.put_nowait(await self._socket.receive_json())
+        except WebSocketDisconnect as exc:
+            self.closed.set()
+            self._messages.put_nowait(exc)
+        except Exception as exc:  # a message that is not JSON: raised where it is taken, as before
+            self._messages.put_nowait(exc)
+
+    async def get(self) -> Any:
+        """The next message (raises ``WebSocketDisconnect`` once the socket is closed)."""
+        message = await self._messages.get()
+        if isinstance(message, Exception):
+            raise message
+        return message
+
+    async def close(self) -> None:
+        """Stop reading."""
+        self._reader.cancel()
+        await asyncio.wait({self._reader})
 
 
 async def _socket_credential(socket: WebSocket[Any, Any, Any]) -> tuple[str | None, str | None]:
@@ -343,22 +385,26 @@ async def _socket_credential(socket: WebSocket[Any, Any, Any]) -> tuple[str | No
     return f"Bearer {token}", None
 
 
+async def _socket_turn(socket: WebSocket[Any, Any, Any], inbox: _Inbox, turn: Turn, run: Run) -> None:
+    """Reply to a turn; the socket closing cancels it, queued or generating, and frees its place."""
+    try:
+        await until_gone(inbox.closed.wait(), _socket_reply(socket, turn, run))
+    except ClientDisconnectedError:
+        raise WebSocketDisconnect(detail="the client closed the socket") from None
+    finally:
+        await run.close()  # idempotent: also gives back what a reply cancelled before its first event held
+
+
 async def _socket_reply(socket: WebSocket[Any, Any, Any], turn: Turn, run: Run) -> None:
-    """Send the run's pieces as ``delta`` messages and its end as ``done`` (the socket closing cancels)."""
+    """Send the run's pieces as ``delta`` messages and its end as ``done``."""
     started = time.perf_counter()
     async with aclosing(run.events()) as events:
         async for event in events:
-            if isinstance(event, Signal):
+            message = turn.message(event) if not isinstance(event, Signal) else None
+            if message is None:
                 continue
-            if event.usage is not None:
-                await socket.send_json(
-                    {
-                        "type": "done",
-                        "session_id": turn.session_id,
-                        "finish_reason": event.finish_reason,
-                        "usage": _usage_dict(event.usage),
-                        "seconds": round(time.perf_counter() - started, 3),
-                    }
-                )
-            elif event.text:
-                await socket.send_json({"type": "delta", "session_id": turn.session_id, "delta": event.text})
+            if message.pop("done", False):
+                seconds = round(time.perf_counter() - started, 3)
+                await socket.send_json({"type": "done", **message, "seconds": seconds})
+            else:
+                await socket.send_json({"type": "delta", **message})

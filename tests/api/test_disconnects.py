@@ -1,5 +1,6 @@
 """Every route that generates cancels its generation when its client goes away, JSON or streaming, and
-frees the slot: /v1/chat/completions, /v1/completions, POST /chat and /chat/ws (one pipeline).
+frees the slot: /v1/chat/completions, /v1/completions, POST /chat and /chat/ws (one pipeline). A /chat/ws
+turn still queued for a slot leaves the queue when its socket closes, and never runs.
 
 The server counts a request as cancelled only when its client left before the answer was complete, so
 each test also proves the generation was still running when the client went (a counting prompt with a
@@ -15,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 import websockets.sync.client
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import MODEL_ID, NO_EOS, ServedApp, make_settings, serve
 
@@ -113,3 +115,50 @@ def test_a_closed_websocket_cancels_its_turn(one_slot: ServedApp) -> None:
             deltas += 1
     # (WebSocket turns are not HTTP requests in the request metrics: the free slot is the evidence)
     _assert_freed(one_slot, None)
+
+
+def _model_state(app: ServedApp) -> dict[str, Any]:
+    state: dict[str, Any] = app.health()["models"][MODEL_ID]
+    return state
+
+
+def _queue_waits(app: ServedApp) -> float:
+    """How many queued requests of the model have been given a slot (``GET /metrics``)."""
+    text = httpx.get(f"{app.base_url}/metrics", timeout=30).text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "pocketllm_queue_wait_time_seconds_count" and sample.labels.get("model") == MODEL_ID
+    )
+
+
+def test_a_websocket_turn_closed_while_queued_leaves_the_queue(one_slot: ServedApp) -> None:
+    """The only slot generates for a stream; a /chat/ws turn queues behind it; its socket closes. The turn
+    leaves the queue at once, while the stream still holds the slot (it would for >10 s), and it never gets
+    a slot afterwards (no queued request is handed one)."""
+    url = one_slot.base_url.replace("http://", "ws://") + "/chat/ws"
+    waits_before = _queue_waits(one_slot)
+    path, body = ROUTES["chat-completions"](True)
+    with (
+        httpx.Client(base_url=one_slot.base_url, timeout=60, headers=one_slot.headers) as http,
+        http.stream("POST", path, json=body) as blocker,
+    ):
+        assert blocker.status_code == 200
+        lines = blocker.iter_lines()  # kept: closing this iterator would close the stream
+        next(line for line in lines if line.startswith("data: "))  # it holds the only slot
+        with websockets.sync.client.connect(url, additional_headers=one_slot.headers) as socket:
+            socket.send(json.dumps({"prompt": "Say hi", "max_tokens": 8}))
+            deadline = time.monotonic() + 30
+            while _model_state(one_slot)["queued"] == 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert _model_state(one_slot)["queued"] == 1  # the turn waits for the slot
+        # the socket is closed: the queued turn goes, the stream still generates
+        deadline = time.monotonic() + 2
+        state = _model_state(one_slot)
+        while state["queued"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+            state = _model_state(one_slot)
+        assert (state["busy"], state["queued"]) == (1, 0), state
+    _assert_freed(one_slot, None)  # the stream is dropped: the slot is free and nothing waits for it
+    assert _queue_waits(one_slot) == waits_before

@@ -29,7 +29,7 @@ import pytest
 
 from tests.api.cache_support import drop_prefix
 from tests.conftest import MODEL_ID, NO_EOS, free_port
-from tests.postgres import SHARED_ADMIN_URL, temporary_database, unreachable_reason
+from tests.postgres_support import SHARED_ADMIN_URL, temporary_database, unreachable_reason
 from tests.replicas_support import Network, Relay
 from tests.serve_support import server_env, start_server, wait_healthy
 

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from engine.llamacpp.batched import BatchedEngine
 from engine.tools import FunctionChoice, FunctionTool, ToolRequest
-from tests.engine.tool_runs import answer
+from tests.engine.tool_runs_support import answer
 
 SCHEMAS_PER_EXAMPLE = 8
 EXAMPLES = 25  # 200 schemas

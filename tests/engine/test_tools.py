@@ -19,7 +19,7 @@ from engine.tools import (
     ToolOutput,
     ToolRequest,
 )
-from tests.engine.tool_runs import answer
+from tests.engine.tool_runs_support import answer
 
 WEATHER = FunctionTool(
     "get_weather",

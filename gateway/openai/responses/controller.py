@@ -21,21 +21,20 @@ from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 
 from auth.principal import Principal
 from auth.store import IdentityStore, StoredResponse
-from engine.base import GenerationParams, GrammarError
+from engine.base import GrammarError
 from engine.models import ModelManager, ModelRuntime
 from engine.tools import ToolRequest
 from gateway.cache.entry import CachedCompletion
 from gateway.errors import ContextLengthError, InvalidRequestError, NotFoundError
 from gateway.openai.controller import _resolve
 from gateway.openai.generation import (
-    DEFAULT_MIN_P,
     DEFAULT_TEMPERATURE,
-    DEFAULT_TOP_K,
     AnyJob,
     Job,
     Shape,
     UpstreamJob,
     _budget,
+    sampling_params,
     tokenize_checked,
     upstream_chat_job,
 )
@@ -285,14 +284,7 @@ async def _prepare(
     max_tokens = _budget(
         runtime, len(prompt_tokens), data.max_output_tokens, limits.max_tokens_default, "max_output_tokens"
     )
-    params = GenerationParams(
-        max_tokens=max_tokens,
-        temperature=data.temperature if data.temperature is not None else DEFAULT_TEMPERATURE,
-        top_p=data.top_p if data.top_p is not None else 1.0,
-        top_k=DEFAULT_TOP_K,
-        min_p=DEFAULT_MIN_P,
-        grammar=grammar,
-    )
+    params = sampling_params(max_tokens, temperature=data.temperature, top_p=data.top_p, grammar=grammar)
     return Job(Shape(runtime, 1, 1, False), engine, pool, [prompt_tokens], params, session=session)
 
 

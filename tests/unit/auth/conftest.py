@@ -12,7 +12,7 @@ from auth.passwords import ScryptParams
 from auth.postgres_store import PostgresStore
 from auth.sqlite_store import SQLiteStore
 from auth.store import IdentityStore
-from tests.postgres import create_schema, temporary_database, unreachable_reason
+from tests.postgres_support import create_schema, temporary_database, unreachable_reason
 
 # Where the parameter value is not what a test is about, hashing at N=2^10 keeps the suite fast.
 FAST = ScryptParams(n=2**10)

@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from auth.authenticate import Authenticator, credential_from_headers
 from auth.errors import (
     AuthenticationError,
+    InvalidCredentialsError,
     KeyPolicyError,
     LoginBusyError,
     LoginThrottledError,
@@ -254,6 +255,25 @@ async def test_login(auth: Authenticator, alice: User, clock: FakeClock) -> None
         await auth.login("nobody", "alice-password", "10.0.0.1")
     assert str(wrong.value) == str(unknown.value) == "invalid username or password"
     assert "wrong-password" not in str(wrong.value)
+
+
+async def test_a_failed_password_check_is_invalid_credentials(auth: Authenticator, alice: User) -> None:
+    """A wrong login or current password, or an account gone before its password change, is
+    ``InvalidCredentialsError`` (401 ``invalid_credentials`` in the gateway's table); a refused token is not."""
+    _, token = await auth.login("alice", "alice-password", "c")
+    principal = await auth.authenticate(f"Bearer {token}")
+    with pytest.raises(InvalidCredentialsError, match="invalid username or password"):
+        await auth.login("alice", "wrong-password", "c")
+    with pytest.raises(InvalidCredentialsError, match="invalid username or password"):
+        await auth.login("nobody", "alice-password", "c")
+    with pytest.raises(InvalidCredentialsError, match="the current password is wrong"):
+        await auth.change_password(principal, "wrong-password", "new-password-1", "c")
+    await auth.store.disable_user(alice.id)
+    with pytest.raises(InvalidCredentialsError, match="disabled"):
+        await auth.change_password(principal, "alice-password", "new-password-1", "c")
+    with pytest.raises(AuthenticationError, match="disabled") as refused:
+        await auth.authenticate(f"Bearer {token}")
+    assert not isinstance(refused.value, InvalidCredentialsError)
 
 
 async def test_repeated_failed_logins_slow_the_guesser_not_the_owner(

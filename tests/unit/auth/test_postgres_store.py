@@ -16,7 +16,7 @@ from auth.migrations import MIGRATIONS, SCHEMA_VERSION, statements
 from auth.postgres_store import PostgresStore, describe
 from auth.sqlite_store import SQLiteStore
 from auth.stores import open_store
-from tests.postgres import LocalPostgres, create_schema, free_port, postgres_bin
+from tests.postgres_support import LocalPostgres, create_schema, free_port, postgres_bin
 from tests.unit.auth.migration_support import check_version_3_rows_kept, version_3_schema
 
 pytestmark = pytest.mark.anyio

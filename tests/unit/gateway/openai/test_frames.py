@@ -3,30 +3,14 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import msgspec
 
-from engine.base import GenerationParams, TokenEvent, TopLogprob
-from engine.config import ModelSettings
-from engine.models import ModelRuntime
-from engine.pool import SlotPool
+from engine.base import TokenEvent, TopLogprob
 from gateway.cache.entry import CachedChoice, CachedCompletion
 from gateway.openai.frames import ChatFrames, CompletionFrames, Piece, usage_of
-from gateway.openai.generation import Job, Shape
-
-
-def shape(*, n: int = 1, prompts: int = 1, logprobs: bool = False, echo: list[str] | None = None) -> Shape:
-    runtime = ModelRuntime(ModelSettings(id="m"), Path("/nonexistent.gguf"), digest="abcdef0123456789")
-    return Shape(runtime, prompts, n, logprobs, tuple(echo or ()))
-
-
-def job(*, n: int = 1, prompts: int = 1, logprobs: bool = False, echo: list[str] | None = None) -> Job:
-    params = GenerationParams(max_tokens=8, logprobs=logprobs, top_logprobs=1 if logprobs else 0)
-    pool = SlotPool("m", 1, max_queue=0, max_wait_s=1.0)
-    the_shape = shape(n=n, prompts=prompts, logprobs=logprobs, echo=echo)
-    return Job(the_shape, None, pool, [[1, 2, 3]] * prompts, params)  # type: ignore[arg-type]
+from tests.unit.gateway.openai.shape_support import shape
 
 
 def payload(frame: bytes | None) -> dict[str, Any]:
@@ -76,7 +60,8 @@ def test_json_bodies_from_an_answer() -> None:
     chat = msgspec.to_builtins(ChatFrames(shape(), "m").body(answer, cached_tokens=3))
     assert chat["object"] == "chat.completion"
     assert chat["choices"][0]["message"] == {"role": "assistant", "content": "Hello", "refusal": None}
-    assert chat["usage"]["total_tokens"] == 6 and chat["usage"]["prompt_tokens_details"] == {"cached_tokens": 3}
+    assert chat["usage"]["total_tokens"] == 6
+    assert chat["usage"]["prompt_tokens_details"] == {"cached_tokens": 3}
     text = msgspec.to_builtins(CompletionFrames(shape(echo=["Say: "]), "m").body(answer, cached_tokens=0))
     assert text["object"] == "text_completion" and text["choices"][0]["text"] == "Say: Hello"
 

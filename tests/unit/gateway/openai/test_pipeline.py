@@ -26,7 +26,7 @@ from gateway.openai.protocol.chat import ChatCompletionRequest, ChatMessage
 from gateway.ratelimit.limiter import LimitSpec, Subject
 from gateway.ratelimit.memory import MemoryRateLimiter
 from tests.conftest import make_settings
-from tests.unit.gateway.openai.test_frames import job
+from tests.unit.gateway.openai.shape_support import job
 
 pytestmark = pytest.mark.anyio
 

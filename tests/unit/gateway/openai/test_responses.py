@@ -18,7 +18,7 @@ from gateway.openai.frames import Piece, usage_of
 from gateway.openai.responses.convert import chat_messages, check_supported, input_items, tool_request
 from gateway.openai.responses.frames import ResponseFrames
 from gateway.openai.responses.protocol import ResponseObject, ResponseRequest
-from tests.unit.gateway.openai.test_frames import shape
+from tests.unit.gateway.openai.shape_support import shape
 
 EVENTS: TypeAdapter[ResponseStreamEvent] = TypeAdapter(ResponseStreamEvent)
 TOOL = {"type": "function", "name": "f", "parameters": {"type": "object", "properties": {}}}
