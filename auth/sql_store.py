@@ -16,9 +16,9 @@ from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 from auth.errors import LastAdminError, SessionExistsError, SessionNotFoundError, UserExistsError
+from auth.limits import CredentialLimits, LimitOverride
 from auth.migrations import SCHEMA_VERSION, Dialect
 from auth.principal import Role, as_role
-from auth.limits import CredentialLimits, LimitOverride
 from auth.store import (
     ApiKey,
     ChatMessage,

@@ -88,7 +88,9 @@ def _store_url(backend: str) -> contextlib.AbstractContextManager[str | None]:
 
 
 def _pocket_chat(app: ServedApp, headers: dict[str, str]) -> httpx.Response:
-    return httpx.post(f"{app.base_url}/chat", json={"prompt": "Hi", "max_tokens": 2}, headers=headers, timeout=120)
+    return httpx.post(
+        f"{app.base_url}/chat", json={"prompt": "Hi", "max_tokens": 2}, headers=headers, timeout=120
+    )
 
 
 def test_an_api_key_request_costs_one_round_trip_cold_and_none_warm(

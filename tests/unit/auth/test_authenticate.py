@@ -19,9 +19,9 @@ from auth.errors import (
     UserExistsError,
 )
 from auth.keys import KEY_PREFIX
+from auth.limits import CredentialLimits, LimitOverride
 from auth.passwords import ScryptParams, parse_hash, verify_password
 from auth.sqlite_store import SQLiteStore
-from auth.limits import CredentialLimits, LimitOverride
 from auth.store import IdentityStore, User
 from auth.throttle import LoginThrottle
 from auth.tokens import ExternalProvider, TokenSettings, decode_token

@@ -162,7 +162,9 @@ async def test_the_key_lookup_brings_the_key_and_owner_limit_overrides(store: Id
     await store.set_limit_override(f"key:{bob.id}", LimitOverride(rpm=2))  # ... and by a user id: not his
     found = await store.get_key_and_owner("b1" * 32)
     assert found is not None and found.key.id == bobs.id and found.owner.id == bob.id
-    assert found.limits == CredentialLimits(LimitOverride(rpm=7, concurrency=UNLIMITED), LimitOverride(tpm=900))
+    assert found.limits == CredentialLimits(
+        LimitOverride(rpm=7, concurrency=UNLIMITED), LimitOverride(tpm=900)
+    )
     other = await store.get_key_and_owner("e1" * 32)
     assert other is not None and other.limits == CredentialLimits(key=LimitOverride(tpm=5), user=None)
     await store.set_limit_override(f"key:{bobs.id}", LimitOverride(rpm=0))  # replaced whole

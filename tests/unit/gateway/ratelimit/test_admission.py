@@ -64,7 +64,9 @@ async def test_a_principal_without_limits_has_them_read_and_cached(store: SQLite
     assert await subjects_for(bare, DEFAULTS, overrides) == expected
     assert counting.calls == ["get_limit_overrides"]  # once for both subjects, then from the cache
     await store.set_limit_override("key:k1", LimitOverride(rpm=8))  # the store reports it: dropped here
-    assert (await subjects_for(bare, DEFAULTS, overrides))[0] == Subject("key:k1", LimitSpec(rpm=8, concurrency=3))
+    assert (await subjects_for(bare, DEFAULTS, overrides))[0] == Subject(
+        "key:k1", LimitSpec(rpm=8, concurrency=3)
+    )
     overrides.forget("user:u1")
     await subjects_for(bare, DEFAULTS, overrides)
     assert counting.calls == ["get_limit_overrides"] * 3
