@@ -58,7 +58,8 @@ class RoundTrips:
 
     def take(self) -> list[str]:
         """The kinds of the round trips made since the last call, in order."""
-        taken, self._statements[:] = list(self._statements), []
+        taken = self._statements[:]
+        del self._statements[: len(taken)]
         return [next((kind for part, kind in KINDS.items() if part in sql), sql) for sql in taken]
 
 
