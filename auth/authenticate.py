@@ -4,14 +4,21 @@ The HTTP layer hands over header strings (``Authorization``, ``x-api-key``) and 
 ``AuthenticationError`` to 401, ``LoginThrottledError`` to 429, ``LoginBusyError`` and
 ``StoreUnavailableError`` to 503.
 
-API-key authentication costs at most one round trip to the store (the key and its owner in one query),
-and none while the lookup is in the in-memory cache. A key revoked or a user disabled is refused:
+API-key authentication costs at most one round trip to the store (the key, its owner and the limit
+overrides of both in one query), and none while the lookup is in the in-memory cache; the principal
+carries the overrides, so admitting the request costs no round trip either. A key revoked, a user
+disabled, or a limit override changed is seen:
 
 - at once when the change is made in this process (the store reports it: ``on_identity_change``);
 - at once on the other replicas of a PostgreSQL store (NOTIFY/LISTEN; milliseconds);
 - within ``key_cache_ttl_s`` otherwise (2 s by default): SQLite changed by another process (the CLI),
   or PostgreSQL while a replica's notification connection is down. 0 turns the cache off: every change
   is seen at once, at one round trip per request.
+
+One of our JWTs costs one round trip per request, never cached (the user, whether the token was revoked,
+and the user's override in one query), so a logout or a disabled user is seen at once. A token of an
+external identity provider costs the user lookup by name; its limit overrides are read by admission
+(through its own short cache).
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ from auth.keys import (
 )
 from auth.passwords import ScryptParams, dummy_verify, hash_password, needs_rehash, verify_password
 from auth.principal import ALL_SCOPES, SCOPE_ADMIN, SCOPE_INFERENCE, Principal, as_role
-from auth.store import ApiKey, IdentityStore, StoredApiKey, User
+from auth.store import ApiKey, IdentityStore, KeyAndOwner, User
 from auth.throttle import LoginThrottle, PasswordHashGate, Throttle
 from auth.tokens import (
     ExternalProvider,
@@ -85,11 +92,12 @@ def credential_from_headers(authorization: str | None, api_key: str | None) -> s
     return None
 
 
-KeyLookup = tuple[StoredApiKey, User]
+KeyLookup = KeyAndOwner
 
 
 class KeyCache:
-    """Recent API-key lookups (key record and owner by the key's digest), each kept ``ttl_s`` seconds.
+    """Recent API-key lookups (key record, owner and their limit overrides by the key's digest), each
+    kept ``ttl_s`` seconds.
 
     Only keys that exist are kept (a key just created on another replica works at once); at most
     ``max_entries``, the least recently used dropped first.
@@ -127,7 +135,7 @@ class KeyCache:
             self._entries.popitem(last=False)
 
     def clear(self) -> None:
-        """Forget every lookup (after a revocation or a change of a user made in this process)."""
+        """Forget every lookup (after a revocation, a change of a user or of a limit override)."""
         self._entries.clear()
 
     def __len__(self) -> int:
@@ -207,10 +215,10 @@ class Authenticator:
         found = self.key_cache.get(digest)
         if found is None:
             found = await self.store.get_key_and_owner(digest)
-            if found is None or not constant_time_equals(found[0].key_hash, digest):
+            if found is None or not constant_time_equals(found.key.key_hash, digest):
                 raise AuthenticationError("invalid API key")
             self.key_cache.put(digest, found)
-        record, user = found
+        record, user = found.key, found.owner
         if record.revoked:
             raise AuthenticationError("this API key has been revoked")
         if record.expired(self._clock()):
@@ -221,27 +229,35 @@ class Authenticator:
         if user.role != "admin":
             scopes -= {SCOPE_ADMIN}  # the owner may have lost the role since the key was made
         models = frozenset(record.models) if record.models is not None else None
-        return Principal(user.id, user.username, user.role, scopes, record.id, models)
+        return Principal(user.id, user.username, user.role, scopes, record.id, models, limits=found.limits)
 
     async def _from_token(self, token: str) -> Principal:
         try:
+            limits = None
             if self.external is not None and unverified_issuer(token) == self.external.issuer:
                 claims = decode_external(token, self.external)
                 user = await self._external_user(claims.username)
                 token_id = None  # the provider's tokens are revoked at the provider
             else:
                 claims = decode_token(token, self.tokens)
-                user = await self._active_user(claims.sub)
                 token_id = claims.jti
-                if claims.version != user.token_version or (
-                    token_id is not None and await self.store.token_revoked(token_id)
-                ):
+                owner = await self.store.get_token_owner(claims.sub, token_id)  # the one round trip
+                if owner is None or owner.user.disabled:
+                    raise AuthenticationError(_NO_ACCOUNT)
+                user, limits = owner.user, owner.limits
+                if claims.version != user.token_version or owner.token_revoked:
                     raise AuthenticationError(_REVOKED_TOKEN)
         except InvalidTokenError as exc:
             raise AuthenticationError(str(exc)) from None
         scopes = {SCOPE_INFERENCE} | ({SCOPE_ADMIN} if user.role == "admin" else set())
         return Principal(
-            user.id, user.username, user.role, frozenset(scopes), token_id=token_id, expires_at=claims.exp
+            user.id,
+            user.username,
+            user.role,
+            frozenset(scopes),
+            token_id=token_id,
+            expires_at=claims.exp,
+            limits=limits,
         )
 
     async def _active_user(

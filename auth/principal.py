@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from auth.limits import CredentialLimits, LimitOverride
+
 Role = Literal["user", "admin"]
 ROLES: frozenset[str] = frozenset({"user", "admin"})
 
@@ -46,6 +48,9 @@ class Principal:
         allowed_models: the key's model allow-list, or None for any model.
         token_id: the ``jti`` of our own JWT (what logout revokes), else None.
         expires_at: when that token expires (unix seconds), else None.
+        limits: the stored limit overrides of the key and the user, read in the same store round trip
+            as the credential (as fresh as that lookup); None when they were not read with it (admission
+            then reads them itself).
     """
 
     user_id: str
@@ -56,6 +61,17 @@ class Principal:
     allowed_models: frozenset[str] | None = None
     token_id: str | None = None
     expires_at: float | None = None
+    limits: CredentialLimits | None = None
+
+    def known_overrides(self) -> dict[str, LimitOverride] | None:
+        """The stored overrides of ``"key:<key_id>"`` and ``"user:<user_id>"`` that ``limits`` holds (a
+        subject without one is left out); None when the limits were not read with the credential."""
+        if self.limits is None:
+            return None
+        found = {f"user:{self.user_id}": self.limits.user}
+        if self.key_id is not None:
+            found[f"key:{self.key_id}"] = self.limits.key
+        return {subject: override for subject, override in found.items() if override is not None}
 
     @property
     def is_admin(self) -> bool:

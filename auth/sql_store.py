@@ -16,9 +16,19 @@ from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 from auth.errors import LastAdminError, SessionExistsError, SessionNotFoundError, UserExistsError
+from auth.limits import CredentialLimits, LimitOverride
 from auth.migrations import SCHEMA_VERSION, Dialect
 from auth.principal import Role, as_role
-from auth.store import ApiKey, ChatMessage, ChatSession, LimitOverride, StoredApiKey, StoredResponse, User
+from auth.store import (
+    ApiKey,
+    ChatMessage,
+    ChatSession,
+    KeyAndOwner,
+    StoredApiKey,
+    StoredResponse,
+    TokenOwner,
+    User,
+)
 
 Row = Sequence[Any]
 
@@ -28,11 +38,27 @@ _USER_COLUMNS = "id, username, role, created_at, disabled_at, password_hash, las
 _KEY_COLUMNS = "id, user_id, last4, scopes, models, created_at, expires_at, revoked_at, key_hash"
 _SELECT_USER = f"SELECT {_USER_COLUMNS} FROM users"
 _SELECT_KEY = f"SELECT {_KEY_COLUMNS} FROM api_keys"
+_OWNER_COLUMNS = (
+    "u.id, u.username, u.role, u.created_at, u.disabled_at, u.password_hash, u.last_login_at, u.token_version"
+)
+_USER_LIMITS = "LEFT JOIN limit_overrides uo ON uo.subject = 'user:' || u.id"
+# The hot path of API-key authentication: the key, its owner and both their limit overrides (a request
+# then needs no other round trip to authenticate and be admitted). ``limit_overrides.subject`` is its
+# primary key, so each join is one index probe; a subject's row is absent when no override is stored.
 _SELECT_KEY_AND_OWNER = (
     "SELECT k.id, k.user_id, k.last4, k.scopes, k.models, k.created_at, k.expires_at, k.revoked_at, "
-    "k.key_hash, u.id, u.username, u.role, u.created_at, u.disabled_at, u.password_hash, u.last_login_at, "
-    "u.token_version "
-    "FROM api_keys k JOIN users u ON u.id = k.user_id WHERE k.key_hash = ?"
+    f"k.key_hash, {_OWNER_COLUMNS}, "
+    "ko.subject, ko.rpm, ko.tpm, ko.concurrency, uo.subject, uo.rpm, uo.tpm, uo.concurrency "
+    "FROM api_keys k JOIN users u ON u.id = k.user_id "
+    "LEFT JOIN limit_overrides ko ON ko.subject = 'key:' || k.id "
+    f"{_USER_LIMITS} WHERE k.key_hash = ?"
+)
+# The hot path of JWT authentication: the user, whether the token was revoked, the user's override.
+_SELECT_TOKEN_OWNER = (
+    f"SELECT {_OWNER_COLUMNS}, "
+    "EXISTS (SELECT 1 FROM revoked_tokens r WHERE r.jti = ?), "
+    "uo.subject, uo.rpm, uo.tpm, uo.concurrency "
+    f"FROM users u {_USER_LIMITS} WHERE u.id = ?"
 )
 _SELECT_SESSION = (
     "SELECT s.id, s.user_id, s.title, s.model, s.created_at, s.updated_at, "
@@ -57,6 +83,11 @@ def _key(row: Row) -> StoredApiKey:
     scopes = tuple(s for s in row[3].split(",") if s)
     models = tuple(json.loads(row[4])) if row[4] is not None else None
     return StoredApiKey(row[0], row[1], row[2], scopes, models, row[5], row[6], row[7], row[8])
+
+
+def _override(row: Row) -> LimitOverride | None:
+    """``subject, rpm, tpm, concurrency`` of a LEFT JOINed ``limit_overrides`` row (None when absent)."""
+    return LimitOverride(row[1], row[2], row[3]) if row[0] is not None else None
 
 
 def _public(key: StoredApiKey) -> ApiKey:
@@ -205,6 +236,13 @@ class SqlStore(ABC):
         """See ``IdentityStore.token_revoked``."""
         return await self._fetch_one("SELECT 1 FROM revoked_tokens WHERE jti = ?", (jti,)) is not None
 
+    async def get_token_owner(self, user_id: str, jti: str | None) -> TokenOwner | None:
+        """See ``IdentityStore.get_token_owner``."""
+        row = await self._fetch_one(_SELECT_TOKEN_OWNER, (jti, user_id))  # jti NULL matches no row
+        if row is None:
+            return None
+        return TokenOwner(_user(row[:8]), bool(row[8]), CredentialLimits(user=_override(row[9:13])))
+
     async def touch_user(self, user_id: str, at: float | None = None) -> None:
         """See ``IdentityStore.touch_user``."""
         when = self._clock() if at is None else float(at)
@@ -253,10 +291,13 @@ class SqlStore(ABC):
         row = await self._fetch_one(_SELECT_KEY + " WHERE key_hash = ?", (key_hash,))
         return _key(row) if row else None
 
-    async def get_key_and_owner(self, key_hash: str) -> tuple[StoredApiKey, User] | None:
+    async def get_key_and_owner(self, key_hash: str) -> KeyAndOwner | None:
         """See ``IdentityStore.get_key_and_owner``."""
         row = await self._fetch_one(_SELECT_KEY_AND_OWNER, (key_hash,))
-        return (_key(row[:9]), _user(row[9:])) if row else None
+        if row is None:
+            return None
+        limits = CredentialLimits(key=_override(row[17:21]), user=_override(row[21:25]))
+        return KeyAndOwner(_key(row[:9]), _user(row[9:17]), limits)
 
     async def list_keys(self, user_id: str | None = None) -> list[ApiKey]:
         """See ``IdentityStore.list_keys``."""
@@ -289,13 +330,16 @@ class SqlStore(ABC):
         """See ``IdentityStore.set_limit_override``."""
         if override.empty:
             await self._execute("DELETE FROM limit_overrides WHERE subject = ?", (subject,))
-            return
-        await self._execute(
-            "INSERT INTO limit_overrides (subject, rpm, tpm, concurrency, updated_at) VALUES (?, ?, ?, ?, ?) "
-            "ON CONFLICT(subject) DO UPDATE SET rpm = excluded.rpm, tpm = excluded.tpm, "
-            "concurrency = excluded.concurrency, updated_at = excluded.updated_at",
-            (subject, override.rpm, override.tpm, override.concurrency, self._clock()),
-        )
+        else:
+            await self._execute(
+                "INSERT INTO limit_overrides (subject, rpm, tpm, concurrency, updated_at) "
+                "VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT(subject) DO UPDATE SET rpm = excluded.rpm, tpm = excluded.tpm, "
+                "concurrency = excluded.concurrency, updated_at = excluded.updated_at",
+                (subject, override.rpm, override.tpm, override.concurrency, self._clock()),
+            )
+        # key lookups carry their limits: the caches holding them drop them (here and on other replicas)
+        await self._announce_identity_change()
 
     # sessions
     async def create_session(

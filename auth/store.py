@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from auth.errors import LastAdminError, SessionExistsError, SessionNotFoundError, UserExistsError
+from auth.limits import UNLIMITED, CredentialLimits, LimitOverride
 from auth.principal import Role
 
 if TYPE_CHECKING:
@@ -28,7 +29,9 @@ __all__ = [
     "ApiKey",
     "ChatMessage",
     "ChatSession",
+    "CredentialLimits",
     "IdentityStore",
+    "KeyAndOwner",
     "LastAdminError",
     "LimitOverride",
     "SQLiteStore",
@@ -36,6 +39,7 @@ __all__ = [
     "SessionNotFoundError",
     "StoredApiKey",
     "StoredResponse",
+    "TokenOwner",
     "User",
     "UserExistsError",
 ]
@@ -131,25 +135,26 @@ class StoredResponse:
     body: str
 
 
-UNLIMITED = -1
-"""A ``LimitOverride`` field with this value lifts the limit altogether."""
+@dataclass(frozen=True, slots=True)
+class KeyAndOwner:
+    """An API key found by its digest, its owner, and their limit overrides: one round trip."""
+
+    key: StoredApiKey
+    owner: User
+    limits: CredentialLimits
+    """The overrides of ``key:<key.id>`` and ``user:<owner.id>``."""
 
 
 @dataclass(frozen=True, slots=True)
-class LimitOverride:
-    """Rate limits of one API key or user that replace the configured defaults.
+class TokenOwner:
+    """The user one of our tokens names, whether that token was revoked, and the user's limit override:
+    one round trip."""
 
-    Each field: ``None`` keeps the default, ``UNLIMITED`` (-1) lifts the limit, ``n >= 0`` is the limit.
-    """
-
-    rpm: int | None = None
-    tpm: int | None = None
-    concurrency: int | None = None
-
-    @property
-    def empty(self) -> bool:
-        """Whether every field keeps its default (such an override is not stored)."""
-        return self.rpm is None and self.tpm is None and self.concurrency is None
+    user: User
+    token_revoked: bool
+    """Whether the token's ``jti`` is among the revoked ones (False when the token has no ``jti``)."""
+    limits: CredentialLimits
+    """The override of ``user:<user.id>`` (``key`` is None)."""
 
 
 @runtime_checkable
@@ -210,6 +215,11 @@ class IdentityStore(Protocol):
         """Whether a token id has been revoked."""
         ...
 
+    async def get_token_owner(self, user_id: str, jti: str | None) -> TokenOwner | None:
+        """The user a token names, whether the token ``jti`` was revoked, and the user's limit override,
+        in one round trip (the hot path of JWT authentication); None when there is no such user."""
+        ...
+
     async def touch_user(self, user_id: str, at: float | None = None) -> None:
         """Record a successful login at ``at`` (now when None)."""
         ...
@@ -230,9 +240,9 @@ class IdentityStore(Protocol):
         """The key with this digest, revoked or not."""
         ...
 
-    async def get_key_and_owner(self, key_hash: str) -> tuple[StoredApiKey, User] | None:
-        """The key with this digest and its owner, in one round trip (the hot path of API-key
-        authentication)."""
+    async def get_key_and_owner(self, key_hash: str) -> KeyAndOwner | None:
+        """The key with this digest, its owner and the limit overrides of both, in one round trip (the hot
+        path of API-key authentication: admission then needs no store round trip of its own)."""
         ...
 
     async def list_keys(self, user_id: str | None = None) -> list[ApiKey]:
@@ -302,8 +312,10 @@ class IdentityStore(Protocol):
 
     def on_identity_change(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` after every change made through this store object that can refuse or admit
-        a credential (a key revoked, a user disabled or enabled), so that caches of lookups in this process
-        drop them at once. Changes made elsewhere (another replica, the CLI) are not reported."""
+        a credential or change what it may do (a key revoked, a user disabled or enabled, a limit override
+        set), so that caches of lookups in this process drop them at once. A backend that can reach the
+        other replicas (PostgreSQL) reports their changes too; changes made elsewhere on SQLite (the CLI)
+        are not reported."""
         ...
 
     async def open(self) -> None:

@@ -3,8 +3,8 @@ in-memory key cache.
 
 Direct calls to ``Authenticator.authenticate`` with an API key (no HTTP), sequentially and with
 ``--concurrency`` callers at once. Targets per backend: ``uncached`` (``key_cache_ttl_s=0``: one round
-trip per call, the key and its owner in one query), ``cached`` (2 s TTL; each of the ``--keys`` keys is
-looked up once per TTL) and ``two lookups`` (the code path before this change: key by digest, then the
+trip per call, the key, its owner and their limit overrides in one query), ``cached`` (2 s TTL; each of
+the ``--keys`` keys is looked up once per TTL) and ``two lookups`` (the code path before this change: key by digest, then the
 owner; the store calls only). The targets alternate within each round (the machine is shared and noisy),
 after one unmeasured warm-up pass each.
 PostgreSQL is the server on 127.0.0.1:5432 (a throw-away database); SQLite a file in a temporary

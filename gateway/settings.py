@@ -170,9 +170,9 @@ class AuthSettings(Struct, forbid_unknown_fields=True, kw_only=True):
     max_concurrent_hashes: PositiveInt = 2
     """Password hashes (scrypt, ~130 MiB each) at once per process; a login beyond them gets 503."""
     key_cache_ttl_s: Annotated[float, Meta(ge=0)] = 2.0
-    """How long an API key's lookup is reused in memory: the longest a revocation made through another
-    process can go unseen (with PostgreSQL, replicas are told at once by NOTIFY; this is the bound when
-    that channel is down)."""
+    """How long an API key's lookup (the key, its owner and their limit overrides) is reused in memory:
+    the longest a revocation or a limit override changed through another process can go unseen (with
+    PostgreSQL, replicas are told at once by NOTIFY; this is the bound when that channel is down)."""
     external: ExternalIdPSettings | None = None
 
     @property

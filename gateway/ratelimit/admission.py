@@ -62,15 +62,33 @@ def effective_limits(subject: str, override: LimitOverride | None, settings: Rat
 
 
 class LimitOverrides:
-    """The stored limit overrides, each read at most once per ``ttl_s`` (a request would otherwise cost
-    a store query). An override set through this process's admin routes applies at once (``forget``);
-    one set through another process applies within ``ttl_s``."""
+    """The stored limit overrides of a request's subjects.
+
+    A principal authenticated by an API key or one of our JWTs carries them: the authenticator read them
+    in the same store round trip as the credential (``Principal.limits``), so admission costs no round
+    trip, and they are exactly as fresh as that lookup (the key cache's TTL, ``auth.key_cache_ttl_s``;
+    every request for a JWT). Only a principal without them (a token of an external identity provider)
+    has them read here, each subject at most once per ``ttl_s``.
+
+    An override set through this process's admin routes applies at once (the store reports the change to
+    the key cache and to this cache, and ``forget`` drops the subject here); one set through another
+    replica applies at once on PostgreSQL (its NOTIFY), else within the key cache's TTL (this cache's
+    ``ttl_s`` for the principals without limits).
+    """
 
     def __init__(self, store: IdentityStore, ttl_s: float = 2.0, clock: Callable[[], float] = time.monotonic):
         self.store = store
         self.ttl_s = ttl_s
         self._clock = clock
         self._known: dict[str, tuple[float, LimitOverride | None]] = {}
+        store.on_identity_change(self._known.clear)
+
+    async def of(self, principal: Principal, subjects: list[str]) -> dict[str, LimitOverride]:
+        """The overrides of ``subjects`` (the principal's own), from the principal when it carries them."""
+        carried = principal.known_overrides()
+        if carried is not None:
+            return carried
+        return await self.get(subjects)
 
     async def get(self, subjects: list[str]) -> dict[str, LimitOverride]:
         """The overrides of ``subjects`` (absent: none stored)."""
@@ -98,7 +116,7 @@ async def subjects_for(
     """
     ids = [f"key:{principal.key_id}"] if principal.key_id else []
     ids.append(f"user:{principal.user_id}")
-    overrides = await overrides_source.get(ids)
+    overrides = await overrides_source.of(principal, ids)
     subjects = []
     for subject_id in ids:
         spec = effective_limits(subject_id, overrides.get(subject_id), settings)

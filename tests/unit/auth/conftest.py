@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import itertools
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -87,3 +89,23 @@ class FakeClock:
 def clock() -> FakeClock:
     """A fake clock starting at a fixed time."""
     return FakeClock()
+
+
+class CountingStore:
+    """A real store that counts the calls made to it (each store call is one round trip on the hot paths
+    it is used for; non-coroutine members, such as ``on_identity_change``, reach the store itself)."""
+
+    def __init__(self, store: IdentityStore) -> None:
+        self.store = store
+        self.calls: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.store, name)
+        if not inspect.iscoroutinefunction(method):
+            return method
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            self.calls.append(name)
+            return await method(*args, **kwargs)
+
+        return counted

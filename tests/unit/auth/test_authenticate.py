@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
 import time
 from pathlib import Path
-from typing import Any
 
 import jwt
 import pytest
@@ -22,12 +20,13 @@ from auth.errors import (
     UserExistsError,
 )
 from auth.keys import KEY_PREFIX
+from auth.limits import CredentialLimits, LimitOverride
 from auth.passwords import ScryptParams, parse_hash, verify_password
 from auth.sqlite_store import SQLiteStore
 from auth.store import IdentityStore, User
 from auth.throttle import LoginThrottle
 from auth.tokens import ExternalProvider, TokenSettings, decode_token
-from tests.unit.auth.conftest import FAST, FakeClock, StoreOpener
+from tests.unit.auth.conftest import FAST, CountingStore, FakeClock, StoreOpener
 from tests.unit.auth.test_credentials import _forge_hs256, _pem
 
 pytestmark = pytest.mark.anyio
@@ -98,34 +97,23 @@ async def test_a_revoked_key_is_refused_on_its_next_call(auth: Authenticator, al
     assert (await auth.authenticate(f"Bearer {other.key}")).key_id == other.record.id
 
 
-class CountingStore:
-    """A real store that counts the calls made to it (each call is one round trip)."""
-
-    def __init__(self, store: IdentityStore) -> None:
-        self.store = store
-        self.calls: list[str] = []
-
-    def __getattr__(self, name: str) -> Any:
-        method = getattr(self.store, name)
-        if not inspect.iscoroutinefunction(method):
-            return method
-
-        async def counted(*args: Any, **kwargs: Any) -> Any:
-            self.calls.append(name)
-            return await method(*args, **kwargs)
-
-        return counted
-
-
 async def test_an_api_key_costs_at_most_one_round_trip(store: IdentityStore, clock: FakeClock) -> None:
     counting = CountingStore(store)
     cached = Authenticator(counting, TOKENS, FAST, clock=clock, monotonic=clock)  # type: ignore[arg-type]
     uncached = Authenticator(counting, TOKENS, FAST, clock=clock, key_cache_ttl_s=0)  # type: ignore[arg-type]
     user = await cached.create_user("alice", "pw", "user")
     issued = await cached.create_key(user)
+    await counting.set_limit_override(f"key:{issued.record.id}", LimitOverride(rpm=4))
+    await counting.set_limit_override(f"user:{user.id}", LimitOverride(tpm=40))
     counting.calls.clear()
     for _ in range(3):
-        assert (await uncached.authenticate(None, issued.key)).user_id == user.id
+        principal = await uncached.authenticate(None, issued.key)
+        assert principal.user_id == user.id  # with the limits of the key and its owner, from that one query
+        assert principal.limits == CredentialLimits(LimitOverride(rpm=4), LimitOverride(tpm=40))
+        assert principal.known_overrides() == {
+            f"key:{issued.record.id}": LimitOverride(rpm=4),
+            f"user:{user.id}": LimitOverride(tpm=40),
+        }
     assert counting.calls == ["get_key_and_owner"] * 3
     counting.calls.clear()
     for _ in range(3):
@@ -139,6 +127,55 @@ async def test_an_api_key_costs_at_most_one_round_trip(store: IdentityStore, clo
         with pytest.raises(AuthenticationError, match="invalid API key"):
             await cached.authenticate(None, bad)
     assert counting.calls == ["get_key_and_owner"] * 4  # unknown keys are never cached
+
+
+async def test_one_of_our_tokens_costs_one_round_trip_every_time(
+    store: IdentityStore, clock: FakeClock
+) -> None:
+    counting = CountingStore(store)
+    auth = Authenticator(counting, TOKENS, FAST, clock=clock, monotonic=clock)  # type: ignore[arg-type]
+    alice = await auth.create_user("alice", "alice-password", "user")
+    _, token = await auth.login("alice", "alice-password", "c")
+    await counting.set_limit_override(f"user:{alice.id}", LimitOverride(rpm=3))
+    counting.calls.clear()
+    for _ in range(3):  # never cached: a logout is seen by the next request
+        principal = await auth.authenticate(f"Bearer {token}")
+        assert principal.user_id == alice.id and principal.key_id is None
+        assert principal.limits == CredentialLimits(user=LimitOverride(rpm=3))
+        assert principal.known_overrides() == {f"user:{alice.id}": LimitOverride(rpm=3)}
+    assert counting.calls == ["get_token_owner"] * 3  # the user, the revocation, the limits: one query
+    await auth.logout(principal)
+    counting.calls.clear()
+    with pytest.raises(AuthenticationError, match="revoked"):
+        await auth.authenticate(f"Bearer {token}")
+    assert counting.calls == ["get_token_owner"]
+
+
+async def test_a_keys_limits_are_as_fresh_as_its_lookup(open_store: StoreOpener, clock: FakeClock) -> None:
+    replica_a, replica_b = open_store(), open_store()  # two store objects on one database
+    try:
+        here = Authenticator(replica_a, TOKENS, FAST, clock=clock, monotonic=clock, key_cache_ttl_s=2.0)
+        there = Authenticator(replica_b, TOKENS, FAST, clock=clock, monotonic=clock, key_cache_ttl_s=2.0)
+        alice = await here.create_user("alice", "pw", "user")
+        issued = await here.create_key(alice)
+        for side in (here, there):
+            assert (await side.authenticate(None, issued.key)).limits == CredentialLimits()
+        for opened in (replica_a, replica_b):  # PostgreSQL: its LISTEN clears the cache once on connecting
+            listening = getattr(opened, "listening", None)
+            if isinstance(listening, asyncio.Event):
+                await asyncio.wait_for(listening.wait(), 10)
+        await there.authenticate(None, issued.key)  # cached again (the clock has not moved)
+        await there.store.set_limit_override(f"key:{issued.record.id}", LimitOverride(rpm=5))
+        await there.store.set_limit_override(f"user:{alice.id}", LimitOverride(concurrency=1))
+        changed = CredentialLimits(LimitOverride(rpm=5), LimitOverride(concurrency=1))
+        assert (await there.authenticate(None, issued.key)).limits == changed  # where it was set: at once
+        if replica_a.dialect == "sqlite":  # nothing tells another process: the cached lookup stands
+            assert (await here.authenticate(None, issued.key)).limits == CredentialLimits()
+        clock.advance(2.0)  # PostgreSQL told the other replica at once; the TTL bounds it anyway
+        assert (await here.authenticate(None, issued.key)).limits == changed
+    finally:
+        await replica_a.close()
+        await replica_b.close()
 
 
 async def test_a_change_made_on_another_replica_is_seen_within_the_cache_ttl(

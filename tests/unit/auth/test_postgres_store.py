@@ -288,3 +288,32 @@ async def test_a_revocation_on_one_replica_reaches_the_others_at_once(schema_url
                     await asyncio.sleep(0.005)
     finally:
         await asyncio.gather(*(s.close() for s in stores))
+
+
+async def test_a_limit_override_set_on_one_replica_reaches_the_others_at_once(schema_url: str) -> None:
+    from auth.authenticate import Authenticator  # noqa: PLC0415
+    from auth.limits import CredentialLimits, LimitOverride  # noqa: PLC0415
+    from tests.unit.auth.conftest import FAST  # noqa: PLC0415
+    from tests.unit.auth.test_authenticate import TOKENS  # noqa: PLC0415
+
+    stores = [PostgresStore(schema_url) for _ in range(3)]
+    try:
+        # a key's lookup carries its limits: with a TTL far beyond the test, only the notification can
+        # bring the new ones to the replicas that hold the key in their cache
+        replicas = [Authenticator(s, TOKENS, FAST, key_cache_ttl_s=3600) for s in stores]
+        alice = await replicas[0].create_user("alice", "pw", "user")
+        issued = await replicas[0].create_key(alice)
+        for replica in replicas:
+            await replica.store.open()
+            await asyncio.wait_for(replica.store.listening.wait(), 10)  # type: ignore[attr-defined]
+            assert (await replica.authenticate(None, issued.key)).limits == CredentialLimits()  # cached now
+        await replicas[1].store.set_limit_override(f"key:{issued.record.id}", LimitOverride(rpm=3))
+        await replicas[1].store.set_limit_override(f"user:{alice.id}", LimitOverride(tpm=30))
+        changed = CredentialLimits(LimitOverride(rpm=3), LimitOverride(tpm=30))
+        started = time.monotonic()
+        for replica in replicas:
+            while (await replica.authenticate(None, issued.key)).limits != changed:
+                assert time.monotonic() - started < 1.0, "the change did not arrive within 1 s"
+                await asyncio.sleep(0.005)
+    finally:
+        await asyncio.gather(*(s.close() for s in stores))

@@ -15,7 +15,15 @@ from auth.errors import (
     StoreClosedError,
     UserExistsError,
 )
-from auth.store import UNLIMITED, ApiKey, IdentityStore, LimitOverride, StoredApiKey, StoredResponse
+from auth.store import (
+    UNLIMITED,
+    ApiKey,
+    CredentialLimits,
+    IdentityStore,
+    LimitOverride,
+    StoredApiKey,
+    StoredResponse,
+)
 from tests.unit.auth.conftest import StoreOpener
 
 pytestmark = pytest.mark.anyio
@@ -132,14 +140,64 @@ async def test_a_key_and_its_owner_come_in_one_lookup(store: IdentityStore) -> N
     key = await store.create_key(bob.id, "d1" * 32, "abcd", ["inference"], None, None)
     found = await store.get_key_and_owner("d1" * 32)
     assert found is not None
-    record, owner = found
-    assert record == await store.get_key_by_hash("d1" * 32) and record.id == key.id
-    assert owner == bob
+    assert found.key == await store.get_key_by_hash("d1" * 32) and found.key.id == key.id
+    assert found.owner == bob
+    assert found.limits == CredentialLimits()  # no override stored for either
     await store.disable_user(bob.id)
     await store.revoke_key(key.id)
     again = await store.get_key_and_owner("d1" * 32)
-    assert again is not None and again[0].revoked and again[1].disabled
+    assert again is not None and again.key.revoked and again.owner.disabled
     assert await store.get_key_and_owner("d2" * 32) is None
+
+
+async def test_the_key_lookup_brings_the_key_and_owner_limit_overrides(store: IdentityStore) -> None:
+    bob = await store.create_user("bob", None, "user")
+    eve = await store.create_user("eve", None, "user")
+    bobs = await store.create_key(bob.id, "b1" * 32, "bbbb", ["inference"], None, None)
+    eves = await store.create_key(eve.id, "e1" * 32, "eeee", ["inference"], None, None)
+    await store.set_limit_override(f"key:{bobs.id}", LimitOverride(rpm=7, concurrency=UNLIMITED))
+    await store.set_limit_override(f"user:{bob.id}", LimitOverride(tpm=900))
+    await store.set_limit_override(f"key:{eves.id}", LimitOverride(tpm=5))  # eve's key only
+    await store.set_limit_override(f"user:{bobs.id}", LimitOverride(rpm=1))  # a subject named by a key id
+    await store.set_limit_override(f"key:{bob.id}", LimitOverride(rpm=2))  # ... and by a user id: not his
+    found = await store.get_key_and_owner("b1" * 32)
+    assert found is not None and found.key.id == bobs.id and found.owner.id == bob.id
+    assert found.limits == CredentialLimits(
+        LimitOverride(rpm=7, concurrency=UNLIMITED), LimitOverride(tpm=900)
+    )
+    other = await store.get_key_and_owner("e1" * 32)
+    assert other is not None and other.limits == CredentialLimits(key=LimitOverride(tpm=5), user=None)
+    await store.set_limit_override(f"key:{bobs.id}", LimitOverride(rpm=0))  # replaced whole
+    await store.set_limit_override(f"user:{bob.id}", LimitOverride())  # cleared
+    again = await store.get_key_and_owner("b1" * 32)
+    assert again is not None and again.limits == CredentialLimits(key=LimitOverride(rpm=0), user=None)
+
+
+async def test_a_token_owner_comes_with_the_revocation_and_limits_in_one_lookup(
+    store: IdentityStore,
+) -> None:
+    alice = await store.create_user("alice", "h", "user")
+    bob = await store.create_user("bob", "h", "user")
+    owner = await store.get_token_owner(alice.id, "jti-1")
+    assert owner is not None and owner.user == alice
+    assert not owner.token_revoked and owner.limits == CredentialLimits()
+    await store.revoke_token("jti-1", alice.id, time.time() + 60)
+    await store.set_limit_override(f"user:{alice.id}", LimitOverride(rpm=3, tpm=UNLIMITED))
+    await store.set_limit_override(f"key:{alice.id}", LimitOverride(rpm=4))  # not a user's subject
+    revoked = await store.get_token_owner(alice.id, "jti-1")
+    assert revoked is not None and revoked.token_revoked
+    assert revoked.limits == CredentialLimits(user=LimitOverride(rpm=3, tpm=UNLIMITED))
+    kept = await store.get_token_owner(alice.id, "jti-2")
+    assert kept is not None and not kept.token_revoked and kept.limits == revoked.limits
+    no_jti = await store.get_token_owner(alice.id, None)
+    assert no_jti is not None and not no_jti.token_revoked
+    # a revoked id of another user's token is still a revoked id (ids are unique), the user is bob
+    bobs = await store.get_token_owner(bob.id, "jti-1")
+    assert bobs is not None and bobs.user == bob and bobs.token_revoked and bobs.limits == CredentialLimits()
+    await store.disable_user(alice.id)
+    disabled = await store.get_token_owner(alice.id, "jti-2")
+    assert disabled is not None and disabled.user.disabled
+    assert await store.get_token_owner("0" * 32, "jti-1") is None
 
 
 async def test_listing_keys_never_shows_a_digest(store: IdentityStore) -> None:
@@ -333,6 +391,23 @@ async def test_a_closed_store_refuses_work(open_store: StoreOpener) -> None:
     await opened.close()  # idempotent
     with pytest.raises(StoreClosedError):
         await opened.list_users()
+
+
+async def test_a_limit_override_change_is_reported_like_an_identity_change(store: IdentityStore) -> None:
+    # key lookups carry their limits: the caches holding them must hear of a change, like a revocation
+    await store.open()
+    listening = getattr(store, "listening", None)  # PostgreSQL reports once when its LISTEN connects
+    if isinstance(listening, asyncio.Event):
+        await asyncio.wait_for(listening.wait(), 10)
+    reported: list[str] = []
+    store.on_identity_change(lambda: reported.append("changed"))
+    await store.get_limit_overrides(["key:k1"])
+    assert reported == []  # a read is no change
+    await store.set_limit_override("key:k1", LimitOverride(rpm=1))
+    assert reported
+    before = len(reported)
+    await store.set_limit_override("key:k1", LimitOverride())  # cleared: a change too
+    assert len(reported) > before
 
 
 async def test_limit_overrides_are_stored_replaced_and_cleared(open_store: StoreOpener) -> None:
