@@ -16,6 +16,7 @@ OPERATIONS = {
     "/v1/chat/completions": "chat",
     "/v1/completions": "text_completion",
     "/v1/embeddings": "embeddings",
+    "/v1/responses": "chat",  # a chat turn through another API, as /chat is
     "/chat": "chat",
 }
 """Route template -> ``gen_ai.operation.name`` of the routes that run a model."""
