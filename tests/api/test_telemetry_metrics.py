@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from websockets.sync.client import connect
 
 from tests.conftest import MODEL_ID, NO_EOS, ServedApp, make_settings, serve
 
@@ -241,6 +242,43 @@ def test_responses_are_measured_like_chat_completions(app: ServedApp) -> None:
     assert_generations_measured(before, after, summary_before, summary_after, counts)
     route = {"http_route": "/v1/responses", "http_response_status_code": "200", "model": MODEL_ID}
     assert delta(before, after, "pocketllm_requests_total", **route) == 2
+
+
+def test_a_websocket_chat_turn_is_measured_like_post_chat(app: ServedApp) -> None:
+    """The console chats over ``/chat/ws``: each turn is in the gen_ai metrics and the dashboard's
+    ``/admin/metrics`` tokens and TTFT, and a turn the client leaves is a cancellation, not an error."""
+    url = f"ws://127.0.0.1:{app.port}/chat/ws"
+    before, summary_before = scrape(app), admin_summary(app)
+    with connect(url) as socket:
+        socket.send(json.dumps({"token": app.api_key}))
+        assert json.loads(socket.recv(timeout=10))["type"] == "ready"
+        socket.send(json.dumps({"prompt": "Tell me a story", "max_tokens": 6, "temperature": 0.7}))
+        frames = []
+        while not frames or frames[-1]["type"] == "delta":
+            frames.append(json.loads(socket.recv(timeout=60)))
+    done = frames[-1]
+    assert done["type"] == "done", done
+    usage = done["usage"]
+    assert usage["completion_tokens"] >= 2, usage
+    # recorded before `done` went out: no waiting needed
+    after, summary_after = scrape(app), admin_summary(app)
+    counts = [(usage["prompt_tokens"], usage["completion_tokens"])]
+    assert_generations_measured(before, after, summary_before, summary_after, counts)
+    turn = {"http_route": "/chat/ws", "http_request_method": "WS", "model": MODEL_ID}
+    assert delta(before, after, "pocketllm_requests_total", **turn, http_response_status_code="200") == 1
+
+    # Stop in the console closes the socket mid-reply
+    with connect(url, additional_headers={"Authorization": f"Bearer {app.api_key}"}) as socket:
+        socket.send(json.dumps({"prompt": "Count from 1 to 500, one number per line.", "max_tokens": 400}))
+        assert json.loads(socket.recv(timeout=60))["type"] == "delta"
+    deadline = time.monotonic() + 30
+    while (
+        delta(before, latest := scrape(app), "pocketllm_requests_cancelled_total", http_route="/chat/ws") < 1
+    ):
+        assert time.monotonic() < deadline, "the abandoned turn was never recorded"
+        time.sleep(0.1)
+    assert delta(before, latest, "pocketllm_requests_total", **turn, http_response_status_code="499") == 1
+    assert admin_summary(app)["requests"]["server_errors"] == summary_before["requests"]["server_errors"]
 
 
 def test_a_queued_request_is_measured_once(model_path: Path) -> None:
