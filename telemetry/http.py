@@ -3,11 +3,15 @@
 The span continues the client's W3C ``traceparent``. The request is recorded just *before* the last
 body message is handed to the server, so a client that has read the response sees it in the metrics.
 A request whose client went away first is recorded as cancelled.
+
+``start_record`` and ``recording`` are the same two steps for work that is not an HTTP request of its
+own: each turn on a WebSocket is recorded as one request of the socket's route.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry.trace import SpanKind
@@ -49,28 +53,14 @@ class TelemetryMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         route = scope.get("path_template") or scope["path"]
-        method = scope["method"]
-        request_id = self.request_id(scope)
-        span = self.telemetry.tracer.start_span(
-            f"{method} {route}",
-            context=_propagator.extract(headers),
-            kind=SpanKind.SERVER,
-            attributes={
-                "http.request.method": method,
-                "http.route": route,
-                "url.path": scope["path"],
-                "pocketllm.request_id": request_id,
-            },
-        )
-        record = RequestRecord(
+        record = start_record(
             self.telemetry,
-            request_id=request_id,
-            method=method,
+            scope,
+            method=scope["method"],
             route=route,
+            request_id=self.request_id(scope),
             operation=self.operations.get(route),
-            span=span,
         )
 
         async def receive_watching() -> Any:
@@ -88,9 +78,44 @@ class TelemetryMiddleware:
                 record.finish()
             await send(message)
 
-        token = set_current_request(record)
-        try:
+        with recording(record):
             await self.app(scope, receive_watching, send_recording)
-        finally:
-            record.finish()
-            reset_current_request(token)
+
+
+def start_record(
+    telemetry: Telemetry,
+    scope: Mapping[str, Any],
+    *,
+    method: str,
+    route: str,
+    request_id: str,
+    operation: str | None,
+) -> RequestRecord:
+    """A request's record and its server span, which continues the ``traceparent`` of ``scope``'s
+    headers (an HTTP request's, or the upgrade request of a WebSocket)."""
+    headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+    span = telemetry.tracer.start_span(
+        f"{method} {route}",
+        context=_propagator.extract(headers),
+        kind=SpanKind.SERVER,
+        attributes={
+            "http.request.method": method,
+            "http.route": route,
+            "url.path": scope["path"],
+            "pocketllm.request_id": request_id,
+        },
+    )
+    return RequestRecord(
+        telemetry, request_id=request_id, method=method, route=route, operation=operation, span=span
+    )
+
+
+@contextmanager
+def recording(record: RequestRecord) -> Iterator[RequestRecord]:
+    """Make ``record`` the current request for the block, and record it (once) when the block ends."""
+    token = set_current_request(record)
+    try:
+        yield record
+    finally:
+        record.finish()
+        reset_current_request(token)

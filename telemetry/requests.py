@@ -1,9 +1,10 @@
 """One request's telemetry: its server span and child spans, its timings and tokens, its access log line.
 
 The HTTP middleware (``telemetry.http``) opens a ``RequestRecord`` per request and makes it current
-(a context variable, as OpenTelemetry's own context is); the stages of the request report to
-``current_request()``: authentication, the cache, the queue, prompt processing, generation. Outside a
-request (a WebSocket, a unit test) ``current_request()`` is an inert record whose hooks do nothing.
+(a context variable, as OpenTelemetry's own context is), as the gateway does for each turn on a
+WebSocket; the stages of the request report to ``current_request()``: authentication, the cache, the
+queue, prompt processing, generation. Outside a request (a WebSocket between turns, a unit test)
+``current_request()`` is an inert record whose hooks do nothing.
 """
 
 from __future__ import annotations

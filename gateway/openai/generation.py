@@ -7,7 +7,7 @@ errors propagate as they are; the edges (exception handlers, the SSE writer) map
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
@@ -468,18 +468,30 @@ async def prepare_chat(
         grammar=grammar,
     )
 
+    plain = [
+        {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in request.messages
+    ]
+    scope = await chat_scope(engine, plain, prompt_text, prompt, tenant)
+    return Job(shape, engine, pool, [prompt], params, session=session, scope=scope)
+
+
+async def chat_scope(
+    engine: Engine,
+    messages: Sequence[dict[str, Any]],
+    prompt_text: str,
+    prompt: Sequence[int],
+    tenant: str | None,
+) -> CacheScope:
+    """Whose kept KV state a chat prompt may reuse: all of ``tenant``'s (the caller's user id), another
+    tenant's only up to the rendering of the leading system messages (the part that is the same for
+    everyone by construction). ``messages`` are the chat messages ``prompt_text`` was rendered from."""
+
     def shared() -> int:
-        # tokens of the leading system messages' rendering: the only part another tenant may reuse
         render = partial(engine.render_chat, add_generation_prompt=False)
-        plain = [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-            for m in request.messages
-        ]
-        return system_prefix(render, engine.tokenize, plain, prompt)
+        return system_prefix(render, engine.tokenize, messages, prompt)
 
     long = len(prompt_text) > _TOKENIZE_OFF_LOOP_CHARS
-    scope = CacheScope(tenant, await asyncio.to_thread(shared) if long else shared())
-    return Job(shape, engine, pool, [prompt], params, session=session, scope=scope)
+    return CacheScope(tenant, await asyncio.to_thread(shared) if long else shared())
 
 
 async def _chat_prompt(request: ChatCompletionRequest, engine: Engine) -> tuple[str, str | None]:

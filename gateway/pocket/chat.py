@@ -27,6 +27,7 @@ from engine.models import ModelManager
 from gateway.cache.entry import CachedCompletion
 from gateway.errors import ClientDisconnectedError, UnauthenticatedError, as_gateway_error, error_dict
 from gateway.errors import validation_error as validation_failure
+from gateway.observability import websocket_turn
 from gateway.openai.frames import Frames, Piece, chat_token_logprobs
 from gateway.openai.generation import AnyJob, Shape, chat_shape, prepare_chat
 from gateway.openai.pipeline import Call, Pipeline, Run, Signal, respond, until_gone
@@ -35,6 +36,8 @@ from gateway.openai.protocol.common import Usage
 from gateway.pocket.sessions import check_session_id, own_session, session_not_found, title_from
 from gateway.security import check_model_access, requires_inference
 from gateway.sse import EventStream, frame
+from telemetry.requests import current_request
+from telemetry.setup import Telemetry
 
 
 class ChatRequest(Struct, forbid_unknown_fields=True):
@@ -279,10 +282,11 @@ async def chat_socket(
     pipeline: NamedDependency[Pipeline],
     identity_store: NamedDependency[IdentityStore],
     authenticator: NamedDependency[Authenticator],
+    telemetry: NamedDependency[Telemetry],
 ) -> None:
     """Streaming chat over a WebSocket: authenticate by header or a first ``{"token": ...}`` message, then
     send ``{"prompt", "session_id"?, "model"?, "system"?, ...}``; replies are ``delta`` frames and a ``done``
-    frame.
+    frame. Each turn is measured as one request of ``/chat/ws`` (``websocket_turn``), as ``POST /chat`` is.
 
     The credential is checked again before every turn: once its key is revoked, its user disabled or its
     token expired or logged out, the next prompt gets an error message and the socket is closed with 1008
@@ -314,23 +318,46 @@ async def chat_socket(
                 await socket.send_json({"type": "error", "error": error_dict(error)})
                 await socket.close(code=POLICY_VIOLATION, reason="the credential is no longer valid")
                 return
-            try:
-                data = msgspec.convert(message, ChatRequest)
-                turn, run = await start_turn(data, principal, identity_store, model_manager, pipeline)
-                await _socket_turn(socket, inbox, turn, run)
-            except msgspec.ValidationError as exc:
-                await socket.send_json({"type": "error", "error": error_dict(validation_failure(str(exc)))})
-            except WebSocketDisconnect:
-                raise
-            except Exception as exc:
-                error = as_gateway_error(exc)
-                if error is None:
-                    raise
-                await socket.send_json({"type": "error", "error": error_dict(error)})
+            await _measured_turn(
+                socket, inbox, message, principal, telemetry, identity_store, model_manager, pipeline
+            )
     except WebSocketDisconnect:
         return
     finally:
         await inbox.close()
+
+
+async def _measured_turn(
+    socket: WebSocket[Any, Any, Any],
+    inbox: _Inbox,
+    message: Any,
+    principal: Principal,
+    telemetry: Telemetry,
+    identity_store: IdentityStore,
+    model_manager: ModelManager,
+    pipeline: Pipeline,
+) -> None:
+    """One turn of ``/chat/ws``, recorded as one request (``websocket_turn``); errors go back as messages."""
+    with websocket_turn(telemetry, socket.scope) as record:
+        record.authenticated(principal.user_id, principal.username)
+        try:
+            data = msgspec.convert(message, ChatRequest)
+            turn, run = await start_turn(data, principal, identity_store, model_manager, pipeline)
+            await _socket_turn(socket, inbox, turn, run)
+        except msgspec.ValidationError as exc:
+            error = validation_failure(str(exc))
+            record.status = error.status_code
+            await socket.send_json({"type": "error", "error": error_dict(error)})
+        except WebSocketDisconnect:
+            record.disconnected = True
+            raise
+        except Exception as exc:
+            error = as_gateway_error(exc)
+            if error is None:
+                raise
+            record.status = error.status_code
+            record.failed(error.code or error.error_type)
+            await socket.send_json({"type": "error", "error": error_dict(error)})
 
 
 class _Inbox:
@@ -396,15 +423,33 @@ async def _socket_turn(socket: WebSocket[Any, Any, Any], inbox: _Inbox, turn: Tu
 
 
 async def _socket_reply(socket: WebSocket[Any, Any, Any], turn: Turn, run: Run) -> None:
-    """Send the run's pieces as ``delta`` messages and its end as ``done``."""
+    """Send the run's pieces as ``delta`` messages and its end as ``done``.
+
+    ``done`` goes out once the run has ended (slot and rate-limit ticket given back), right after the
+    turn is recorded: as an HTTP request is recorded just before its last body message, a client that has
+    read ``done`` finds the turn in the metrics."""
     started = time.perf_counter()
+    done: dict[str, Any] | None = None
     async with aclosing(run.events()) as events:
         async for event in events:
             message = turn.message(event) if not isinstance(event, Signal) else None
             if message is None:
                 continue
             if message.pop("done", False):
-                seconds = round(time.perf_counter() - started, 3)
-                await socket.send_json({"type": "done", **message, "seconds": seconds})
+                done = {"type": "done", **message, "seconds": round(time.perf_counter() - started, 3)}
             else:
-                await socket.send_json({"type": "delta", **message})
+                await _send(socket, {"type": "delta", **message})
+    if done is not None:
+        record = current_request()
+        record.status, record.complete = 200, True
+        record.finish()
+        await _send(socket, done)
+
+
+async def _send(socket: WebSocket[Any, Any, Any], message: dict[str, Any]) -> None:
+    """``send_json``; a client gone mid-reply (the server raises an ``OSError`` on the send) is a
+    ``WebSocketDisconnect``, so the turn is recorded as cancelled."""
+    try:
+        await socket.send_json(message)
+    except OSError as exc:
+        raise WebSocketDisconnect(detail="the client went away during the reply") from exc

@@ -149,6 +149,43 @@ def test_pocket_chat_is_limited_too(app: ServedApp) -> None:
     assert sessions_after == sessions_before  # a refused turn creates no session
 
 
+def test_responses_are_limited_too(app: ServedApp) -> None:
+    """/v1/responses goes through the same admission: over its RPM a key gets a 429 in OpenAI's envelope,
+    JSON or stream (a status, not an error event), and the SDK raises RateLimitError."""
+    _, headers = new_key(app, "user1", rpm=2)
+    url = f"{app.base_url}/v1/responses"
+
+    def body(**fields: Any) -> dict[str, Any]:
+        return {
+            "model": MODEL_ID,
+            "input": f"Hi {uuid.uuid4().hex[:6]}",
+            "max_output_tokens": 2,
+            "temperature": 0.7,
+            **fields,
+        }
+
+    first = httpx.post(url, json=body(), headers=headers, timeout=60)
+    assert first.status_code == 200, first.text
+    assert first.headers["x-ratelimit-limit-requests"] == "2"
+    assert first.headers["x-ratelimit-remaining-requests"] == "1"
+    with httpx.stream("POST", url, json=body(stream=True), headers=headers, timeout=60) as stream:
+        assert stream.status_code == 200 and stream.headers["x-ratelimit-remaining-requests"] == "0"
+        events = [line for line in stream.iter_lines() if line.startswith("event: ")]
+    assert events[-1] in ("event: response.completed", "event: response.incomplete")
+    refused = httpx.post(url, json=body(), headers=headers, timeout=60)
+    _assert_refused(refused, "requests")
+    assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+    refused_stream = httpx.post(url, json=body(stream=True), headers=headers, timeout=60)
+    _assert_refused(refused_stream, "requests")
+    with openai.OpenAI(
+        base_url=f"{app.base_url}/v1", api_key=headers["Authorization"][7:], max_retries=0
+    ) as client:
+        for stream_it in (False, True):
+            with pytest.raises(openai.RateLimitError) as caught:
+                client.responses.create(**body(stream=stream_it))
+            assert caught.value.status_code == 429 and caught.value.code == "rate_limit_exceeded"
+
+
 def test_admin_limit_routes(app: ServedApp) -> None:
     key = create_key(app.base_url, app.admin_token, "user1")
     url = f"{app.base_url}/admin/keys/{key['id']}/limits"

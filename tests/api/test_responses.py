@@ -157,6 +157,47 @@ def test_a_chain_by_previous_response_id_costs_only_the_new_tokens(sdk: openai.O
     assert third.usage.input_tokens_details.cached_tokens >= second.usage.input_tokens
 
 
+ARCHIVIST = "You are the archivist of a small harbour town. Answer briefly and kindly. " * 6
+
+
+def test_kept_kv_state_is_reused_only_by_its_own_user(
+    sdk: openai.OpenAI, served: ServedApp, request: pytest.FixtureRequest
+) -> None:
+    """As on chat completions: a user's conversation stays in the KV cache for that user's next turn,
+    and another user sending the same long prompt reuses only the shared system part of it."""
+    topic = _unique() + " Tell me about the mill."
+    opening: dict[str, Any] = {
+        "model": MODEL_ID,
+        "instructions": ARCHIVIST,
+        "input": topic + " Some background on the mill: it is old, quiet and well kept." * 25,
+        "max_output_tokens": 8,
+        "temperature": 0,
+    }
+    first = sdk.responses.create(**opening)
+    second = sdk.responses.create(
+        model=MODEL_ID,
+        instructions=ARCHIVIST,
+        previous_response_id=first.id,
+        input="Who lives there?",
+        max_output_tokens=8,
+        temperature=0,
+    )
+    assert first.usage is not None and second.usage is not None and first.usage.input_tokens > 400
+    assert second.usage.input_tokens_details.cached_tokens >= first.usage.input_tokens
+    other = new_user(served)
+    _, headers = new_key(served, other["username"])
+    theirs = openai.OpenAI(
+        base_url=f"{served.base_url}/v1", api_key=headers["Authorization"].split()[1], max_retries=0
+    )
+    request.addfinalizer(theirs.close)
+    # the slot that holds the first user's conversation is the one that shares the longest prefix with
+    # this prompt; only the rendered instructions (the same for everyone) may be reused from it
+    copied = theirs.responses.create(**opening)
+    assert copied.usage is not None and copied.usage.input_tokens == first.usage.input_tokens
+    cached = copied.usage.input_tokens_details.cached_tokens
+    assert 0 < cached < copied.usage.input_tokens // 2
+
+
 def test_a_function_tool_round_trip(sdk: openai.OpenAI, served: ServedApp) -> None:
     asked = sdk.responses.create(
         model=MODEL_ID,

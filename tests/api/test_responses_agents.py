@@ -1,14 +1,13 @@
-"""The OpenAI Agents SDK (``openai-agents``) on ``/v1/responses``: one agent run with a function tool,
-plain and streamed. Skipped where the package is not installed (it pins ``websockets<17``)."""
+"""The OpenAI Agents SDK (``openai-agents``, in the ``dev`` extras) on ``/v1/responses``: one agent run
+with a function tool, plain and streamed. Tracing is off: it would export to OpenAI's servers."""
 
 from __future__ import annotations
 
+import agents
 import openai
 import pytest
 
 from tests.conftest import MODEL_ID, ServedApp
-
-agents = pytest.importorskip("agents")
 
 pytestmark = pytest.mark.anyio
 

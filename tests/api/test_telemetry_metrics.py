@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from websockets.sync.client import connect
 
 from tests.conftest import MODEL_ID, NO_EOS, ServedApp, make_settings, serve
 
@@ -166,6 +167,118 @@ def test_counters_and_histograms_move_by_exactly_the_traffic(app: ServedApp) -> 
     # no user or key ever becomes a label
     labels = {k for (_, got) in after for k, _ in got}
     assert not labels & {"user", "user_id", "username", "key", "key_id", "enduser_id"}
+
+
+def admin_summary(app: ServedApp) -> dict[str, Any]:
+    """``GET /admin/metrics`` (the console's dashboard reads it)."""
+    response = httpx.get(
+        f"{app.base_url}/admin/metrics", headers={"Authorization": f"Bearer {app.admin_token}"}, timeout=30
+    )
+    assert response.status_code == 200, response.text
+    summary: dict[str, Any] = response.json()
+    return summary
+
+
+GEN_AI_CHAT = {
+    "gen_ai_operation_name": "chat",
+    "gen_ai_request_model": MODEL_ID,
+    "gen_ai_provider_name": "llama.cpp",
+}
+
+
+def assert_generations_measured(
+    before: Samples,
+    after: Samples,
+    summary_before: dict[str, Any],
+    summary_after: dict[str, Any],
+    usages: list[tuple[int, int]],
+) -> None:
+    """The gen_ai token, TTFT and TPOT histograms and the ``/admin/metrics`` summary moved by exactly these
+    generations (``(input_tokens, output_tokens)`` each, every one of two or more output tokens)."""
+    usage = "gen_ai_client_token_usage"
+    count = len(usages)
+    gen_ai = GEN_AI_CHAT
+    assert delta(before, after, f"{usage}_count", **gen_ai, gen_ai_token_type="input") == count
+    assert delta(before, after, f"{usage}_count", **gen_ai, gen_ai_token_type="output") == count
+    assert delta(before, after, f"{usage}_sum", **gen_ai, gen_ai_token_type="input") == sum(
+        i for i, _ in usages
+    )
+    assert delta(before, after, f"{usage}_sum", **gen_ai, gen_ai_token_type="output") == sum(
+        o for _, o in usages
+    )
+    assert delta(before, after, "gen_ai_server_time_to_first_token_seconds_count", **gen_ai) == count
+    assert delta(before, after, "gen_ai_server_time_per_output_token_seconds_count", **gen_ai) == count
+    assert delta(before, after, "gen_ai_server_request_duration_seconds_count", **gen_ai) == count
+    requests_before, requests_after = summary_before["requests"], summary_after["requests"]
+    assert requests_after["generations"] - requests_before["generations"] == count
+    tokens_before, tokens_after = summary_before["tokens"], summary_after["tokens"]
+    assert tokens_after["input"] - tokens_before["input"] == sum(i for i, _ in usages)
+    assert tokens_after["output"] - tokens_before["output"] == sum(o for _, o in usages)
+    assert summary_after["ttft_s"]["window"] - summary_before["ttft_s"]["window"] == count
+    assert summary_after["ttft_s"]["p50"] is not None
+
+
+def test_responses_are_measured_like_chat_completions(app: ServedApp) -> None:
+    before, summary_before = scrape(app), admin_summary(app)
+    body = {"model": MODEL_ID, "input": "Tell me a story", "max_output_tokens": 6, "temperature": 0.7}
+    usages = []
+    with httpx.Client(base_url=app.base_url, headers=app.headers, timeout=120) as http:
+        reply = http.post("/v1/responses", json=body)
+        assert reply.status_code == 200, reply.text
+        usages.append(reply.json()["usage"])
+        with http.stream("POST", "/v1/responses", json={**body, "stream": True}) as response:
+            assert response.status_code == 200
+            events = [
+                json.loads(line.removeprefix("data: "))
+                for line in response.iter_lines()
+                if line.startswith("data: ")
+            ]
+        assert events[-1]["type"] in ("response.completed", "response.incomplete")
+        usages.append(events[-1]["response"]["usage"])
+    app.wait_idle()
+    after, summary_after = scrape(app), admin_summary(app)
+    assert all(u["output_tokens"] >= 2 for u in usages), usages
+    counts = [(u["input_tokens"], u["output_tokens"]) for u in usages]
+    assert_generations_measured(before, after, summary_before, summary_after, counts)
+    route = {"http_route": "/v1/responses", "http_response_status_code": "200", "model": MODEL_ID}
+    assert delta(before, after, "pocketllm_requests_total", **route) == 2
+
+
+def test_a_websocket_chat_turn_is_measured_like_post_chat(app: ServedApp) -> None:
+    """The console chats over ``/chat/ws``: each turn is in the gen_ai metrics and the dashboard's
+    ``/admin/metrics`` tokens and TTFT, and a turn the client leaves is a cancellation, not an error."""
+    url = f"ws://127.0.0.1:{app.port}/chat/ws"
+    before, summary_before = scrape(app), admin_summary(app)
+    with connect(url) as socket:
+        socket.send(json.dumps({"token": app.api_key}))
+        assert json.loads(socket.recv(timeout=10))["type"] == "ready"
+        socket.send(json.dumps({"prompt": "Tell me a story", "max_tokens": 6, "temperature": 0.7}))
+        frames = []
+        while not frames or frames[-1]["type"] == "delta":
+            frames.append(json.loads(socket.recv(timeout=60)))
+    done = frames[-1]
+    assert done["type"] == "done", done
+    usage = done["usage"]
+    assert usage["completion_tokens"] >= 2, usage
+    # recorded before `done` went out: no waiting needed
+    after, summary_after = scrape(app), admin_summary(app)
+    counts = [(usage["prompt_tokens"], usage["completion_tokens"])]
+    assert_generations_measured(before, after, summary_before, summary_after, counts)
+    turn = {"http_route": "/chat/ws", "http_request_method": "WS", "model": MODEL_ID}
+    assert delta(before, after, "pocketllm_requests_total", **turn, http_response_status_code="200") == 1
+
+    # Stop in the console closes the socket mid-reply
+    with connect(url, additional_headers={"Authorization": f"Bearer {app.api_key}"}) as socket:
+        socket.send(json.dumps({"prompt": "Count from 1 to 500, one number per line.", "max_tokens": 400}))
+        assert json.loads(socket.recv(timeout=60))["type"] == "delta"
+    deadline = time.monotonic() + 30
+    while (
+        delta(before, latest := scrape(app), "pocketllm_requests_cancelled_total", http_route="/chat/ws") < 1
+    ):
+        assert time.monotonic() < deadline, "the abandoned turn was never recorded"
+        time.sleep(0.1)
+    assert delta(before, latest, "pocketllm_requests_total", **turn, http_response_status_code="499") == 1
+    assert admin_summary(app)["requests"]["server_errors"] == summary_before["requests"]["server_errors"]
 
 
 def test_a_queued_request_is_measured_once(model_path: Path) -> None:

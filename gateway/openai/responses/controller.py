@@ -34,6 +34,7 @@ from gateway.openai.generation import (
     Shape,
     UpstreamJob,
     _budget,
+    chat_scope,
     sampling_params,
     tokenize_checked,
     upstream_chat_job,
@@ -114,7 +115,7 @@ class ResponsesController(Controller):
             chain = session or frames.id
             if runtime.is_upstream:
                 return _prepare_upstream(data, runtime, settings.limits, messages, tools, chain)
-            return await _prepare(data, runtime, settings.limits, messages, tools, chain)
+            return await _prepare(data, runtime, settings.limits, messages, tools, chain, principal.user_id)
 
         async def finished(answer: CachedCompletion) -> None:
             final = frames.finish(answer, started[0].cached_tokens)
@@ -240,9 +241,11 @@ async def _prepare(
     messages: list[dict[str, Any]],
     tools: ToolRequest | None,
     session: str,
+    tenant: str,
 ) -> Job:
     """Render the conversation (with the tools, when offered or in its history), tokenize and check it,
-    and build the job that runs it on the chain's slot."""
+    and build the job that runs it on the chain's slot, reusing kept KV state as chat does: the caller's
+    (``tenant``) in full, another user's only for the shared system prefix."""
     engine, pool = runtime.ready()
     if len(messages) > runtime.n_ctx_per_slot:  # every message takes at least one token
         raise ContextLengthError(
@@ -285,7 +288,10 @@ async def _prepare(
         runtime, len(prompt_tokens), data.max_output_tokens, limits.max_tokens_default, "max_output_tokens"
     )
     params = sampling_params(max_tokens, temperature=data.temperature, top_p=data.top_p, grammar=grammar)
-    return Job(Shape(runtime, 1, 1, False), engine, pool, [prompt_tokens], params, session=session)
+    scope = await chat_scope(engine, messages, text, prompt_tokens, tenant)
+    return Job(
+        Shape(runtime, 1, 1, False), engine, pool, [prompt_tokens], params, session=session, scope=scope
+    )
 
 
 def _text_format(data: ResponseRequest) -> TextFormat | None:
