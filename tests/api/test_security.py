@@ -5,6 +5,7 @@ session ids of other users."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import socket
@@ -194,6 +195,48 @@ def test_a_websocket_stops_when_its_token_expires(app: ServedApp) -> None:
         assert _turn(socket)["type"] == "done"
         time.sleep(max(0.0, now + 4 - time.time()))
         assert "expired" in _closed_for_policy(socket)["error"]["message"]
+
+
+def _attempt_chat(socket: ClientConnection) -> tuple[list[dict[str, Any]], int | None]:
+    """Send a prompt, as the attack did: the frames that came back and the close code (None while open)."""
+    with contextlib.suppress(ConnectionClosed):  # the server may have closed already
+        socket.send(json.dumps({"prompt": "Hi", "max_tokens": 2}))
+    frames: list[dict[str, Any]] = []
+    try:
+        while True:
+            frames.append(json.loads(socket.recv(timeout=60)))
+            if frames[-1]["type"] == "done":
+                return frames, None
+    except ConnectionClosed as closed:
+        return frames, closed.rcvd.code if closed.rcvd is not None else None
+
+
+def test_a_key_without_the_inference_scope_cannot_chat_over_the_websocket(app: ServedApp) -> None:
+    admin_only = create_key(app.base_url, app.admin_token, "admin", scopes=["admin"])["key"]
+    with _http(app, admin_only) as http:  # the rule of /v1, which the socket must follow
+        body = {"model": MODEL_ID, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+        _error(http.post("/v1/chat/completions", json=body), 403, "permission_denied")
+        assert http.get("/admin/users").status_code == 200  # the key itself is valid
+    with _http(app, app.admin_token) as http:
+        sessions_before = http.get("/admin/sessions/count").json()["per_user"].get("admin", 0)
+    url = f"ws://127.0.0.1:{app.port}/chat/ws"
+    with (
+        connect(url, additional_headers={"Authorization": f"Bearer {admin_only}"}) as by_header,
+        connect(url) as by_message,
+    ):
+        by_message.send(json.dumps({"token": admin_only}))
+        for socket in (by_header, by_message):
+            frames, code = _attempt_chat(socket)
+            assert [f["type"] for f in frames] == ["error"], frames
+            assert frames[0]["error"]["code"] == "permission_denied", frames
+            assert "`inference` scope" in frames[0]["error"]["message"]
+            assert code == 1008
+    with _http(app, app.admin_token) as http:  # no turn ran, no session was stored
+        assert http.get("/admin/sessions/count").json()["per_user"].get("admin", 0) == sessions_before
+    inference = create_key(app.base_url, app.admin_token, "admin", scopes=["inference"])["key"]
+    with connect(url, additional_headers={"Authorization": f"Bearer {inference}"}) as socket:
+        frames, code = _attempt_chat(socket)
+    assert frames[-1]["type"] == "done" and code is None, frames
 
 
 def test_leaving_a_websocket_before_authenticating_logs_no_error(
