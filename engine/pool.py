@@ -3,6 +3,12 @@
 The pool lives on the event loop; engines run on their own threads. A request first *reserves*
 (fails at once when the queue is full), then *waits* for a slot (fails after ``max_wait_s``), runs,
 and *releases*. Cancelling a waiting reservation removes it from the queue: it never reaches the engine.
+
+A request that runs in turns (embeddings) reserves again for each turn, behind whoever waits, so that
+requests take turns. Only its first turn is admitted (queue bound, wait limit): a later turn is a
+``continuation`` that is neither refused nor timed out, so work already done is never thrown away by a
+503. Each request has at most one turn waiting, so the queue still holds at most ``max_queue`` new
+requests plus the continuations of those already running.
 """
 
 from __future__ import annotations
@@ -76,24 +82,27 @@ class Reservation:
     pool: SlotPool
     prompt: Sequence[int]
     session: str | None
+    max_wait_s: float | None
+    """How long it may wait for a slot; None for a continuation, which waits its turn however long."""
     created: float = field(default_factory=time.monotonic)
     slot: int | None = None
     _future: asyncio.Future[int] | None = None
     _released: bool = False
 
     async def wait(self) -> int:
-        """Wait for a slot (at most the pool's ``max_wait_s`` since the reservation was made)."""
+        """Wait for a slot (at most the pool's ``max_wait_s`` since the reservation was made, unless it is
+        a continuation)."""
         if self.slot is not None:
             return self.slot
         assert self._future is not None
-        remaining = self.pool.max_wait_s - (time.monotonic() - self.created)
+        remaining = None if self.max_wait_s is None else self.max_wait_s - (time.monotonic() - self.created)
         try:
-            async with asyncio.timeout(max(0.0, remaining)):
+            async with asyncio.timeout(None if remaining is None else max(0.0, remaining)):
                 return await asyncio.shield(self._future)
         except TimeoutError:
             self.release()
             raise QueueTimeoutError(
-                f"the request waited {self.pool.max_wait_s:g}s for a free slot of {self.pool.model}",
+                f"the request waited {self.max_wait_s:g}s for a free slot of {self.pool.model}",
                 self.pool.retry_after(),
             ) from None
         except asyncio.CancelledError:
@@ -154,15 +163,24 @@ class SlotPool:
         """Return once no slot is busy and nobody waits."""
         await self._idle.wait()
 
-    def reserve(self, prompt: Sequence[int] = (), session: str | None = None) -> Reservation:
-        """Take a slot now or a place in the queue; raises ``QueueFullError`` when neither is possible."""
+    def reserve(
+        self, prompt: Sequence[int] = (), session: str | None = None, *, continuation: bool = False
+    ) -> Reservation:
+        """Take a slot now or a place in the queue; raises ``QueueFullError`` when neither is possible.
+
+        Args:
+            prompt: the prompt's tokens (slot affinity).
+            session: the conversation it continues, if any (slot affinity).
+            continuation: a later turn of a request this pool admitted already: it joins the back of the
+                queue whatever its length and waits without a limit (it still fails on ``abort``).
+        """
         if self._aborted is not None:
             raise self._aborted
-        reservation = Reservation(self, prompt, session)
+        reservation = Reservation(self, prompt, session, None if continuation else self.max_wait_s)
         if self._free and not self._waiting:
             self._assign(reservation)
             return reservation
-        if len(self._waiting) >= self.max_queue:
+        if len(self._waiting) >= self.max_queue and not continuation:
             raise QueueFullError(
                 f"all {self._slots} slots of {self.model} are busy and the queue is full", self.retry_after()
             )

@@ -166,7 +166,8 @@ class HeadersTooLargeError(GatewayError):
 
 
 class RequestTimeoutError(GatewayError):
-    """408: the request line and headers did not arrive within ``server.header_timeout_s``."""
+    """408: the request line and headers did not arrive within ``server.header_timeout_s``, or the body
+    not within ``server.body_timeout_s`` (plus its allowance for size)."""
 
     status_code = 408
     error_type = "invalid_request_error"

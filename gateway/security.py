@@ -110,11 +110,17 @@ async def requires_principal(connection: ASGIConnection[Any, Any, Any, Any], _: 
     await authenticate(connection)
 
 
-async def requires_inference(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
-    """Guard: a valid principal with the ``inference`` scope."""
-    principal = await authenticate(connection)
+def check_inference(principal: Principal) -> None:
+    """403 unless the credential grants the ``inference`` scope: the rule of every inference route, the
+    ``requires_inference`` guard's and ``/chat/ws``'s (which cannot use a guard: it checks again before
+    every turn)."""
     if not principal.has_scope(SCOPE_INFERENCE):
         raise PermissionDeniedError("this credential lacks the `inference` scope")
+
+
+async def requires_inference(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    """Guard: a valid principal with the ``inference`` scope."""
+    check_inference(await authenticate(connection))
 
 
 async def requires_admin(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:

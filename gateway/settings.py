@@ -58,6 +58,13 @@ class ServerSettings(Struct, forbid_unknown_fields=True, kw_only=True):
     """Request line and headers of one request; beyond it: 431 and the connection is closed."""
     header_timeout_s: Seconds = 10.0
     """How long a request's line and headers may take to arrive (slow clients are closed: 408)."""
+    body_timeout_s: Seconds = 10.0
+    """How long a request body may take to arrive, plus one second per ``body_min_rate`` bytes received
+    (a body sent slowly is closed: 408). Time while the server is not reading (the app has not asked for
+    the body yet, or has not consumed what came) does not count."""
+    body_min_rate: PositiveInt = 8 * 1024
+    """Bytes per second a body must keep up once past ``body_timeout_s``: a 2 MiB body may take
+    10 + 256 s, a trickle of a few bytes a second is closed after about 10 s."""
     keep_alive_timeout_s: PositiveInt = 5
     """An idle kept-alive connection is closed after this many seconds."""
     trusted_proxies: list[str] = field(default_factory=list)

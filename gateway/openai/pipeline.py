@@ -168,8 +168,10 @@ class Pipeline:
         self, job: EmbeddingJob | UpstreamEmbeddingJob, principal: Principal
     ) -> tuple[list[list[float]], int]:
         """Admission (RPM, TPM by input tokens, concurrency), then the inputs in turns on the model's
-        embedding context: each turn waits in the embedding pool's bounded FIFO queue (503 when full or
-        after ``queue.max_wait_s``), so a large request cannot hold others back for longer than a turn.
+        embedding context: each turn waits at the back of the embedding pool's FIFO queue, so a large
+        request cannot hold others back for longer than a turn. Only the first turn can be refused (503
+        when the queue is full or after ``queue.max_wait_s``); the later ones are continuations, so a
+        request that has started is never refused with the work of its earlier turns thrown away.
         Cancelling it (the client left) stops it before its next turn.
 
         Returns:
@@ -189,8 +191,8 @@ class Pipeline:
         vectors: list[list[float]] = []
         used = 0
         try:
-            for turn in job.turns(EMBEDDING_TURN_TOKENS):
-                reservation = job.pool.reserve()
+            for number, turn in enumerate(job.turns(EMBEDDING_TURN_TOKENS)):
+                reservation = job.pool.reserve(continuation=number > 0)
                 try:
                     await reservation.wait()
                     got, count = await job.engine.embed([job.texts[index] for index in turn])

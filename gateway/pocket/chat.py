@@ -25,7 +25,14 @@ from auth.store import ChatSession, IdentityStore
 from engine.base import TokenEvent
 from engine.models import ModelManager
 from gateway.cache.entry import CachedCompletion
-from gateway.errors import ClientDisconnectedError, UnauthenticatedError, as_gateway_error, error_dict
+from gateway.errors import (
+    ClientDisconnectedError,
+    GatewayError,
+    PermissionDeniedError,
+    UnauthenticatedError,
+    as_gateway_error,
+    error_dict,
+)
 from gateway.errors import validation_error as validation_failure
 from gateway.observability import websocket_turn
 from gateway.openai.frames import Frames, Piece, chat_token_logprobs
@@ -34,7 +41,7 @@ from gateway.openai.pipeline import Call, Pipeline, Run, Signal, respond, until_
 from gateway.openai.protocol.chat import ChatCompletionRequest, ChatMessage, ChoiceLogprobs
 from gateway.openai.protocol.common import Usage
 from gateway.pocket.sessions import check_session_id, own_session, session_not_found, title_from
-from gateway.security import check_model_access, requires_inference
+from gateway.security import check_inference, check_model_access, requires_inference
 from gateway.sse import EventStream, frame
 from telemetry.requests import current_request
 from telemetry.setup import Telemetry
@@ -272,7 +279,8 @@ def _session_dict(session: ChatSession) -> dict[str, Any]:
 
 
 POLICY_VIOLATION = 1008
-"""The WebSocket close code when the credential stops being valid (revoked, disabled, expired)."""
+"""The WebSocket close code when the credential does not grant chat (no ``inference`` scope) or stops
+being valid (revoked, disabled, expired)."""
 
 
 @websocket("/chat/ws")
@@ -288,9 +296,11 @@ async def chat_socket(
     send ``{"prompt", "session_id"?, "model"?, "system"?, ...}``; replies are ``delta`` frames and a ``done``
     frame. Each turn is measured as one request of ``/chat/ws`` (``websocket_turn``), as ``POST /chat`` is.
 
-    The credential is checked again before every turn: once its key is revoked, its user disabled or its
-    token expired or logged out, the next prompt gets an error message and the socket is closed with 1008
-    (policy violation)."""
+    A credential that does not authenticate gets an error message and the close code 4401. One without
+    the ``inference`` scope (an ``admin``-only key), the same 403 as on ``/v1`` and the close code 1008
+    (policy violation). The credential is checked again before every turn: once its key is revoked, its
+    user disabled or its token expired or logged out, the next prompt gets an error message and the
+    socket is closed with 1008."""
     await socket.accept()
     try:
         credential = await _socket_credential(socket)
@@ -304,6 +314,11 @@ async def chat_socket(
         await socket.send_json({"type": "error", "error": error_dict(error)})
         await socket.close(code=4401)
         return
+    try:
+        check_inference(principal)
+    except PermissionDeniedError as exc:
+        await _refuse(socket, exc)
+        return
     if not (socket.headers.get("authorization") or socket.headers.get("x-api-key")):
         await socket.send_json({"type": "ready", "username": principal.username})
     inbox = _Inbox(socket)
@@ -312,11 +327,11 @@ async def chat_socket(
             message = await inbox.get()
             try:
                 principal = await authenticator.authenticate(*credential)
-            except AuthenticationError as exc:
+                check_inference(principal)
+            except (AuthenticationError, PermissionDeniedError) as exc:
                 error = as_gateway_error(exc)
                 assert error is not None
-                await socket.send_json({"type": "error", "error": error_dict(error)})
-                await socket.close(code=POLICY_VIOLATION, reason="the credential is no longer valid")
+                await _refuse(socket, error)
                 return
             await _measured_turn(
                 socket, inbox, message, principal, telemetry, identity_store, model_manager, pipeline
@@ -395,6 +410,15 @@ class _Inbox:
         """Stop reading."""
         self._reader.cancel()
         await asyncio.wait({self._reader})
+
+
+async def _refuse(socket: WebSocket[Any, Any, Any], error: GatewayError) -> None:
+    """Say why in an error message, then close with 1008 (policy violation)."""
+    await socket.send_json({"type": "error", "error": error_dict(error)})
+    reason = (
+        "the credential is no longer valid" if error.status_code == 401 else "the credential may not chat"
+    )
+    await socket.close(code=POLICY_VIOLATION, reason=reason)
 
 
 async def _socket_credential(socket: WebSocket[Any, Any, Any]) -> tuple[str | None, str | None]:

@@ -5,9 +5,11 @@ session ids of other users."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -196,6 +198,48 @@ def test_a_websocket_stops_when_its_token_expires(app: ServedApp) -> None:
         assert "expired" in _closed_for_policy(socket)["error"]["message"]
 
 
+def _attempt_chat(socket: ClientConnection) -> tuple[list[dict[str, Any]], int | None]:
+    """Send a prompt, as the attack did: the frames that came back and the close code (None while open)."""
+    with contextlib.suppress(ConnectionClosed):  # the server may have closed already
+        socket.send(json.dumps({"prompt": "Hi", "max_tokens": 2}))
+    frames: list[dict[str, Any]] = []
+    try:
+        while True:
+            frames.append(json.loads(socket.recv(timeout=60)))
+            if frames[-1]["type"] == "done":
+                return frames, None
+    except ConnectionClosed as closed:
+        return frames, closed.rcvd.code if closed.rcvd is not None else None
+
+
+def test_a_key_without_the_inference_scope_cannot_chat_over_the_websocket(app: ServedApp) -> None:
+    admin_only = create_key(app.base_url, app.admin_token, "admin", scopes=["admin"])["key"]
+    with _http(app, admin_only) as http:  # the rule of /v1, which the socket must follow
+        body = {"model": MODEL_ID, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+        _error(http.post("/v1/chat/completions", json=body), 403, "permission_denied")
+        assert http.get("/admin/users").status_code == 200  # the key itself is valid
+    with _http(app, app.admin_token) as http:
+        sessions_before = http.get("/admin/sessions/count").json()["per_user"].get("admin", 0)
+    url = f"ws://127.0.0.1:{app.port}/chat/ws"
+    with (
+        connect(url, additional_headers={"Authorization": f"Bearer {admin_only}"}) as by_header,
+        connect(url) as by_message,
+    ):
+        by_message.send(json.dumps({"token": admin_only}))
+        for socket in (by_header, by_message):
+            frames, code = _attempt_chat(socket)
+            assert [f["type"] for f in frames] == ["error"], frames
+            assert frames[0]["error"]["code"] == "permission_denied", frames
+            assert "`inference` scope" in frames[0]["error"]["message"]
+            assert code == 1008
+    with _http(app, app.admin_token) as http:  # no turn ran, no session was stored
+        assert http.get("/admin/sessions/count").json()["per_user"].get("admin", 0) == sessions_before
+    inference = create_key(app.base_url, app.admin_token, "admin", scopes=["inference"])["key"]
+    with connect(url, additional_headers={"Authorization": f"Bearer {inference}"}) as socket:
+        frames, code = _attempt_chat(socket)
+    assert frames[-1]["type"] == "done" and code is None, frames
+
+
 def test_leaving_a_websocket_before_authenticating_logs_no_error(
     app: ServedApp, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -356,6 +400,122 @@ def test_x_forwarded_for_from_loopback_does_not_rotate_the_login_throttle(model_
             for i in range(5)
         ]
     assert statuses[:3] == [401] * 3 and statuses[3:] == [429, 429], statuses
+
+
+# 7. password hashes: parallel logins beyond the bound (the attack: 12 at once, RSS 396 -> 1,164 MiB)
+
+HASH_MIB = 128
+"""Memory of one scrypt hash at the default parameters (n=2**17, r=8: 128 * n * r bytes)."""
+
+
+def _status_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+def _login_wave(
+    base_url: str, username: str, password: str, n: int
+) -> list[tuple[int, dict[str, Any], float]]:
+    """``n`` logins sent at the same moment, each on its own connection: (status, body, seconds)."""
+    barrier = threading.Barrier(n)
+    results: list[tuple[int, dict[str, Any], float]] = []
+
+    def one() -> None:
+        with httpx.Client(base_url=base_url, timeout=60) as http:
+            barrier.wait()
+            started = time.monotonic()
+            response = http.post("/auth/login", json={"username": username, "password": password})
+            took = time.monotonic() - started
+        body = response.json()
+        body["retry_after"] = response.headers.get("retry-after")
+        results.append((response.status_code, body, took))
+
+    threads = [threading.Thread(target=one) for _ in range(n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert len(results) == n
+    return results
+
+
+def test_parallel_logins_beyond_the_hash_bound_are_refused_fast_and_the_owner_still_gets_in(
+    model_path: Path,
+) -> None:
+    """A real ``pocketllm serve`` with the default scrypt parameters and hash bound (2): waves of 12
+    parallel wrong-password logins for one user. Beyond the bound they are refused at once with 503
+    ``login_busy``; the server's peak memory grows by at most the bound's hashes; the failures that ran
+    only delay that user at that address, and the owner still logs in (from another address at once,
+    from the attacked one after the delay it is told)."""
+    del model_path
+    bound, parallel = 2, 12
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    server = start_server(port, server_env(MODEL_SLOTS="1", MODEL_N_CTX="1024"))
+    try:
+        wait_healthy(server, base_url)
+        admin_token = login(base_url, "admin", "admin123")
+        victim, password = f"v{uuid.uuid4().hex[:10]}", f"pw-{uuid.uuid4().hex}"
+        created = httpx.post(
+            f"{base_url}/admin/users",
+            json={"username": victim, "password": password},
+            headers={"Authorization": f"Bearer {admin_token}"},
+            timeout=30,
+        )
+        assert created.status_code == 201, created.text
+        time.sleep(0.5)  # the creation's hash has been freed
+        before_kib = _status_kib(server.pid, "VmRSS")
+        Path(f"/proc/{server.pid}/clear_refs").write_text("5")  # the peak (VmHWM) restarts from now
+        waves: list[list[tuple[int, dict[str, Any], float]]] = []
+        while sum(a[0] == 401 for wave in waves for a in wave) < 5 and len(waves) < 8:
+            waves.append(_login_wave(base_url, victim, "wrong guess", parallel))  # until 5 failures count
+        peak_kib = _status_kib(server.pid, "VmHWM")
+        answers = [answer for wave in waves for answer in wave]
+        busy = [a for a in answers if a[0] == 503]
+        ran = [a for a in answers if a[0] in (401, 429)]  # passed the gate (429: the delay refused it)
+        assert len(busy) + len(ran) == len(answers), [a[:2] for a in answers]
+        grown_mib = (peak_kib - before_kib) / 1024
+        print(
+            f"\n{len(waves)} x {parallel} parallel logins: {len(busy)} refused 503 login_busy in at most "
+            f"{max((a[2] for a in busy), default=0):.3f} s, {sum(a[0] == 401 for a in ran)} hashed and "
+            f"refused 401 (fastest {min((a[2] for a in ran if a[0] == 401), default=0):.2f} s), "
+            f"{sum(a[0] == 429 for a in ran)} delayed 429; "
+            f"peak RSS +{grown_mib:.0f} MiB over {before_kib / 1024:.0f} MiB"
+        )
+        assert busy, "no login was refused"
+        for _, body, _ in busy:
+            assert body["error"]["code"] == "login_busy" and body["error"]["type"], body
+            assert body["retry_after"] is not None and int(body["retry_after"]) >= 1
+        # beyond the bound, refused without hashing: the first wave (nothing throttled yet) hashed a few
+        # (a slot freed early may take one more), the rest were refused; no wave hashed more
+        assert sum(a[0] == 503 for a in waves[0]) >= parallel - 2 * bound, [a[:2] for a in waves[0]]
+        assert all(sum(a[0] == 401 for a in wave) <= 2 * bound for wave in waves)
+        assert max(a[2] for a in busy) < min(a[2] for a in answers if a[0] == 401)  # faster than a hash
+        # at most `bound` hashes at once: the peak grew by less than bound + 1 hashes (12 at once: 1.5 GiB)
+        assert HASH_MIB / 2 < grown_mib < (bound + 1) * HASH_MIB, grown_mib
+        # the free failures (auth.login_max_failures, 5) are spent: the owner at this address is delayed...
+        assert sum(a[0] == 401 for a in answers) >= 5
+        elsewhere = httpx.HTTPTransport(local_address="127.0.0.2")
+        with httpx.Client(base_url=base_url, transport=elsewhere, timeout=60) as http:  # ...not elsewhere
+            assert (
+                http.post("/auth/login", json={"username": victim, "password": password}).status_code == 200
+            )
+        started = time.monotonic()
+        with httpx.Client(base_url=base_url, timeout=60) as http:
+            while (
+                answer := http.post("/auth/login", json={"username": victim, "password": password})
+            ).status_code == 429:
+                wait = int(answer.headers["retry-after"])
+                assert wait <= 60, wait  # a delay of at most login_max_delay_s, not a lock-out
+                time.sleep(wait)
+            assert answer.status_code == 200, answer.text
+        print(f"the owner got in from the attacked address after {time.monotonic() - started:.1f} s")
+        assert time.monotonic() - started < 60
+    finally:
+        server.kill()
+        server.communicate(timeout=30)
 
 
 # attacks that held already: their regression tests

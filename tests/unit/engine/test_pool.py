@@ -54,6 +54,26 @@ def test_queue_bound_and_wait_limit() -> None:
     run(main())
 
 
+def test_a_continuation_is_neither_refused_nor_timed_out() -> None:
+    async def main() -> None:
+        pool = SlotPool("m", 1, max_queue=1, max_wait_s=0.05)
+        held = pool.reserve()
+        queued = pool.reserve()
+        with pytest.raises(QueueFullError):  # a new request: refused
+            pool.reserve()
+        later_turn = pool.reserve(continuation=True)  # a started request's next turn: queued
+        assert pool.waiting == 2
+        await asyncio.sleep(0.1)  # past the wait limit
+        with pytest.raises(QueueTimeoutError):
+            await queued.wait()
+        held.release()
+        assert await later_turn.wait() == 0
+        later_turn.release()
+        assert pool.busy == 0 and pool.waiting == 0
+
+    run(main())
+
+
 def test_cancelled_waiter_never_gets_the_slot() -> None:
     async def main() -> None:
         pool = SlotPool("m", 1, max_queue=5, max_wait_s=5)
