@@ -13,11 +13,13 @@ from typing import Any
 
 import pytest
 
+from gateway.backends import build_backends
 from gateway.cache.backend import CacheBackendError
 from gateway.cache.key import CacheOptions, CachePolicy, cache_policy
 from gateway.cache.redis import RedisCacheBackend
 from gateway.cache.service import CacheLookup, CacheOutcome, ResponseCache
 from gateway.redis_client import RedisClient
+from gateway.settings import load_settings
 from tests.unit.gateway.cache.test_service import REQUEST, answer
 from tests.unit.gateway.conftest import RedisMonitor, RedisServer, client
 
@@ -240,5 +242,19 @@ def test_the_local_layer_is_bounded(prefix: str) -> None:
                 "redis",
                 "redis",
             ]
+
+    asyncio.run(main())
+
+
+def test_the_layer_sits_in_front_of_redis_only() -> None:
+    async def main() -> None:
+        with_redis = build_backends(load_settings(env={"REDIS_HOST": "127.0.0.1"}))
+        alone = build_backends(load_settings(env={}))
+        try:
+            assert with_redis.cache.local is not None and with_redis.cache.local_ttl_s == 3.0
+            assert alone.cache.local is None  # the in-process backend is local already
+        finally:
+            await with_redis.close()
+            await alone.close()
 
     asyncio.run(main())
