@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.api.cache_support import admin, chat, chat_body, drop_prefix, unique_prefix
 from tests.conftest import ServedApp, make_settings, serve
@@ -51,8 +52,20 @@ def stats(app: ServedApp) -> dict[str, object]:
     return body
 
 
+def hits_by_tier(app: ServedApp) -> dict[str, float]:
+    """``pocketllm_cache_requests_total{outcome="hit"}`` of ``/metrics`` by its ``tier`` label."""
+    text = httpx.get(f"{app.base_url}/metrics", timeout=30).text
+    return {
+        sample.labels["tier"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "pocketllm_cache_requests_total" and sample.labels.get("outcome") == "hit"
+    }
+
+
 def test_a_repeated_hit_reaches_no_redis(replicas: tuple[ServedApp, ServedApp], prefix: str) -> None:
     first, second = replicas
+    before = hits_by_tier(second)
     body = chat_body(f"Say hi to {time.monotonic_ns()}.")
     answer = chat(first, first.headers, body)
     assert answer.headers["x-cache"] == "miss"
@@ -72,6 +85,9 @@ def test_a_repeated_hit_reaches_no_redis(replicas: tuple[ServedApp, ServedApp], 
         monitor.close()
     local = stats(second)["local"]
     assert isinstance(local, dict) and local["ttl_s"] == LOCAL_TTL_S and local["hits"] >= 2
+    after = hits_by_tier(second)  # the hit counter says where each hit came from
+    assert after.get("redis", 0) - before.get("redis", 0) == 1
+    assert after.get("local", 0) - before.get("local", 0) == 2
 
 
 def test_a_flush_is_seen_at_once_here_and_within_local_ttl_on_the_other(
