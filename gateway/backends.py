@@ -44,7 +44,8 @@ def build_backends(
 ) -> Backends:
     """The cache and limiter for ``settings`` (no connection is made until the first call).
 
-    With ``redis.host`` set: the cache lives in Redis (bypassed while Redis fails) and the limiter is
+    With ``redis.host`` set: the cache lives in Redis (bypassed while Redis fails; hits are kept in
+    process memory for ``cache.local_ttl_s`` in front of it) and the limiter is
     Redis's, falling back to an in-process limiter while Redis fails (fail open, per process). Without
     it: both are in-process. Either way one heartbeat renews the concurrency leases of the requests in
     flight every third of ``ratelimit.lease_ttl_s``.
@@ -104,5 +105,9 @@ def build_backends(
         enabled=settings.cache.enabled,
         retry_after_s=redis_settings.retry_after_s,
         on_backend_error=on_cache_error,
+        # per-process copies in front of Redis (none in front of the in-process backend)
+        local_ttl_s=settings.cache.local_ttl_s if redis is not None else 0.0,
+        local_max_entries=settings.cache.local_max_entries,
+        local_max_bytes=settings.cache.local_max_bytes,
     )
     return Backends(cache, limiter, redis)

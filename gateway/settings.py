@@ -115,6 +115,16 @@ class CacheSettings(Struct, forbid_unknown_fields=True, kw_only=True):
     memory_max_entries: PositiveInt = 10_000
     """Bounds of the in-process backend (used when no Redis is configured)."""
     memory_max_bytes: PositiveInt = 64 * 1024 * 1024
+    local_ttl_s: Annotated[float, Meta(ge=0)] = 3.0
+    """With Redis: how long a hit read from Redis (or an answer stored through this process) is also kept
+    in this process's memory and answered from there without a Redis call; never past the entry's own
+    expiry (its remaining ``PTTL`` is read with the value); 0 turns this layer off. An entry never changes
+    under its key, so the only staleness is a removal: a flush or model reload on this process empties
+    its layer at once, and a ``POST /admin/cache/flush`` on another replica reaches this one within
+    ``local_ttl_s``. Unused without Redis (the in-process backend is local already)."""
+    local_max_entries: PositiveInt = 1000
+    """Bounds of that local layer (least recently used go first)."""
+    local_max_bytes: PositiveInt = 16 * 1024 * 1024
 
 
 Limit = Annotated[int, Meta(ge=0)] | None

@@ -196,9 +196,13 @@ class GatewayMetrics:
         self._slots_busy.set(busy, {ATTR_MODEL: model})
 
     # --- hooks for the other parts of the gateway -------------------------------------------------
-    def cache_outcome(self, outcome: CacheOutcome) -> None:
-        """One response-cache lookup: ``hit``, ``miss`` or ``bypass`` (not cacheable, or cache down)."""
-        self._cache.add(1, {"outcome": outcome})
+    def cache_outcome(self, outcome: CacheOutcome, tier: str | None = None) -> None:
+        """One response-cache lookup: ``hit``, ``miss`` or ``bypass`` (not cacheable, or cache down).
+
+        A hit also carries ``tier``: where it was answered from (``local``: the process's copy in front of
+        Redis; ``redis``; ``memory``: the in-process backend).
+        """
+        self._cache.add(1, {"outcome": outcome} if tier is None else {"outcome": outcome, "tier": tier})
         self.summary.cache[outcome] += 1
 
     def rate_limited(self, kind: str) -> None:

@@ -122,12 +122,15 @@ class RequestRecord:
         finally:
             span.end()
 
-    def cache(self, outcome: CacheOutcome) -> None:
-        """A response-cache lookup's outcome (counted, and set on the request's span)."""
+    def cache(self, outcome: CacheOutcome, tier: str | None = None) -> None:
+        """A response-cache lookup's outcome, and on a hit its tier (counted, and set on the request's
+        span)."""
         if self._telemetry is None:
             return
-        self._telemetry.metrics.cache_outcome(outcome)
+        self._telemetry.metrics.cache_outcome(outcome, tier)
         self.span.set_attribute("pocketllm.cache", outcome)
+        if tier is not None:
+            self.span.set_attribute("pocketllm.cache.tier", tier)
 
     def rate_limited(self, kind: str) -> None:
         """A rate limit refused the request (``kind``: ``requests``, ``tokens`` or ``concurrency``)."""

@@ -22,13 +22,15 @@ class AdminCacheController(Controller):
 
     @get("/stats", summary="Response cache statistics")
     async def cache_stats(self, response_cache: NamedDependency[ResponseCache]) -> dict[str, Any]:
-        """Backend, entries, bytes (``null`` while the backend is unreachable), and this process's hits,
-        misses, bypasses, errors, stores and hit ratio."""
+        """Backend, entries, bytes (``null`` while the backend is unreachable), this process's hits,
+        misses, bypasses, errors, stores and hit ratio, and its local layer (``local``: ttl, entries,
+        bytes, hits; ``null`` when off)."""
         return await response_cache.stats()
 
     @post("/flush", status_code=200, summary="Flush the response cache")
     async def cache_flush(self, response_cache: NamedDependency[ResponseCache]) -> dict[str, Any]:
-        """Drop every cached response (of every process sharing the backend)."""
+        """Drop every cached response (of every process sharing the backend). This process's local copies
+        go at once; another process's stop being answered within its ``cache.local_ttl_s``."""
         try:
             flushed = await response_cache.flush()
         except CacheBackendError:

@@ -46,6 +46,13 @@ return 1
 """
 )
 
+# KEYS: entry. The value and its remaining ms (atomically: the entry cannot expire in between), or nil.
+_GET_WITH_TTL = """
+local value = redis.call('GET', KEYS[1])
+if not value then return false end
+return {value, redis.call('PTTL', KEYS[1])}
+"""
+
 # KEYS: model index, model sizes, models set. ARGV: model, entry key prefix.
 _DELETE_MODEL = """
 local members = redis.call('ZRANGE', KEYS[1], 0, -1)
@@ -121,6 +128,7 @@ class RedisCacheBackend:
         self._timeout_s = timeout_s
         self._admin_timeout_s = admin_timeout_s
         self._set = client.register_script(_SET)
+        self._get_with_ttl = client.register_script(_GET_WITH_TTL)
         self._delete_model = client.register_script(_DELETE_MODEL)
         self._stats = client.register_script(_STATS)
 
@@ -145,6 +153,16 @@ class RedisCacheBackend:
         """The live value under ``key``, or ``None``."""
         value = await self._call("get", self._timeout_s, self._client.get(f"{self._prefix}e:{key}"))
         return bytes(value) if value is not None else None
+
+    async def get_with_ttl(self, key: str) -> tuple[bytes, float | None] | None:
+        """The live value under ``key`` and its remaining seconds (``PTTL``), or ``None``: one script
+        call (``EVALSHA``), so one round trip."""
+        call = self._get_with_ttl(keys=[f"{self._prefix}e:{key}"])
+        found = await self._call("get", self._timeout_s, call)
+        if found is None:
+            return None
+        value, pttl_ms = found
+        return bytes(value), (int(pttl_ms) / 1000 if int(pttl_ms) >= 0 else None)
 
     async def set(self, key: str, value: bytes, *, ttl_s: float, model: str) -> None:
         """Store ``value`` for ``ttl_s`` seconds and index it under ``model``."""

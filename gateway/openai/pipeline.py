@@ -156,8 +156,8 @@ class Pipeline:
 
     def _counted(self, found: CacheLookup) -> None:
         """An admitted request's cache outcome (a refused or invalid one is nobody's lookup)."""
-        self.cache.count(found.outcome)
-        current_request().cache(found.outcome.value)
+        self.cache.count(found.outcome, found.tier)
+        current_request().cache(found.outcome.value, found.tier)
 
     async def _admit(self, call: Call, tokens: int) -> Admission:
         return await admit(

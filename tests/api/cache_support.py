@@ -73,10 +73,11 @@ def chat(app: ServedApp, headers: dict[str, str], body: dict[str, Any], **extra:
 
 
 @contextlib.contextmanager
-def serve_on_shared_redis() -> Iterator[ServedApp]:
-    """The gateway on the shared Redis under a key prefix of its own, dropped afterwards."""
-    prefix = unique_prefix()
-    settings = make_settings(redis={"host": "127.0.0.1", "key_prefix": prefix, "timeout_s": 2.0})
+def serve_on_shared_redis(prefix: str | None = None, **cache: Any) -> Iterator[ServedApp]:
+    """The gateway on the shared Redis under a key prefix of its own (``prefix``, or a new one), dropped
+    afterwards; ``cache`` are ``[cache]`` settings."""
+    prefix = prefix or unique_prefix()
+    settings = make_settings(redis={"host": "127.0.0.1", "key_prefix": prefix, "timeout_s": 2.0}, cache=cache)
     try:
         with serve(settings) as served:
             yield served

@@ -360,7 +360,8 @@ def test_another_users_session_id_is_just_a_new_session(app: ServedApp) -> None:
 
 def test_a_client_cache_ttl_is_capped_and_cannot_empty_the_shared_cache_for_others(model_path: Path) -> None:
     del model_path
-    with serve_on_shared_redis() as app:
+    # no local copies in front of Redis: the victim's hits must come from Redis, through the circuit
+    with serve_on_shared_redis(local_ttl_s=0) as app:
         import redis  # noqa: PLC0415 - the test reads what reached Redis
 
         victim = new_user(app)

@@ -221,6 +221,7 @@ def test_redis_stopped_and_restarted_mid_load(model_path: Path) -> None:
         settings = make_settings(
             redis={"host": "127.0.0.1", "port": redis.port, "timeout_s": 0.3, "retry_after_s": 0.3},
             ratelimit={"key_rpm": 100_000, "key_concurrency": 64},
+            cache={"local_ttl_s": 0},  # every lookup goes to Redis (local copies would answer the outage)
         )
         with serve(settings) as app:
             prompts = [f"Name a colour, {i}." for i in range(3)]

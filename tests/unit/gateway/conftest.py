@@ -1,14 +1,17 @@
-"""Redis for the service tests: the shared one (a unique key prefix per test, cleaned up after) and
-private ``redis-server`` processes on spare ports that a test may stop and start again."""
+"""Redis for the service tests: the shared one (a unique key prefix per test, cleaned up after),
+private ``redis-server`` processes on spare ports that a test may stop and start again, and a
+``MONITOR`` of the commands that reach Redis under a key prefix."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -106,3 +109,90 @@ def own_redis() -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+_MONITOR_ARG = re.compile(rb'"((?:[^"\\]|\\.)*)"')
+_MONITOR_SOURCE = re.compile(rb"^\+[0-9.]+ \[\d+ ([^\]]+)\]")
+
+
+class RedisMonitor:
+    """Redis's ``MONITOR`` on a connection of its own, read by a thread: the commands that name a key
+    prefix, in the order Redis ran them (commands a Lua script runs are marked ``lua``).
+
+    Other clients' traffic on the shared Redis streams by too; only lines naming the prefix are kept.
+    """
+
+    def __init__(self, prefix: str, port: int = SHARED_PORT) -> None:
+        self.prefix = prefix
+        self.port = port
+        self._needle = prefix.encode()
+        self._lines: list[bytes] = []
+        self._seen = threading.Condition()
+        self._marks = 0
+        self._sock = socket.create_connection((SHARED_HOST, port), timeout=5)
+        self._sock.sendall(b"MONITOR\r\n")
+        reply = b""
+        while not reply.endswith(b"\r\n"):
+            reply += self._sock.recv(1)
+        assert reply == b"+OK\r\n", reply
+        self._sock.settimeout(None)
+        self._thread = threading.Thread(target=self._read, name="redis-monitor", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        pending = b""
+        while True:
+            try:
+                data = self._sock.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            pending += data
+            *lines, pending = pending.split(b"\r\n")
+            kept = [line for line in lines if self._needle in line]
+            if kept:
+                with self._seen:
+                    self._lines += kept
+                    self._seen.notify_all()
+
+    def commands(self, *, lua: bool = False) -> list[list[str]]:
+        """Every command naming the prefix that Redis ran before this call, as ``[name, *args]`` with the
+        name in lower case; those run by Lua scripts only when ``lua``. Taken out: the next call returns
+        only what ran after this one."""
+        self._marks += 1
+        mark = f"{self.prefix}monitor-mark:{self._marks}"
+        with socket.create_connection((SHARED_HOST, self.port), timeout=5) as sock:  # a command of its own
+            sock.sendall(f"EXISTS {mark}\r\n".encode())
+            assert sock.recv(64).startswith(b":")
+        deadline = time.monotonic() + 10
+        with self._seen:
+            while not any(mark.encode() in line for line in self._lines):
+                assert self._seen.wait(deadline - time.monotonic()), "MONITOR did not show the mark"
+            at = next(i for i, line in enumerate(self._lines) if mark.encode() in line)
+            lines, self._lines = self._lines[:at], self._lines[at + 1 :]
+        found = []
+        for line in lines:
+            source = _MONITOR_SOURCE.match(line)
+            if source is None or (source.group(1) == b"lua" and not lua):
+                continue
+            args = [m.group(1).decode("unicode_escape") for m in _MONITOR_ARG.finditer(line, source.end())]
+            found.append([args[0].lower(), *args[1:]])
+        return found
+
+    def close(self) -> None:
+        """Stop reading and close the connection."""
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._thread.join(timeout=10)
+        self._sock.close()
+
+
+@pytest.fixture
+def monitor(prefix: str) -> Iterator[RedisMonitor]:
+    """``MONITOR`` of the commands naming this test's key prefix on the shared Redis."""
+    watcher = RedisMonitor(prefix)
+    try:
+        yield watcher
+    finally:
+        watcher.close()

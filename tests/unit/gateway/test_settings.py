@@ -161,3 +161,11 @@ def test_several_replicas_with_shared_state(tmp_path: Path) -> None:
     assert load_settings(config, env={}).shared_state
     with pytest.raises(SettingsError, match=r"server\.replicas"):
         load_settings(env=SHARED | {"POCKETLLM_SERVER__REPLICAS": "0"})
+
+
+def test_cache_local_layer_settings() -> None:
+    cache = load_settings(env={}).cache
+    assert (cache.local_ttl_s, cache.local_max_entries, cache.local_max_bytes) == (3.0, 1000, 16 << 20)
+    assert load_settings(env={"POCKETLLM_CACHE__LOCAL_TTL_S": "0"}).cache.local_ttl_s == 0.0  # off
+    with pytest.raises(SettingsError, match="local_ttl_s"):
+        load_settings(env={"POCKETLLM_CACHE__LOCAL_TTL_S": "-1"})

@@ -54,6 +54,18 @@ def test_get_set_replace(make_backend: MakeBackend) -> None:
     run(make_backend, body)
 
 
+def test_get_with_ttl(make_backend: MakeBackend) -> None:
+    async def body(backend: CacheBackend) -> None:
+        assert await backend.get_with_ttl("absent") is None
+        await backend.set("k", b"value", ttl_s=60, model="m")
+        found = await backend.get_with_ttl("k")
+        assert found is not None
+        value, remaining = found
+        assert value == b"value" and remaining is not None and 59 < remaining <= 60
+
+    run(make_backend, body)
+
+
 def test_ttl_expiry(make_backend: MakeBackend) -> None:
     async def body(backend: CacheBackend) -> None:
         await backend.set("short", b"s", ttl_s=0.5, model="m")

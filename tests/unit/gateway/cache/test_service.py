@@ -28,8 +28,10 @@ def answer(text: str = "Hello there.", finish_reason: str = "stop") -> CachedCom
     )
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "redis+local"])
 def make_cache(request: pytest.FixtureRequest, prefix: str) -> MakeCache:
+    """The service on the in-process backend, on Redis, and on Redis with a local layer in front."""
+
     @asynccontextmanager
     async def make(**options: Any) -> AsyncIterator[ResponseCache]:
         if request.param == "memory":
@@ -37,6 +39,8 @@ def make_cache(request: pytest.FixtureRequest, prefix: str) -> MakeCache:
             return
         redis = client(timeout_s=2.0)
         try:
+            if request.param == "redis+local":
+                options.setdefault("local_ttl_s", 30.0)
             yield ResponseCache(RedisCacheBackend(redis, prefix=prefix, timeout_s=2.0), **options)
         finally:
             await redis.aclose()
