@@ -1,4 +1,5 @@
-"""KV reuse through the API: a returning chat session reports its reused tokens, another user's does not."""
+"""KV reuse through the API: a returning chat session reports its reused tokens, another user's does not;
+``prompt_cache_key`` keeps its prefix in a slot that other traffic would otherwise take."""
 
 from __future__ import annotations
 
@@ -17,14 +18,21 @@ def _opening(topic: str) -> str:
 
 
 def _chat(
-    base_url: str, token: str, messages: list[dict[str, str]], session: str | None = None
+    base_url: str,
+    token: str,
+    messages: list[dict[str, str]],
+    session: str | None = None,
+    prompt_cache_key: str | None = None,
 ) -> tuple[str, dict[str, Any]]:
     headers = {"Authorization": f"Bearer {token}"}
     if session:
         headers["X-Session-Id"] = session
+    body: dict[str, Any] = {"model": MODEL_ID, "messages": messages, "max_tokens": 12, "temperature": 0}
+    if prompt_cache_key:
+        body["prompt_cache_key"] = prompt_cache_key
     response = httpx.post(
         f"{base_url}/v1/chat/completions",
-        json={"model": MODEL_ID, "messages": messages, "max_tokens": 12, "temperature": 0},
+        json=body,
         headers=headers,
         timeout=120,
     )
@@ -50,3 +58,29 @@ def test_a_session_back_after_others_took_the_slots_reports_cached_tokens_only_t
         # the admin is another user: the same conversation reuses at most the shared system prompt
         _, other = _chat(url, served.admin_token, history)
         assert 0 < other["prompt_tokens_details"]["cached_tokens"] < other["prompt_tokens"] // 2
+
+
+MANUAL = "From the lighthouse keeper's manual: trim the wick, wind the clockwork, log the weather. " * 8
+
+
+def test_prompt_cache_key_keeps_its_prefix_in_the_slot_other_traffic_would_take() -> None:
+    """Two requests with one ``prompt_cache_key`` and a long shared prefix, two other requests between them
+    (two slots): the second reuses the prefix. The same four requests without the key lose it, because the
+    least recently used slot, the one holding the prefix, goes to the other traffic. The host KV cache is
+    off: with it, a prefix pushed out of its slot is restored into any slot, key or no key."""
+    with serve(make_settings(cache={"enabled": False}, model={"kv_cache_mib": 0})) as served:
+        url, key = served.base_url, served.api_key
+        reused = {}
+        for cache_key in (None, "lighthouse-manual"):  # without the key first: no slot holds the prefix yet
+            first = [{"role": "user", "content": MANUAL + "What comes first?"}]
+            _, opened = _chat(url, key, first, prompt_cache_key=cache_key)
+            for topic in ("the market", "the bakery"):  # unrelated: they take the least recently used slot
+                _chat(url, key, [{"role": "user", "content": _opening(topic)}])
+            second = [{"role": "user", "content": MANUAL + "What comes last?"}]
+            _, returning = _chat(url, key, second, prompt_cache_key=cache_key)
+            reused[cache_key] = returning["prompt_tokens_details"]["cached_tokens"]
+            shared = opened["prompt_tokens"] - 16  # the manual and the template's opening, not the question
+            if cache_key is None:
+                assert reused[cache_key] < shared // 2, reused  # at most the template's opening
+            else:
+                assert reused[cache_key] >= shared, (reused, opened["prompt_tokens"])

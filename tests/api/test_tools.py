@@ -131,6 +131,41 @@ def test_the_sdks_stream_helper_assembles_the_calls(sdk: openai.OpenAI) -> None:
     assert all(set(d) == {"index", "function"} and set(d["function"]) == {"arguments"} for d in deltas[1:])
 
 
+def test_a_streamed_named_choice_assembles_exactly_one_valid_call(sdk: openai.OpenAI) -> None:
+    """A named ``tool_choice``, streamed: the deltas, merged by ``index`` as the SDK and LangChain merge them,
+    are one call of that function (even with ``parallel_tool_calls`` true) with arguments valid under its
+    schema; the function named is not the one the question asks for, so only the grammar can make it so."""
+    stream = sdk.chat.completions.create(
+        model=MODEL_ID,
+        messages=ASK,
+        tools=TOOLS,
+        tool_choice={"type": "function", "function": {"name": "add"}},
+        parallel_tool_calls=True,
+        temperature=0,
+        max_tokens=64,
+        stream=True,
+        extra_headers={"cache-control": "no-store"},
+    )
+    calls: dict[int, dict[str, str]] = {}
+    content, finish = "", None
+    with stream:
+        for chunk in stream:
+            for choice in chunk.choices:
+                content += choice.delta.content or ""
+                finish = choice.finish_reason or finish
+                for delta in choice.delta.tool_calls or []:
+                    call = calls.setdefault(delta.index, {"id": "", "type": "", "name": "", "arguments": ""})
+                    call["id"] += delta.id or ""
+                    call["type"] += delta.type or ""
+                    call["name"] += (delta.function and delta.function.name) or ""
+                    call["arguments"] += (delta.function and delta.function.arguments) or ""
+    assert finish == "tool_calls" and content == ""
+    assert list(calls) == [0], calls
+    call = calls[0]
+    assert call["id"].startswith("call_") and call["type"] == "function" and call["name"] == "add"
+    jsonschema.validate(json.loads(call["arguments"]), ADD_SCHEMA)
+
+
 @pytest.mark.parametrize("choice", ["auto", "none"])
 def test_a_stream_says_what_the_json_answer_says(sdk: openai.OpenAI, choice: str) -> None:
     whole = _create(sdk, tool_choice=choice, extra_headers={"cache-control": "no-store"}).choices[0]
@@ -157,6 +192,35 @@ def test_parallel_tool_calls(sdk: openai.OpenAI) -> None:
         calls = calls[:-1]
     else:
         assert many.choices[0].finish_reason == "tool_calls"
+    _valid(calls)  # type: ignore[arg-type]
+
+
+def test_the_sdks_stream_helper_assembles_parallel_calls(sdk: openai.OpenAI) -> None:
+    """``parallel_tool_calls: true``, streamed: ``chat.completions.stream`` merges the deltas into calls with
+    distinct ids and indexes, each with JSON arguments valid under its function's schema. (Two cities make
+    SmolLM2-135M write two calls and stop at temperature 0; a question with one city makes it repeat its call
+    until ``max_tokens``, and the helper's ``get_final_completion`` raises on ``finish_reason: length``.)"""
+    indexes: list[int] = []
+    with sdk.chat.completions.stream(
+        model=MODEL_ID,
+        messages=[{"role": "user", "content": "What is the weather in Paris and in London?"}],
+        tools=TOOLS,
+        tool_choice="required",
+        parallel_tool_calls=True,
+        temperature=0,
+        max_tokens=96,
+        extra_headers={"cache-control": "no-store"},
+    ) as stream:
+        for event in stream:
+            if event.type == "tool_calls.function.arguments.done":
+                indexes.append(event.index)
+        final = stream.get_final_completion()
+    choice = final.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    calls = choice.message.tool_calls or []
+    assert len(calls) >= 2, calls
+    assert indexes == list(range(len(calls)))  # one "arguments done" event per call, in index order
+    assert len({call.id for call in calls}) == len(calls)
     _valid(calls)  # type: ignore[arg-type]
 
 
