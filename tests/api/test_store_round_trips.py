@@ -21,7 +21,7 @@ import pytest
 from auth.sql_store import SqlStore
 from tests.api.cache_support import admin, chat, chat_body, new_key, new_user
 from tests.conftest import ServedApp, login, make_settings
-from tests.postgres import temporary_database, unreachable_reason
+from tests.postgres_support import temporary_database, unreachable_reason
 
 KEY_CACHE_TTL_S = 600.0
 """Long enough that "warm" never depends on how fast the machine answers."""
