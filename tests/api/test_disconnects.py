@@ -72,7 +72,10 @@ ROUTES: dict[str, Callable[[bool], tuple[str, dict[str, Any]]]] = {
         "/v1/completions",
         {"model": MODEL_ID, "prompt": COUNT, "max_tokens": 1500, "logit_bias": NO_EOS, "stream": stream},
     ),
-    "pocket-chat": lambda stream: ("/chat", {"prompt": COUNT, "max_tokens": 1500, "stream": stream}),
+    "pocket-chat": lambda stream: (
+        "/chat",
+        {"prompt": COUNT, "max_tokens": 1500, "temperature": 0, "stream": stream},
+    ),
 }
 
 
